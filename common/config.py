@@ -1,0 +1,217 @@
+"""Server configuration: frozen dataclasses loaded from one YAML file.
+
+Every key is checked once at start-up; an unknown key or a value of the wrong
+type raises ConfigError naming the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from common.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What model to serve and how to load it."""
+
+    model_name: str = "llama"
+    model_path: Optional[str] = None
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    dummy_config: Optional[dict] = None
+    tokenizer_path: Optional[str] = None
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_seq_len: Optional[int] = None
+    end_token_id: Optional[list] = None
+    pad_token_id: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.model_path is None and self.dummy_config is None:
+            raise ValueError("model_path: set a checkpoint directory, or dummy_config with load_format: dummy")
+        if self.model_path is None and self.load_format != "dummy":
+            raise ValueError("load_format: must be 'dummy' when model_path is not set")
+        if self.max_seq_len is not None and self.max_seq_len <= 0:
+            raise ValueError("max_seq_len: must be positive")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Where the master listens and where its agents run."""
+
+    server_ip: str = "127.0.0.1"
+    server_port: int = 8835
+    agent_ip: str = "127.0.0.1"
+    agent_ports: list = field(default_factory=lambda: [8836])
+    start_device_id: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_threads: Optional[int] = None
+    agent_start_timeout: float = 300.0
+    step_timeout: float = 600.0
+    launch_agents: bool = True
+    step_trace_path: Optional[str] = None
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if not self.agent_ports:
+            raise ValueError("agent_ports: list at least one port")
+        if len(self.agent_ports) != 1:
+            raise ValueError("agent_ports: tensor parallelism (more than one agent) is not supported yet")
+        for port in [self.server_port, *self.agent_ports]:
+            if not isinstance(port, int) or not 0 <= port < 65536:
+                raise ValueError(f"ports: {port!r} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class PagedAttentionConfig:
+    """Size of the paged KV cache."""
+
+    num_blocks: int = 512
+    block_size: int = 16
+
+    def validate(self) -> None:
+        if self.num_blocks < 1:
+            raise ValueError("num_blocks: must be at least 1")
+        if self.block_size < 1:
+            raise ValueError("block_size: must be at least 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching policy of the master's scheduler."""
+
+    batching_strategy: Literal["continuous", "static"] = "continuous"
+    prefill_batch_size: int = 16
+    decode_batch_size: int = 64
+    max_num_batched_tokens: int = 2048
+    batch_waiting_time: float = 0.0
+    decode_batch_waiting_time: float = 0.0
+    enable_chunked_prefill: bool = True
+    max_queue_size: int = 1024
+
+    def validate(self) -> None:
+        for name in ("prefill_batch_size", "decode_batch_size", "max_num_batched_tokens", "max_queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        for name in ("batch_waiting_time", "decode_batch_waiting_time"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole server configuration; `path` is the file it came from."""
+
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    serving_config: ServingConfig = field(default_factory=ServingConfig)
+    pa_config: PagedAttentionConfig = field(default_factory=PagedAttentionConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    path: str = "<defaults>"
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return data
+
+
+SECTIONS = {
+    "model_config": ModelConfig,
+    "serving_config": ServingConfig,
+    "pa_config": PagedAttentionConfig,
+    "scheduler_config": SchedulerConfig,
+}
+
+
+def load_config(path: str, overrides: Optional[dict] = None) -> Config:
+    """Read and validate a YAML config; `overrides` is merged section by section."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {})
+        data[section] = {**(data[section] or {}), **values}
+    return config_from_dict(data, source=os.path.abspath(path))
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build a Config from plain data, naming `source` in every error."""
+    sections = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+        sections[name] = _build_section(SECTIONS[name], values, name, source)
+    config = Config(**sections, path=source)
+    _check_paths(config, source)
+    return config
+
+
+def _build_section(cls: type, values: dict, section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(sorted(known))})")
+        problem = _type_problem(value, hints[key])
+        if problem:
+            raise ConfigError(f"{source}: key '{section}.{key}' {problem}")
+    values = dict(values)
+    if section == "model_config" and isinstance(values.get("end_token_id"), int):
+        values["end_token_id"] = [values["end_token_id"]]
+    instance = cls(**values)
+    try:
+        instance.validate()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {section}.{exc}") from exc
+    return instance
+
+
+def _type_problem(value: Any, hint: Any) -> Optional[str]:
+    """Why `value` does not fit the annotation `hint`, or None when it does."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        problems = [_type_problem(value, h) for h in options if h is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        return None if value in allowed else f"must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+    if hint in (list, dict):
+        if hint is list and isinstance(value, int) and not isinstance(value, bool):
+            return None  # a single value where a list is allowed
+        return None if isinstance(value, hint) else f"must be a {hint.__name__}, got {value!r}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"must be an integer, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"must be a number, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    return None
+
+
+def _check_paths(config: Config, source: str) -> None:
+    path = config.model_config.model_path
+    if path is not None and not os.path.isdir(path):
+        raise ConfigError(f"{source}: key 'model_config.model_path': {path} is not a directory")

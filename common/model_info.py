@@ -1,0 +1,65 @@
+"""Facts about the served model read from its config, shared by master and agents."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from common.config import ModelConfig
+from common.errors import ConfigError
+
+
+def read_hf_config(model_config: ModelConfig) -> dict:
+    """The Hugging Face config dict: the checkpoint's config.json, or the inline dummy_config."""
+    if model_config.dummy_config is not None:
+        return dict(model_config.dummy_config)
+    path = os.path.join(model_config.model_path, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"model_config.model_path: {model_config.model_path} has no config.json") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the master needs to know about the model (it never loads it)."""
+
+    vocab_size: int
+    max_seq_len: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: Optional[int]
+    pad_token_id: Optional[int]
+
+
+def model_info(model_config: ModelConfig, hf_config: dict) -> ModelInfo:
+    """Combine the config file's overrides with the checkpoint's own values."""
+    max_len = model_config.max_seq_len or hf_config.get("max_position_embeddings") or 2048
+    eos = model_config.end_token_id
+    if eos is None:
+        eos = _generation_config(model_config).get("eos_token_id", hf_config.get("eos_token_id"))
+    if eos is None:
+        eos = []
+    elif isinstance(eos, int):
+        eos = [eos]
+    pad = model_config.pad_token_id if model_config.pad_token_id is not None else hf_config.get("pad_token_id")
+    return ModelInfo(
+        vocab_size=int(hf_config["vocab_size"]),
+        max_seq_len=int(max_len),
+        eos_token_ids=tuple(int(t) for t in eos),
+        bos_token_id=hf_config.get("bos_token_id"),
+        pad_token_id=pad,
+    )
+
+
+def _generation_config(model_config: ModelConfig) -> dict:
+    if model_config.model_path is None:
+        return {}
+    path = os.path.join(model_config.model_path, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

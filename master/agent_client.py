@@ -1,0 +1,197 @@
+"""The master's side of the IPC seam: send a step to the agents, get the result back.
+
+`Transport` is the interface; `ZmqShmTransport` is the real one (ZeroMQ control,
+shared-memory arrays) and `InProcessTransport` runs a step function in this
+process so the whole engine can be tested without agents.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from common.errors import AgentFailure
+from common.protocol import AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
+from common.shm import SharedArrays
+from common.step_arrays import StepCapacity, input_layout, output_layout
+
+logger = logging.getLogger("llmserve.master")
+
+POLL_MS = 100
+
+
+class Transport(abc.ABC):
+    """Moves steps to the agents and results back."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+    @abc.abstractmethod
+    async def start(self, timeout: float) -> list[AgentReady]:
+        """Wait until every agent is ready; raise AgentFailure if one cannot start."""
+
+    @abc.abstractmethod
+    async def step(self, header: StepRequest) -> StepResult:
+        """Run one step whose inputs are already in `inputs`; the tokens land in `outputs`."""
+
+    @abc.abstractmethod
+    def failure(self) -> Optional[str]:
+        """Why the agents cannot serve any more, or None while they can."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop the agents and release every shared resource."""
+
+
+@dataclass
+class AgentEndpoint:
+    """Where one agent listens, and its process when this master launched it."""
+
+    rank: int
+    address: str
+    process: Optional[subprocess.Popen] = None
+
+
+class ZmqShmTransport(Transport):
+    """ZeroMQ DEALER sockets to each agent's ROUTER; arrays in shared memory this master owns."""
+
+    def __init__(self, endpoints: list[AgentEndpoint], capacity: StepCapacity, step_timeout: float):
+        self.endpoints = endpoints
+        self.capacity = capacity
+        self.step_timeout = step_timeout
+        self.context = zmq.asyncio.Context()
+        self.sockets: list[zmq.asyncio.Socket] = []
+        self.monitors: list[zmq.Socket] = []
+        self.was_connected = [False] * len(endpoints)
+        self._failure: Optional[str] = None
+        self.input_segment = SharedArrays.create("in", input_layout(capacity))
+        self.output_segment = SharedArrays.create("out", output_layout(capacity))
+        self.inputs = self.input_segment.arrays
+        self.outputs = self.output_segment.arrays
+        for endpoint in endpoints:
+            socket = self.context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            self.monitors.append(socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
+            socket.connect(endpoint.address)
+            self.sockets.append(socket)
+
+    async def start(self, timeout: float) -> list[AgentReady]:
+        init = InitAgent(
+            input_shm=self.input_segment.name,
+            output_shm=self.output_segment.name,
+            max_num_tokens=self.capacity.max_num_tokens,
+            max_num_seqs=self.capacity.max_num_seqs,
+            max_blocks_per_seq=self.capacity.max_blocks_per_seq,
+        )
+        readies = []
+        deadline = time.monotonic() + timeout
+        for endpoint, socket in zip(self.endpoints, self.sockets):
+            await socket.send(encode(init))
+            reply = await self._receive(endpoint, socket, deadline, what="to start")
+            if isinstance(reply, AgentFailed):
+                raise AgentFailure(f"agent {reply.rank} failed to start: {reply.reason}")
+            if not isinstance(reply, AgentReady):
+                raise AgentFailure(f"agent {endpoint.rank} answered {type(reply).__name__} instead of ready")
+            readies.append(reply)
+        return readies
+
+    async def step(self, header: StepRequest) -> StepResult:
+        payload = encode(header)
+        for socket in self.sockets:
+            await socket.send(payload)
+        deadline = time.monotonic() + self.step_timeout
+        results = [await self._receive(e, s, deadline, what="to run a step") for e, s in zip(self.endpoints, self.sockets)]
+        for result in results:
+            if not isinstance(result, StepResult) or result.step_id != header.step_id:
+                self._fail(f"agent answered {result!r} to step {header.step_id}")
+        errors = [r.error for r in results if r.error]
+        return StepResult(header.step_id, results[0].rank, _merge_timings(results), errors[0] if errors else None)
+
+    async def _receive(self, endpoint: AgentEndpoint, socket: zmq.asyncio.Socket, deadline: float, what: str):
+        while not await socket.poll(POLL_MS):
+            if self.failure() is not None:
+                raise AgentFailure(self._failure)
+            if time.monotonic() > deadline:
+                self._fail(f"agent {endpoint.rank} at {endpoint.address} took too long {what}")
+        return decode(await socket.recv())
+
+    def failure(self) -> Optional[str]:
+        if self._failure is None:
+            self._check_agents()
+        return self._failure
+
+    def _check_agents(self) -> None:
+        for i, endpoint in enumerate(self.endpoints):
+            if endpoint.process is not None and endpoint.process.poll() is not None:
+                code = endpoint.process.returncode
+                why = AGENT_EXIT_REASONS.get(code, "see its log")
+                self._failure = f"agent {endpoint.rank} (pid {endpoint.process.pid}) exited with code {code}: {why}"
+                return
+            while self.monitors[i].poll(0):
+                event = zmq.utils.monitor.recv_monitor_message(self.monitors[i])["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    self.was_connected[i] = True
+                elif event == zmq.EVENT_DISCONNECTED and self.was_connected[i]:
+                    self._failure = f"agent {endpoint.rank} at {endpoint.address} closed its connection"
+                    return
+
+    def _fail(self, reason: str) -> None:
+        self._failure = self._failure or reason
+        raise AgentFailure(self._failure)
+
+    async def close(self) -> None:
+        for socket in self.sockets:
+            try:
+                await socket.send(encode(Shutdown()), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        await asyncio.sleep(0)
+        for monitor, socket in zip(self.monitors, self.sockets):
+            socket.disable_monitor()
+            monitor.close(0)
+            socket.close(0)
+        self.context.term()
+        self.input_segment.close()
+        self.output_segment.close()
+
+
+def _merge_timings(results: list[StepResult]) -> dict:
+    """Rank 0's stage timings (the ranks run the same stages in lock-step)."""
+    return dict(results[0].timings_ms)
+
+
+StepFunction = Callable[[StepRequest, dict[str, np.ndarray], dict[str, np.ndarray]], StepResult]
+
+
+class InProcessTransport(Transport):
+    """Runs `step_fn` in this process over plain numpy arrays: the agent without a process."""
+
+    def __init__(self, capacity: StepCapacity, step_fn: StepFunction, ready: AgentReady):
+        self.inputs = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)}
+        self.outputs = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
+        self.step_fn = step_fn
+        self.ready = ready
+        self.dead_reason: Optional[str] = None
+
+    async def start(self, timeout: float) -> list[AgentReady]:
+        return [self.ready]
+
+    async def step(self, header: StepRequest) -> StepResult:
+        if self.dead_reason:
+            raise AgentFailure(self.dead_reason)
+        await asyncio.sleep(0)
+        return self.step_fn(header, self.inputs, self.outputs)
+
+    def failure(self) -> Optional[str]:
+        return self.dead_reason
+
+    async def close(self) -> None:
+        pass

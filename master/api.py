@@ -1,0 +1,121 @@
+"""HTTP routes: `/models/{name}/generate` (streaming or not) and `/health`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from common.errors import LLMServeError, ModelNotFound
+from master.api_models import GenerateRequest, validation_message
+from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
+from master.tokenizer import encode
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The FastAPI application serving `engine`."""
+    app = FastAPI(title="llmserve", version="0.1.0")
+    model_name = engine.config.model_config.model_name
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, "validation_error", validation_message(exc))
+
+    @app.exception_handler(LLMServeError)
+    async def _known_error(request: Request, exc: LLMServeError) -> JSONResponse:
+        return error_response(exc.status_code, _error_type(exc), str(exc))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.is_healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unhealthy", "reason": engine.failure or engine.transport.failure()}, 503)
+
+    @app.post("/models/{name}/generate")
+    async def generate(name: str, body: GenerateRequest, request: Request):
+        if name != model_name:
+            raise ModelNotFound(f"model '{name}' is not served here; this server serves '{model_name}'")
+        prompt_ids = encode(engine.tokenizer, body.inputs)
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        handle = engine.submit(request_id, prompt_ids, body.parameters.sampling_params())
+        if body.stream:
+            return StreamingResponse(_sse_events(engine, handle, body), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await _complete(engine, handle, body, request)
+
+    return app
+
+
+async def _complete(engine: Engine, handle: RequestHandle, body: GenerateRequest, request: Request) -> JSONResponse:
+    """Wait for the whole output; abort the request if the client goes away first."""
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        finish = await _last_event(handle)
+    finally:
+        watcher.cancel()
+        engine.abort(handle)
+    if finish.error:
+        return error_response(503, "generation_failed", finish.error)
+    return JSONResponse({"generated_text": _generated_text(engine, handle, body), "details": _details(handle, finish)})
+
+
+async def _last_event(handle: RequestHandle) -> FinishEvent:
+    async for event in handle.stream():
+        if isinstance(event, FinishEvent):
+            return event
+    raise AssertionError("a request stream ended without a finish event")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> AsyncIterator[str]:
+    """Server-sent events: one per token, then a final one with the whole text and details."""
+    try:
+        async for event in handle.stream():
+            if isinstance(event, TokenEvent):
+                yield _sse({"token": {"id": event.token_id, "text": event.text}, "generated_text": None, "details": None})
+            elif event.error:
+                yield _sse({"error": event.error, "error_type": "generation_failed"})
+            else:
+                text = _generated_text(engine, handle, body)
+                yield _sse({"token": None, "generated_text": text, "details": _details(handle, event)})
+    finally:
+        engine.abort(handle)  # no-op when finished; frees the blocks when the client went away
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _generated_text(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> str:
+    text = engine.output_text(handle)
+    return body.inputs + text if body.parameters.return_full_text else text
+
+
+def _details(handle: RequestHandle, finish: FinishEvent) -> dict:
+    first = handle.first_token_time
+    return {
+        "finish_reason": finish.reason.value,
+        "prompt_tokens": handle.seq.num_prompt_tokens,
+        "generated_tokens": handle.seq.num_output_tokens,
+        "first_token_time": None if first is None else first - handle.start_time,
+        "res_time": (handle.end_time or first or handle.start_time) - handle.start_time,
+    }
+
+
+def error_response(status: int, error_type: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
+
+
+def _error_type(exc: LLMServeError) -> str:
+    name = type(exc).__name__
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+

@@ -1,0 +1,280 @@
+"""The engine: request registry and the step loop, in the server's asyncio loop."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from tokenizers import Tokenizer
+
+from common.config import Config
+from common.errors import AgentFailure, Overloaded, RequestError
+from common.model_info import ModelInfo
+from common.sampling import SamplingParams
+from common.timers import StageTimer
+from master.agent_client import Transport
+from master.block_manager import BlockManager
+from master.scheduler import Scheduler, StepOutcome, StepPlan
+from master.sequence import FinishReason, Sequence
+from master.step_builder import write_step
+from master.tokenizer import IncrementalDetokenizer, decode
+
+logger = logging.getLogger("llmserve.master")
+
+AGENT_WATCH_INTERVAL = 0.5
+
+
+@dataclass
+class TokenEvent:
+    """One generated token and the text it completed (may be empty)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class FinishEvent:
+    """The request is over; `error` is set when it failed."""
+
+    reason: FinishReason
+    error: Optional[str] = None
+
+
+@dataclass(eq=False)
+class RequestHandle:
+    """A request as the API sees it: its sequence and a queue of events."""
+
+    request_id: str
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    start_time: float = 0.0
+    first_token_time: Optional[float] = None
+    end_time: Optional[float] = None
+
+    async def stream(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Yield events until the finish event (included)."""
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, FinishEvent):
+                return
+
+
+class Engine:
+    """Owns the scheduler and the transport; the API submits requests and reads their events."""
+
+    def __init__(self, config: Config, tokenizer: Tokenizer, model: ModelInfo, transport: Transport):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = model
+        self.transport = transport
+        pa = config.pa_config
+        self.block_manager = BlockManager(pa.num_blocks, pa.block_size)
+        self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
+        self.handles: dict[int, RequestHandle] = {}
+        self.seq_ids = itertools.count()
+        self.step_ids = itertools.count()
+        self.wakeup = asyncio.Event()
+        self.timer = StageTimer()
+        self.loop_task: Optional[asyncio.Task] = None
+        self.watch_task: Optional[asyncio.Task] = None
+        self.failure: Optional[str] = None
+        self.trace_file = open(config.serving_config.step_trace_path, "a") if config.serving_config.step_trace_path else None
+
+    async def start(self) -> None:
+        """Wait for the agents, then start the step loop."""
+        await self.transport.start(self.config.serving_config.agent_start_timeout)
+        self.loop_task = asyncio.create_task(self._run(), name="llmserve-step-loop")
+        self.watch_task = asyncio.create_task(self._watch_agents(), name="llmserve-agent-watch")
+
+    async def _watch_agents(self) -> None:
+        """Notice an agent that dies while no step is in flight."""
+        while self.failure is None:
+            reason = self.transport.failure()
+            if reason is not None:
+                self.loop_task.cancel()
+                self._fail_everything(reason)
+                return
+            await asyncio.sleep(AGENT_WATCH_INTERVAL)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.failure is None and self.transport.failure() is None
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request; raise RequestError, Overloaded or AgentFailure if it cannot be."""
+        if not self.is_healthy:
+            raise AgentFailure(f"the server cannot serve: {self.failure or self.transport.failure()}")
+        self._check_fits(prompt_ids, params)
+        if self.scheduler.num_unfinished >= self.config.scheduler_config.max_queue_size:
+            raise Overloaded(f"{self.scheduler.num_unfinished} requests are in flight; retry later")
+        now = time.monotonic()
+        seq = Sequence(
+            seq_id=next(self.seq_ids),
+            prompt_ids=prompt_ids,
+            params=params,
+            eos_token_ids=frozenset(self.model.eos_token_ids),
+            max_seq_len=self.model.max_seq_len,
+            arrival_time=now,
+        )
+        handle = RequestHandle(request_id, seq, IncrementalDetokenizer(self.tokenizer, len(prompt_ids)), start_time=now)
+        self.handles[seq.seq_id] = handle
+        self.scheduler.add(seq)
+        self.wakeup.set()
+        return handle
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        total = len(prompt_ids) + params.max_new_tokens
+        if not prompt_ids:
+            raise RequestError("inputs: the prompt is empty")
+        if total > self.model.max_seq_len:
+            raise RequestError(
+                f"inputs: the prompt has {len(prompt_ids)} tokens and max_new_tokens is {params.max_new_tokens}; "
+                f"together they exceed the model's maximum of {self.model.max_seq_len} tokens"
+            )
+        if self.block_manager.blocks_for(total) > self.block_manager.num_blocks:
+            raise RequestError(
+                f"inputs: {total} tokens need more KV blocks than the whole cache holds "
+                f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size})"
+            )
+
+    def abort(self, handle: RequestHandle) -> None:
+        """Stop a request now (client gone); its blocks return to the pool."""
+        if handle.seq.is_finished:
+            return
+        self.scheduler.abort(handle.seq)
+        self._finish(handle, FinishReason.ABORT)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                plan = self._next_plan()
+                if plan is None:
+                    await self._sleep_until_work()
+                    continue
+                outcome = await self._step(plan)
+                self._emit(outcome)
+        except AgentFailure as exc:
+            self._fail_everything(str(exc))
+        except Exception as exc:
+            logger.exception("the step loop crashed")
+            self._fail_everything(f"internal error: {exc}")
+            raise
+
+    def _next_plan(self) -> Optional[StepPlan]:
+        with self.timer.stage("schedule"):
+            return self.scheduler.schedule(time.monotonic())
+
+    async def _sleep_until_work(self) -> None:
+        self.wakeup.clear()
+        wake_at = self.scheduler.next_wakeup(time.monotonic())
+        timeout = None if wake_at is None else max(wake_at - time.monotonic(), 0.0005)
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _step(self, plan: StepPlan) -> StepOutcome:
+        timer = self.timer
+        step_id = next(self.step_ids)
+        with timer.stage("build"):
+            header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id)
+        start = time.perf_counter()
+        result = await self.transport.step(header)
+        round_trip_ms = (time.perf_counter() - start) * 1e3
+        timer.add("ipc", round_trip_ms - sum(result.timings_ms.values()))
+        if result.error:
+            return self._fail_step(plan, result.error)
+        with timer.stage("update"):
+            sampled = self.transport.outputs["sampled_ids"][: header.num_sample]
+            outcome = self.scheduler.update(plan, sampled, time.monotonic())
+        self._trace(plan, header.num_tokens, result.timings_ms)
+        return outcome
+
+    def _fail_step(self, plan: StepPlan, error: str) -> StepOutcome:
+        """A step raised on the agent: fail its requests, keep serving the rest."""
+        logger.error("step failed on the agent; failing its %d requests: %s", len(plan.scheduled), error)
+        self.timer.reset()
+        for item in plan.scheduled:
+            handle = self.handles.get(item.seq.seq_id)
+            if handle and not item.seq.is_finished:
+                self.scheduler.abort(item.seq, FinishReason.ERROR)
+                self._finish(handle, FinishReason.ERROR, "the model failed on this request's step")
+        return StepOutcome(new_tokens=[], finished=[])
+
+    def _emit(self, outcome: StepOutcome) -> None:
+        with self.timer.stage("detokenize"):
+            now = time.monotonic()
+            for seq, token_id in outcome.new_tokens:
+                handle = self.handles[seq.seq_id]
+                if handle.first_token_time is None:
+                    handle.first_token_time = now
+                handle.events.put_nowait(TokenEvent(token_id, handle.detokenizer.step(seq.token_ids)))
+            for seq in outcome.finished:
+                self._finish(self.handles[seq.seq_id], seq.finish_reason)
+
+    def _finish(self, handle: RequestHandle, reason: FinishReason, error: Optional[str] = None) -> None:
+        self.handles.pop(handle.seq.seq_id, None)
+        handle.end_time = time.monotonic()
+        handle.events.put_nowait(FinishEvent(reason, error))
+        logger.info(json.dumps(request_record(handle, reason)))
+
+    def _fail_everything(self, reason: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure = reason
+        logger.error("agents failed, failing %d requests: %s", self.scheduler.num_unfinished, reason)
+        for seq in self.scheduler.fail_all():
+            handle = self.handles.get(seq.seq_id)
+            if handle:
+                self._finish(handle, FinishReason.ERROR, f"the model agent failed: {reason}")
+
+    def _trace(self, plan: StepPlan, num_tokens: int, agent_ms: dict) -> None:
+        master_ms = self.timer.reset()
+        if self.trace_file is None:
+            return
+        record = {
+            "time": time.time(),
+            "num_seqs": len(plan.scheduled),
+            "num_tokens": num_tokens,
+            "num_prefill_seqs": plan.num_prefill_seqs,
+            "master_ms": master_ms,
+            "agent_ms": agent_ms,
+        }
+        self.trace_file.write(json.dumps(record) + "\n")
+
+    def output_text(self, handle: RequestHandle) -> str:
+        return decode(self.tokenizer, handle.seq.output_ids)
+
+    async def stop(self) -> None:
+        """Stop the loop, fail what is left, stop the agents and free shared memory."""
+        tasks = [t for t in (self.loop_task, self.watch_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for seq in self.scheduler.fail_all(FinishReason.ABORT):
+            handle = self.handles.get(seq.seq_id)
+            if handle:
+                self._finish(handle, FinishReason.ERROR, "the server is shutting down")
+        await self.transport.close()
+        if self.trace_file is not None:
+            self.trace_file.close()
+
+
+def request_record(handle: RequestHandle, reason: FinishReason) -> dict:
+    """The per-request log line's fields (times in seconds since the request arrived)."""
+    first = handle.first_token_time
+    return {
+        "request_id": handle.request_id,
+        "prompt_tokens": handle.seq.num_prompt_tokens,
+        "output_tokens": handle.seq.num_output_tokens,
+        "finish_reason": reason.value,
+        "first_token_time": None if first is None else round(first - handle.start_time, 6),
+        "res_time": round(handle.end_time - handle.start_time, 6),
+        "preemptions": handle.seq.num_preemptions,
+    }

@@ -1,0 +1,145 @@
+"""`llmserve serve`: launch the agents, wait for them, serve HTTP, and clean up on exit."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import uvicorn
+
+from common.config import Config
+from common.errors import AgentFailure, ConfigError
+from common.model_info import model_info, read_hf_config
+from common.step_arrays import StepCapacity
+from master.agent_client import AgentEndpoint, ZmqShmTransport
+from master.api import create_app
+from master.engine import Engine
+from master.tokenizer import load_tokenizer
+
+logger = logging.getLogger("llmserve.master")
+
+AGENT_STOP_TIMEOUT = 10.0
+
+
+def serve(config: Config) -> int:
+    """Run the server until SIGINT/SIGTERM; return the process exit code."""
+    serving = config.serving_config
+    try:
+        _check_port_free(serving.server_ip, serving.server_port)
+        tokenizer = load_tokenizer(config.model_config)
+        info = model_info(config.model_config, read_hf_config(config.model_config))
+    except (ConfigError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    processes = launch_agents(config) if serving.launch_agents else []
+    try:
+        return asyncio.run(_serve(config, tokenizer, info, processes))
+    finally:
+        stop_agents(processes)
+
+
+def step_capacity(config: Config, max_seq_len: int) -> StepCapacity:
+    """The largest step the scheduler can plan, which sizes the shared memory."""
+    sched = config.scheduler_config
+    return StepCapacity(
+        max_num_tokens=sched.max_num_batched_tokens,
+        max_num_seqs=sched.decode_batch_size,
+        max_blocks_per_seq=-(-max_seq_len // config.pa_config.block_size),
+    )
+
+
+def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEndpoint]:
+    serving = config.serving_config
+    return [
+        AgentEndpoint(rank, f"tcp://{serving.agent_ip}:{port}", processes[rank] if processes else None)
+        for rank, port in enumerate(serving.agent_ports)
+    ]
+
+
+async def _serve(config: Config, tokenizer, info, processes: list[subprocess.Popen]) -> int:
+    serving = config.serving_config
+    transport = ZmqShmTransport(endpoints(config, processes), step_capacity(config, info.max_seq_len), serving.step_timeout)
+    engine = Engine(config, tokenizer, info, transport)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if not await _first(engine.start(), stop.wait()):
+            logger.info("stopped before the agents were ready")
+            return 0
+        logger.info("agents ready; serving '%s' on http://%s:%d", config.model_config.model_name, serving.server_ip, serving.server_port)
+        server = _QuietSignalsServer(
+            uvicorn.Config(create_app(engine), host=serving.server_ip, port=serving.server_port, log_level="warning")
+        )
+        await _first(server.serve(), stop.wait())
+        server.should_exit = True
+        return 0
+    except AgentFailure as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        logger.info("shutting down")
+        await engine.stop()
+
+
+async def _first(main, stopper) -> bool:
+    """Run `main` until it ends or `stopper` fires; True if `main` ended first."""
+    main_task = asyncio.ensure_future(main)
+    stop_task = asyncio.ensure_future(stopper)
+    await asyncio.wait([main_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+    stop_task.cancel()
+    if main_task.done():
+        main_task.result()
+        return True
+    main_task.cancel()
+    await asyncio.gather(main_task, return_exceptions=True)
+    return False
+
+
+class _QuietSignalsServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the launcher owns SIGINT/SIGTERM."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+def launch_agents(config: Config) -> list[subprocess.Popen]:
+    """Start one agent process per rank through the same `llmserve agent` entry point."""
+    processes = []
+    for rank in range(len(config.serving_config.agent_ports)):
+        command = [
+            sys.executable, "-m", "llmserve", "agent",
+            "--config", config.path, "--rank", str(rank), "--parent-pid", str(os.getpid()),
+        ]
+        # A session of its own: Ctrl-C in the terminal reaches the master, which stops the agents in order.
+        processes.append(subprocess.Popen(command, start_new_session=True))
+    return processes
+
+
+def stop_agents(processes: list[subprocess.Popen]) -> None:
+    """Wait for agents told to shut down; terminate, then kill, the ones that linger."""
+    for process in processes:
+        try:
+            process.wait(AGENT_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(AGENT_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"serving_config.server_port: cannot listen on {host}:{port}: {exc.strerror}") from exc

@@ -1,0 +1,234 @@
+"""The scheduler and block manager as specifications: plans in, plans out, no processes."""
+from __future__ import annotations
+
+import pytest
+
+from common.config import SchedulerConfig
+from common.sampling import SamplingParams
+from master.block_manager import BlockManager
+from master.scheduler import Scheduler
+from master.sequence import FinishReason, Sequence, SequenceStatus
+
+EOS = 2
+
+
+def make_seq(seq_id: int, prompt_len: int, max_new_tokens: int = 8, arrival: float = 0.0) -> Sequence:
+    return Sequence(
+        seq_id=seq_id,
+        prompt_ids=list(range(10, 10 + prompt_len)),
+        params=SamplingParams(max_new_tokens=max_new_tokens),
+        eos_token_ids=frozenset({EOS}),
+        max_seq_len=4096,
+        arrival_time=arrival,
+    )
+
+
+def make_scheduler(num_blocks: int = 64, block_size: int = 4, **overrides) -> Scheduler:
+    return Scheduler(SchedulerConfig(**overrides), BlockManager(num_blocks, block_size))
+
+
+def run_step(scheduler: Scheduler, now: float = 0.0, token: int = 5):
+    plan = scheduler.schedule(now)
+    assert plan is not None
+    outcome = scheduler.update(plan, [token] * sum(item.samples for item in plan.scheduled), now)
+    return plan, outcome
+
+
+def test_prefill_then_decode_one_token_each_step():
+    scheduler = make_scheduler()
+    seq = make_seq(0, prompt_len=6)
+    scheduler.add(seq)
+    plan, outcome = run_step(scheduler)
+    assert [(i.seq, i.num_new_tokens, i.samples) for i in plan.scheduled] == [(seq, 6, True)]
+    assert outcome.new_tokens == [(seq, 5)]
+    plan, _ = run_step(scheduler)
+    assert plan.is_decode_only and plan.scheduled[0].num_new_tokens == 1
+    assert seq.num_computed == 7 and seq.num_tokens == 8
+
+
+def test_sequence_finishes_at_max_new_tokens_and_frees_blocks():
+    scheduler = make_scheduler(num_blocks=8)
+    seq = make_seq(0, prompt_len=3, max_new_tokens=3)
+    scheduler.add(seq)
+    for _ in range(3):
+        _, outcome = run_step(scheduler)
+    assert outcome.finished == [seq]
+    assert seq.finish_reason is FinishReason.LENGTH and seq.num_output_tokens == 3
+    assert scheduler.blocks.num_free_blocks == 8
+    assert scheduler.schedule(0.0) is None
+
+
+def test_eos_finishes_unless_ignored():
+    scheduler = make_scheduler()
+    stops, ignores = make_seq(0, 3), make_seq(1, 3)
+    ignores.params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    scheduler.add(stops)
+    scheduler.add(ignores)
+    _, outcome = run_step(scheduler, token=EOS)
+    assert outcome.finished == [stops] and stops.finish_reason is FinishReason.EOS
+    assert ignores.status is SequenceStatus.RUNNING
+
+
+def test_continuous_batching_admits_new_requests_while_others_decode():
+    scheduler = make_scheduler()
+    first = make_seq(0, 4, max_new_tokens=10)
+    scheduler.add(first)
+    run_step(scheduler)
+    second = make_seq(1, 4)
+    scheduler.add(second)
+    plan, _ = run_step(scheduler)
+    assert {item.seq.seq_id for item in plan.scheduled} == {0, 1}
+    assert plan.num_prefill_seqs == 1
+
+
+def test_static_batching_runs_the_batch_to_completion_first():
+    scheduler = make_scheduler(batching_strategy="static")
+    first = make_seq(0, 4, max_new_tokens=3)
+    scheduler.add(first)
+    run_step(scheduler)
+    second = make_seq(1, 4)
+    scheduler.add(second)
+    plan, _ = run_step(scheduler)
+    assert [item.seq for item in plan.scheduled] == [first]
+    run_step(scheduler)
+    assert first.is_finished
+    plan, _ = run_step(scheduler)
+    assert [item.seq for item in plan.scheduled] == [second]
+
+
+def test_prefill_batch_size_limits_new_sequences_per_step():
+    scheduler = make_scheduler(prefill_batch_size=2)
+    for i in range(5):
+        scheduler.add(make_seq(i, 3))
+    plan, _ = run_step(scheduler)
+    assert plan.num_prefill_seqs == 2
+
+
+def test_decode_batch_size_limits_running_sequences():
+    scheduler = make_scheduler(decode_batch_size=3)
+    for i in range(5):
+        scheduler.add(make_seq(i, 3))
+    plan, _ = run_step(scheduler)
+    assert len(plan.scheduled) == 3
+    assert len(scheduler.waiting) == 2
+
+
+def test_long_prompt_is_chunked_to_the_token_budget():
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    seq = make_seq(0, prompt_len=20)
+    scheduler.add(seq)
+    sizes = []
+    while seq.num_output_tokens == 0:
+        plan, _ = run_step(scheduler)
+        sizes.append((plan.scheduled[0].num_new_tokens, plan.scheduled[0].samples))
+    assert sizes == [(8, False), (8, False), (4, True)]
+
+
+def test_chunked_prefill_shares_the_step_with_decodes():
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    short = make_seq(0, 3, max_new_tokens=20)
+    scheduler.add(short)
+    run_step(scheduler)
+    long = make_seq(1, 30)
+    scheduler.add(long)
+    plan, _ = run_step(scheduler)
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in plan.scheduled] == [(0, 1), (1, 7)]
+
+
+def test_without_chunked_prefill_a_long_prompt_waits_for_a_whole_budget():
+    scheduler = make_scheduler(max_num_batched_tokens=8, enable_chunked_prefill=False)
+    scheduler.add(make_seq(0, 6))
+    scheduler.add(make_seq(1, 6))
+    plan, _ = run_step(scheduler)
+    assert [i.seq.seq_id for i in plan.scheduled] == [0]
+
+
+def test_preempts_newest_when_blocks_run_out():
+    scheduler = make_scheduler(num_blocks=4, block_size=4)
+    old, new = make_seq(0, 4, max_new_tokens=20), make_seq(1, 4, max_new_tokens=20)
+    scheduler.add(old)
+    scheduler.add(new)
+    run_step(scheduler)  # both prefilled: one full block each
+    preempted = []
+    for _ in range(8):
+        plan, _ = run_step(scheduler)
+        preempted += plan.preempted
+    assert preempted and preempted[0] is new
+    assert new.num_preemptions >= 1 and old.num_preemptions == 0
+    assert old.num_output_tokens == 9
+
+
+def test_preempted_sequence_is_recomputed_with_its_outputs_and_finishes():
+    scheduler = make_scheduler(num_blocks=4, block_size=4)
+    seqs = [make_seq(i, 4, max_new_tokens=6) for i in range(2)]
+    for seq in seqs:
+        scheduler.add(seq)
+    recompute_sizes = []
+    for _ in range(40):
+        plan = scheduler.schedule(0.0)
+        if plan is None:
+            break
+        recompute_sizes += [i.num_new_tokens for i in plan.scheduled if i.seq.num_preemptions and i.num_new_tokens > 1]
+        scheduler.update(plan, [5] * sum(i.samples for i in plan.scheduled), 0.0)
+    assert all(seq.is_finished and seq.num_output_tokens == 6 for seq in seqs)
+    assert recompute_sizes, "the preempted sequence was recomputed from prompt plus outputs"
+    assert scheduler.blocks.num_free_blocks == 4
+
+
+def test_a_single_sequence_larger_than_free_blocks_never_deadlocks():
+    scheduler = make_scheduler(num_blocks=3, block_size=4)
+    seq = make_seq(0, 4, max_new_tokens=8)  # 12 tokens: exactly the whole pool
+    scheduler.add(seq)
+    for _ in range(20):
+        if seq.is_finished:
+            break
+        run_step(scheduler)
+    assert seq.is_finished and seq.num_output_tokens == 8
+
+
+def test_abort_frees_blocks_of_running_and_waiting_sequences():
+    scheduler = make_scheduler(num_blocks=16, decode_batch_size=1)
+    running, waiting = make_seq(0, 8), make_seq(1, 8)
+    scheduler.add(running)
+    scheduler.add(waiting)
+    run_step(scheduler)
+    assert scheduler.blocks.num_free_blocks < 16
+    scheduler.abort(running)
+    scheduler.abort(waiting)
+    assert scheduler.blocks.num_free_blocks == 16
+    assert running.finish_reason is FinishReason.ABORT and scheduler.num_unfinished == 0
+
+
+def test_sequence_aborted_during_a_step_is_ignored_by_update():
+    scheduler = make_scheduler(num_blocks=16)
+    seq = make_seq(0, 4)
+    scheduler.add(seq)
+    plan = scheduler.schedule(0.0)
+    scheduler.abort(seq)
+    outcome = scheduler.update(plan, [5], 0.0)
+    assert outcome.new_tokens == [] and scheduler.blocks.num_free_blocks == 16
+
+
+def test_batch_waiting_time_holds_prefill_until_the_batch_fills_or_time_passes():
+    scheduler = make_scheduler(prefill_batch_size=3, batch_waiting_time=0.5)
+    scheduler.add(make_seq(0, 3, arrival=10.0))
+    assert scheduler.schedule(10.1) is None
+    assert scheduler.next_wakeup(10.1) == pytest.approx(10.5)
+    scheduler.add(make_seq(1, 3, arrival=10.2))
+    scheduler.add(make_seq(2, 3, arrival=10.3))
+    plan = scheduler.schedule(10.3)
+    assert plan is not None and plan.num_prefill_seqs == 3
+
+
+def test_batch_waiting_time_releases_a_lone_request_when_it_expires():
+    scheduler = make_scheduler(prefill_batch_size=3, batch_waiting_time=0.5)
+    scheduler.add(make_seq(0, 3, arrival=10.0))
+    assert scheduler.schedule(10.6).num_prefill_seqs == 1
+
+
+def test_decode_batch_waiting_time_spaces_out_small_decode_steps():
+    scheduler = make_scheduler(decode_batch_size=4, decode_batch_waiting_time=0.2)
+    scheduler.add(make_seq(0, 3))
+    run_step(scheduler, now=1.0)
+    assert scheduler.schedule(1.1) is None
+    assert scheduler.schedule(1.25) is not None
