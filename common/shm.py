@@ -44,7 +44,8 @@ class SharedArrays:
         segment = shared_memory.SharedMemory(name=name, create=False)
         # Python < 3.13 registers attached segments too, and its tracker would
         # unlink the master's segment when this process exits.
-        resource_tracker.unregister(segment._name, "shared_memory")
+        if not name.startswith(f"{SEGMENT_PREFIX}{os.getpid()}_"):
+            resource_tracker.unregister(segment._name, "shared_memory")
         if segment.size < layout_bytes(layout):
             segment.close()
             raise ValueError(f"shared memory {name} is smaller than its layout needs")

@@ -33,9 +33,12 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """200 while every agent is alive, else 503 with the reason; both with the engine's counts."""
+        stats = engine.stats()
         if engine.is_healthy:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unhealthy", "reason": engine.failure or engine.transport.failure()}, 503)
+            return JSONResponse({"status": "ok", **stats})
+        reason = engine.failure or engine.transport.failure()
+        return JSONResponse({"status": "unhealthy", "reason": reason, **stats}, 503)
 
     @app.post("/models/{name}/generate")
     async def generate(name: str, body: GenerateRequest, request: Request):

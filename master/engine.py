@@ -248,6 +248,16 @@ class Engine:
         }
         self.trace_file.write(json.dumps(record) + "\n")
 
+    def stats(self) -> dict:
+        """Queue lengths and KV-cache usage right now."""
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_total": self.block_manager.num_blocks,
+            "kv_blocks_free": self.block_manager.num_free_blocks,
+        }
+
     def output_text(self, handle: RequestHandle) -> str:
         return decode(self.tokenizer, handle.seq.output_ids)
 

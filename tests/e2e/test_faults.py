@@ -1,0 +1,138 @@
+"""Faults a user can cause: disconnects, dying agents, signals, bad start-up. Nothing leaks, nothing hangs."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.conftest import ROOT
+from tests.e2e.server import free_port, running_server, stop, write_config
+
+SLOW_DECODE = {"decode_batch_waiting_time": 0.05, "decode_batch_size": 8}  # ~20 tokens/s, so tests can act mid-stream
+
+
+def open_stream(url: str, max_new_tokens: int = 200):
+    client = httpx.Client(timeout=60)
+    body = {"inputs": "a long story", "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos": True}, "stream": True}
+    response = client.send(client.build_request("POST", f"{url}/models/llama/generate", json=body), stream=True)
+    return client, response, response.iter_lines()
+
+
+def next_event(lines) -> dict:
+    for line in lines:
+        if line.startswith("data: "):
+            return json.loads(line[len("data: "):])
+    raise AssertionError("the stream ended")
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_client_disconnect_aborts_the_request_and_returns_its_blocks(tmp_path):
+    with running_server(write_config(tmp_path, scheduler_config=SLOW_DECODE)) as server:
+        client, response, lines = open_stream(server.url)
+        next_event(lines)
+        next_event(lines)
+        busy = server.health().json()
+        assert busy["kv_blocks_free"] < busy["kv_blocks_total"]
+        response.close()
+        client.close()
+        assert wait_for(lambda: server.health().json()["kv_blocks_free"] == busy["kv_blocks_total"])
+        assert server.health().json()["num_running"] == 0
+        assert wait_for(lambda: '"finish_reason": "abort"' in server.log())
+
+
+def test_killed_agent_fails_in_flight_requests_promptly_and_health_turns_503(tmp_path):
+    with running_server(write_config(tmp_path, scheduler_config=SLOW_DECODE)) as server:
+        client, response, lines = open_stream(server.url)
+        next_event(lines)
+        (agent_pid,) = server.agent_pids()
+        started = time.monotonic()
+        os.kill(agent_pid, signal.SIGKILL)
+        event = next_event(lines)
+        while "token" in event:
+            event = next_event(lines)
+        assert "agent" in event["error"] and time.monotonic() - started < 10
+        client.close()
+        assert server.health().status_code == 503
+        refused = httpx.post(f"{server.url}/models/llama/generate", json={"inputs": "x"}, timeout=10)
+        assert refused.status_code == 503
+        assert "exited" in server.log()
+
+
+def test_sigterm_stops_agents_and_unlinks_shared_memory(tmp_path):
+    with running_server(write_config(tmp_path)) as server:
+        httpx.post(f"{server.url}/models/llama/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
+        agent_pids = server.agent_pids()
+        assert agent_pids and glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*")
+        assert stop(server) == 0
+    assert glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*") == []
+    assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in agent_pids)
+
+
+def test_sigint_is_handled_like_sigterm(tmp_path):
+    with running_server(write_config(tmp_path)) as server:
+        agent_pids = server.agent_pids()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(30) == 0
+    assert glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*") == []
+    assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in agent_pids)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def run_serve(config_path: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmserve", "serve", "--config", config_path],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_model_without_weights_fails_start_with_a_clear_error(tmp_path):
+    model_dir = tmp_path / "empty-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 1024, "hidden_size": 64,
+                                                       "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4}))
+    config = write_config(tmp_path, {"model_path": str(model_dir), "tokenizer_path": "builtin"})
+    result = run_serve(config)
+    assert result.returncode != 0
+    assert "failed to start" in result.stderr and "safetensors" in result.stderr
+
+
+def test_agent_port_in_use_fails_start_with_a_clear_error(tmp_path):
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = run_serve(write_config(tmp_path, serving_config={"agent_ports": [port]}))
+    assert result.returncode != 0
+    assert "could not listen on its port" in result.stderr
+
+
+def test_server_port_in_use_fails_start_with_a_clear_error(tmp_path):
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = run_serve(write_config(tmp_path, serving_config={"server_port": port}))
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -1,0 +1,117 @@
+"""Greedy outputs of the live server equal `transformers` generate, token for token."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from master.tokenizer import build_builtin_tokenizer, encode
+from tests.e2e.server import running_server, stream_tokens, write_config
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [
+    "I love Beijing, because",
+    "Hi",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
+    "def add(a, b):\n    return a + b",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 16 20 32 64 100 128 256 512 1000",
+    "Once upon a time there was a small village by a river. In the village lived a miller, his wife and their children.",
+    "Good morning!",
+    "Water boils at one hundred degrees Celsius at sea level and at a lower temperature on a high mountain.",
+]
+MAX_NEW_TOKENS = 16
+COMMON = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+CHECKPOINTS = {
+    "llama": lambda: transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **COMMON),
+    "llama-gqa": lambda: transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **COMMON),
+    "qwen2": lambda: transformers.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON),
+}
+
+
+def save_checkpoint(path, kind: str):
+    torch.manual_seed(0)
+    config = CHECKPOINTS[kind]()
+    model_cls = transformers.Qwen2ForCausalLM if kind == "qwen2" else transformers.LlamaForCausalLM
+    model = model_cls(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    build_builtin_tokenizer().save(str(path / "tokenizer.json"))
+    return model
+
+
+def reference_outputs(model) -> list[list[int]]:
+    tokenizer = build_builtin_tokenizer()
+    outputs = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([encode(tokenizer, prompt)])
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=2, pad_token_id=0)
+        outputs.append(generated[0, ids.shape[1]:].tolist())
+    return outputs
+
+
+def concurrent_outputs(url: str) -> list[list[int]]:
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(stream_tokens, url, p, max_new_tokens=MAX_NEW_TOKENS) for p in PROMPTS]
+        return [f.result()[0] for f in futures]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made = {}
+    for kind in CHECKPOINTS:
+        path = tmp_path_factory.mktemp(kind)
+        made[kind] = (path, reference_outputs(save_checkpoint(path, kind)))
+    return made
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINTS))
+def test_concurrent_greedy_outputs_equal_transformers(tmp_path, checkpoints, kind):
+    path, expected = checkpoints[kind]
+    with running_server(write_config(tmp_path, {"model_path": str(path)})) as server:
+        assert concurrent_outputs(server.url) == expected
+
+
+def test_outputs_survive_preemption(tmp_path, checkpoints):
+    path, expected = checkpoints["llama-gqa"]
+    config = write_config(tmp_path, {"model_path": str(path)}, pa_config={"num_blocks": 20, "block_size": 4})
+    with running_server(config) as server:
+        assert concurrent_outputs(server.url) == expected
+        assert server.health().json()["num_preemptions"] > 0
+
+
+def finish_order(url: str) -> list[str]:
+    """Send a long request, then (once it streams) a short one; return the order they finish in."""
+    order, lock = [], threading.Lock()
+    started = threading.Event()
+
+    def run(name: str, max_new_tokens: int, on_first=None):
+        parameters = {"max_new_tokens": max_new_tokens, "ignore_eos": True}
+        body = {"inputs": "tell me a story", "parameters": parameters, "stream": True}
+        with httpx.stream("POST", f"{url}/models/llama/generate", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and on_first is not None:
+                    on_first.set()
+                    on_first = None
+        with lock:
+            order.append(name)
+
+    long = threading.Thread(target=run, args=("long", 60, started))
+    long.start()
+    assert started.wait(60)
+    time.sleep(0.1)
+    run("short", 2)
+    long.join()
+    return order
+
+
+@pytest.mark.parametrize("strategy, first", [("continuous", "short"), ("static", "long")])
+def test_short_request_overtakes_a_long_one_only_with_continuous_batching(tmp_path, strategy, first):
+    scheduler = {"batching_strategy": strategy, "decode_batch_waiting_time": 0.02, "decode_batch_size": 8}
+    with running_server(write_config(tmp_path, scheduler_config=scheduler)) as server:
+        assert finish_order(server.url)[0] == first

@@ -1,0 +1,125 @@
+"""The HTTP API over an in-process engine: outputs, streaming, and every client error."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from master.api import create_app
+from master.tokenizer import decode, encode
+from tests.unit.fake_agent import TOKENIZER, fake_engine
+
+URL = "/models/llama/generate"
+
+
+def call(requests, engine=None):
+    """Start an engine, run `requests(client)` against its app, stop the engine."""
+
+    async def main():
+        nonlocal engine
+        engine = engine or fake_engine()
+        await engine.start()
+        try:
+            transport = httpx.ASGITransport(app=create_app(engine))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await requests(client, engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def expected_text(prompt: str, n: int) -> str:
+    last = encode(TOKENIZER, prompt)[-1]
+    return decode(TOKENIZER, [last + i for i in range(1, n + 1)])
+
+
+def test_generate_returns_the_text_and_details():
+    async def go(client, engine):
+        return await client.post(URL, json={"inputs": "I love Beijing, because", "parameters": {"max_new_tokens": 5}})
+
+    response = call(go)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["generated_text"] == expected_text("I love Beijing, because", 5)
+    assert body["details"]["generated_tokens"] == 5 and body["details"]["finish_reason"] == "length"
+    assert body["details"]["first_token_time"] <= body["details"]["res_time"]
+
+
+def test_return_full_text_prepends_the_prompt():
+    async def go(client, engine):
+        return await client.post(URL, json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "return_full_text": True}})
+
+    assert call(go).json()["generated_text"] == "Hi" + expected_text("Hi", 3)
+
+
+def test_stream_sends_one_event_per_token_then_the_whole_text():
+    async def go(client, engine):
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 4}, "stream": True}
+        return await client.post(URL, json=body)
+
+    response = call(go)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[len("data: "):]) for line in response.text.split("\n\n") if line]
+    assert len(events) == 5
+    assert [e["token"]["id"] for e in events[:4]] == [encode(TOKENIZER, "Hello")[-1] + i for i in range(1, 5)]
+    assert "".join(e["token"]["text"] for e in events[:4]) == events[4]["generated_text"]
+    assert events[4]["details"]["finish_reason"] == "length"
+
+
+def test_concurrent_requests_all_complete():
+    async def go(client, engine):
+        bodies = [{"inputs": "x" * (i + 1), "parameters": {"max_new_tokens": 3 + i}} for i in range(8)]
+        return await asyncio.gather(*(client.post(URL, json=b) for b in bodies))
+
+    responses = call(go)
+    assert [r.json()["details"]["generated_tokens"] for r in responses] == [3 + i for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('{"inputs": "hi", ', "not valid JSON"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 3, "top_q": 1}}, "parameters.top_q: unknown parameter"),
+        ({"inputs": "hi", "temperature": 1}, "temperature: unknown parameter"),
+        ({"inputs": 5}, "inputs"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": "10"}}, "parameters.max_new_tokens"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, "parameters.max_new_tokens"),
+        ({"inputs": "hi", "parameters": {"top_p": 1.5}}, "parameters.top_p"),
+        ({"inputs": "hi", "parameters": {"temperature": -1.0}}, "parameters.temperature"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 500}}, "exceed the model's maximum of 128"),
+        ({"parameters": {}}, "inputs: Field required"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_problem(body, fragment):
+    async def go(client, engine):
+        if isinstance(body, str):
+            return await client.post(URL, content=body, headers={"content-type": "application/json"})
+        return await client.post(URL, json=body)
+
+    response = call(go)
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]
+
+
+def test_unknown_model_is_404():
+    async def go(client, engine):
+        return await client.post("/models/gpt-7/generate", json={"inputs": "hi"})
+
+    response = call(go)
+    assert response.status_code == 404 and "gpt-7" in response.json()["error"]
+
+
+def test_health_is_200_while_the_agent_lives_and_503_after_it_dies():
+    async def go(client, engine):
+        healthy = await client.get("/health")
+        engine.transport.dead_reason = "agent 0 exited"
+        await asyncio.sleep(0.6)
+        return healthy, await client.get("/health"), await client.post(URL, json={"inputs": "hi"})
+
+    healthy, unhealthy, refused = call(go)
+    assert healthy.status_code == 200
+    assert unhealthy.status_code == 503 and "agent 0 exited" in unhealthy.json()["reason"]
+    assert refused.status_code == 503
