@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from common.errors import AgentFailure
 from common.protocol import AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
@@ -68,6 +69,7 @@ class ZmqShmTransport(Transport):
         self.capacity = capacity
         self.step_timeout = step_timeout
         self.context = zmq.asyncio.Context()
+        self.sync_context = zmq.Context.shadow(self.context.underlying)  # for the monitors, read without awaiting
         self.sockets: list[zmq.asyncio.Socket] = []
         self.monitors: list[zmq.Socket] = []
         self.was_connected = [False] * len(endpoints)
@@ -79,9 +81,17 @@ class ZmqShmTransport(Transport):
         for endpoint in endpoints:
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
-            self.monitors.append(socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
+            self.monitors.append(self._monitor(socket, endpoint.rank))
             socket.connect(endpoint.address)
             self.sockets.append(socket)
+
+    def _monitor(self, socket: zmq.asyncio.Socket, rank: int) -> zmq.Socket:
+        """A PAIR socket that receives `socket`'s connect and disconnect events."""
+        address = f"inproc://llmserve-monitor-{id(self)}-{rank}"
+        socket.monitor(address, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = self.sync_context.socket(zmq.PAIR)
+        monitor.connect(address)
+        return monitor
 
     async def start(self, timeout: float) -> list[AgentReady]:
         init = InitAgent(
@@ -136,7 +146,7 @@ class ZmqShmTransport(Transport):
                 self._failure = f"agent {endpoint.rank} (pid {endpoint.process.pid}) exited with code {code}: {why}"
                 return
             while self.monitors[i].poll(0):
-                event = zmq.utils.monitor.recv_monitor_message(self.monitors[i])["event"]
+                event = recv_monitor_message(self.monitors[i])["event"]
                 if event == zmq.EVENT_CONNECTED:
                     self.was_connected[i] = True
                 elif event == zmq.EVENT_DISCONNECTED and self.was_connected[i]:

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from common.config import Config
 from common.errors import AgentFailure, Overloaded, RequestError
 from common.model_info import ModelInfo
+from common.protocol import StepRequest
 from common.sampling import SamplingParams
 from common.timers import StageTimer
 from master.agent_client import Transport
@@ -84,7 +85,8 @@ class Engine:
         self.loop_task: Optional[asyncio.Task] = None
         self.watch_task: Optional[asyncio.Task] = None
         self.failure: Optional[str] = None
-        self.trace_file = open(config.serving_config.step_trace_path, "a") if config.serving_config.step_trace_path else None
+        self.is_stopped = False
+        self.trace_file = open(config.serving_config.step_trace_path, "a", buffering=1) if config.serving_config.step_trace_path else None
 
     async def start(self) -> None:
         """Wait for the agents, then start the step loop."""
@@ -153,12 +155,15 @@ class Engine:
     async def _run(self) -> None:
         try:
             while True:
+                start = time.perf_counter()
                 plan = self._next_plan()
                 if plan is None:
+                    self.timer.reset()
                     await self._sleep_until_work()
                     continue
-                outcome = await self._step(plan)
+                outcome, header, agent_ms = await self._step(plan)
                 self._emit(outcome)
+                self._trace(plan, header, agent_ms, start)
         except AgentFailure as exc:
             self._fail_everything(str(exc))
         except Exception as exc:
@@ -179,7 +184,7 @@ class Engine:
         except asyncio.TimeoutError:
             pass
 
-    async def _step(self, plan: StepPlan) -> StepOutcome:
+    async def _step(self, plan: StepPlan) -> tuple[StepOutcome, StepRequest, dict]:
         timer = self.timer
         step_id = next(self.step_ids)
         with timer.stage("build"):
@@ -189,12 +194,11 @@ class Engine:
         round_trip_ms = (time.perf_counter() - start) * 1e3
         timer.add("ipc", round_trip_ms - sum(result.timings_ms.values()))
         if result.error:
-            return self._fail_step(plan, result.error)
+            return self._fail_step(plan, result.error), header, result.timings_ms
         with timer.stage("update"):
             sampled = self.transport.outputs["sampled_ids"][: header.num_sample]
             outcome = self.scheduler.update(plan, sampled, time.monotonic())
-        self._trace(plan, header.num_tokens, result.timings_ms)
-        return outcome
+        return outcome, header, result.timings_ms
 
     def _fail_step(self, plan: StepPlan, error: str) -> StepOutcome:
         """A step raised on the agent: fail its requests, keep serving the rest."""
@@ -234,15 +238,18 @@ class Engine:
             if handle:
                 self._finish(handle, FinishReason.ERROR, f"the model agent failed: {reason}")
 
-    def _trace(self, plan: StepPlan, num_tokens: int, agent_ms: dict) -> None:
+    def _trace(self, plan: StepPlan, header: StepRequest, agent_ms: dict, start: float) -> None:
+        """Append the step's stage timings to the trace file, when one is configured."""
         master_ms = self.timer.reset()
         if self.trace_file is None:
             return
         record = {
+            "step_id": header.step_id,
             "time": time.time(),
-            "num_seqs": len(plan.scheduled),
-            "num_tokens": num_tokens,
+            "num_seqs": header.num_seqs,
+            "num_tokens": header.num_tokens,
             "num_prefill_seqs": plan.num_prefill_seqs,
+            "step_ms": (time.perf_counter() - start) * 1e3,
             "master_ms": master_ms,
             "agent_ms": agent_ms,
         }
@@ -262,7 +269,11 @@ class Engine:
         return decode(self.tokenizer, handle.seq.output_ids)
 
     async def stop(self) -> None:
-        """Stop the loop, fail what is left, stop the agents and free shared memory."""
+        """Stop the loop, fail what is left, stop the agents and free shared memory (idempotent)."""
+        if self.is_stopped:
+            return
+        self.is_stopped = True
+        self.failure = self.failure or "the server is shutting down"
         tasks = [t for t in (self.loop_task, self.watch_task) if t is not None]
         for task in tasks:
             task.cancel()

@@ -77,14 +77,19 @@ async def _serve(config: Config, tokenizer, info, processes: list[subprocess.Pop
         server = _QuietSignalsServer(
             uvicorn.Config(create_app(engine), host=serving.server_ip, port=serving.server_port, log_level="warning")
         )
-        await _first(server.serve(), stop.wait())
+        serve_task = asyncio.ensure_future(server.serve())
+        stop_task = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([serve_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        logger.info("shutting down")
+        await engine.stop()  # in-flight requests end with an error, so their connections close
         server.should_exit = True
+        await serve_task
         return 0
     except AgentFailure as exc:
         logger.error("%s", exc)
         return 1
     finally:
-        logger.info("shutting down")
         await engine.stop()
 
 
