@@ -1,0 +1,206 @@
+"""Paged attention on the CPU: the step's metadata and attention over K/V held in blocks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # K and V pools, each [num_blocks, block_size, num_kv_heads, head_dim]
+
+
+@dataclass
+class DecodeBatch:
+    """The sequences adding one token this step, attended together in one batched call."""
+
+    token_indices: Optional[torch.Tensor]  # [num_decodes] their rows in the step; None when every row decodes
+    block_ids: torch.Tensor  # [num_decodes * blocks_per_seq] each sequence's blocks, row after row
+    gathered: KVCache  # where each layer gathers those blocks: [num_decodes * blocks_per_seq, block_size, ...]
+    context_lens: torch.Tensor  # [num_decodes] on the device
+    num_slots: int  # blocks_per_seq * block_size: the K/V length gathered per sequence
+    dtype: torch.dtype
+    _masks: dict = field(default_factory=dict, repr=False)  # by sliding window, built on first use
+
+    def mask(self, sliding_window: Optional[int]) -> torch.Tensor:
+        """Additive mask [num_decodes, 1, 1, num_slots]: 0 on the slots each sequence attends, -inf elsewhere."""
+        if sliding_window not in self._masks:
+            slots = torch.arange(self.num_slots, device=self.context_lens.device)
+            ends = self.context_lens[:, None]
+            is_visible = slots < ends
+            if sliding_window is not None:
+                is_visible &= slots >= ends - sliding_window
+            self._masks[sliding_window] = _additive(is_visible, self.dtype)[:, None, None, :]
+        return self._masks[sliding_window]
+
+
+@dataclass
+class PrefillSequence:
+    """One sequence adding several tokens this step, after `cached_len` tokens written by earlier steps."""
+
+    start: int  # its first row in the step
+    end: int
+    cached_len: int
+    block_ids: Optional[torch.Tensor]  # [num_blocks] blocks holding its K/V; None when nothing was cached
+    device: torch.device
+    dtype: torch.dtype
+    _masks: dict = field(default_factory=dict, repr=False)  # by sliding window, built on first use
+
+    def mask(self, sliding_window: Optional[int]) -> Optional[torch.Tensor]:
+        """Additive mask [query_len, context_len], or None where plain causal attention is exact."""
+        query_len = self.end - self.start
+        is_plain_causal = self.cached_len == 0 and (sliding_window is None or sliding_window >= query_len)
+        if is_plain_causal:
+            return None
+        if sliding_window not in self._masks:
+            query_positions = torch.arange(self.cached_len, self.cached_len + query_len, device=self.device)[:, None]
+            key_positions = torch.arange(self.cached_len + query_len, device=self.device)[None, :]
+            is_visible = key_positions <= query_positions
+            if sliding_window is not None:
+                is_visible &= key_positions > query_positions - sliding_window
+            self._masks[sliding_window] = _additive(is_visible, self.dtype)
+        return self._masks[sliding_window]
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's K/V are written and which blocks each sequence reads; built once, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] block_id * block_size + offset of each new token
+    decode: Optional[DecodeBatch]
+    prefills: list[PrefillSequence]
+
+    @property
+    def is_all_decode(self) -> bool:
+        return self.decode is not None and self.decode.token_indices is None
+
+
+class AttentionMetadataBuilder:
+    """Turns a step's host arrays into its AttentionMetadata, reusing the decode gather buffers across steps."""
+
+    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        # A fresh megabyte-sized gather per layer per step costs more in page faults than the gather itself.
+        empty = torch.empty((0, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+        self.gathered_k = self.gathered_v = empty
+
+    def build(
+        self,
+        slot_mapping: torch.Tensor,
+        query_lens: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> AttentionMetadata:
+        """One decode batch for the sequences adding a token, one PrefillSequence per other; inputs on the host."""
+        slot_mapping = slot_mapping.to(self.device)
+        is_decode = query_lens == 1
+        if bool(is_decode.all()):
+            return AttentionMetadata(slot_mapping, self._decode_batch(None, context_lens, block_tables), [])
+        token_starts = torch.cumsum(query_lens, 0) - query_lens
+        decode_rows = is_decode.nonzero().flatten()
+        decode = None
+        if len(decode_rows):
+            token_indices = token_starts[decode_rows].to(self.device)
+            decode = self._decode_batch(token_indices, context_lens[decode_rows], block_tables[decode_rows])
+        prefills = [
+            self._prefill_sequence(start, query_len, context_len, block_table)
+            for start, query_len, context_len, block_table, decodes in zip(
+                token_starts.tolist(), query_lens.tolist(), context_lens.tolist(), block_tables, is_decode.tolist()
+            )
+            if not decodes
+        ]
+        return AttentionMetadata(slot_mapping, decode, prefills)
+
+    def _decode_batch(
+        self, token_indices: Optional[torch.Tensor], context_lens: torch.Tensor, block_tables: torch.Tensor
+    ) -> DecodeBatch:
+        # Gather only as many blocks as the longest sequence uses, not the table's padded width.
+        blocks_per_seq = -(-int(context_lens.max()) // self.block_size)
+        block_ids = block_tables[:, :blocks_per_seq].flatten().to(self.device)
+        return DecodeBatch(
+            token_indices,
+            block_ids,
+            self._gather_buffers(len(block_ids)),
+            context_lens.to(self.device),
+            blocks_per_seq * self.block_size,
+            self.dtype,
+        )
+
+    def _gather_buffers(self, num_blocks: int) -> KVCache:
+        """Room for num_blocks blocks of K and of V, grown when a step needs more; valid until the next build."""
+        if num_blocks > self.gathered_k.shape[0]:
+            shape = (max(num_blocks, 2 * self.gathered_k.shape[0]), *self.gathered_k.shape[1:])
+            self.gathered_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.gathered_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.gathered_k[:num_blocks], self.gathered_v[:num_blocks]
+
+    def _prefill_sequence(
+        self, start: int, query_len: int, context_len: int, block_table: torch.Tensor
+    ) -> PrefillSequence:
+        cached_len = context_len - query_len
+        block_ids = None
+        if cached_len > 0:
+            block_ids = block_table[: -(-context_len // self.block_size)].to(self.device)
+        return PrefillSequence(start, start + query_len, cached_len, block_ids, self.device, self.dtype)
+
+
+def _additive(is_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(is_visible.shape, dtype=dtype, device=is_visible.device)
+    return mask.masked_fill_(~is_visible, float("-inf"))
+
+
+class PagedAttention(nn.Module):
+    """Causal attention of this step's queries over each sequence's K/V in the block pools."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.sliding_window = sliding_window
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [num_tokens, num_heads, head_dim], k and v [num_tokens, num_kv_heads, head_dim] -> like q."""
+        k_pool, v_pool = kv_cache
+        k_pool.view(-1, self.num_kv_heads, self.head_dim)[metadata.slot_mapping] = k
+        v_pool.view(-1, self.num_kv_heads, self.head_dim)[metadata.slot_mapping] = v
+        if metadata.is_all_decode:
+            return self._decode(q, kv_cache, metadata.decode)
+        out = torch.empty_like(q)
+        if metadata.decode is not None:
+            rows = metadata.decode.token_indices
+            out[rows] = self._decode(q[rows], kv_cache, metadata.decode)
+        for seq in metadata.prefills:
+            rows = slice(seq.start, seq.end)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, seq)
+        return out
+
+    def _decode(self, q: torch.Tensor, kv_cache: KVCache, decode: DecodeBatch) -> torch.Tensor:
+        """q [num_decodes, num_heads, head_dim] -> like q, one SDPA call for the whole batch."""
+        num_decodes = q.shape[0]
+        k, v = (
+            torch.index_select(pool, 0, decode.block_ids, out=gathered)
+            .view(num_decodes, decode.num_slots, self.num_kv_heads, self.head_dim)
+            .transpose(1, 2)  # [num_decodes, num_kv_heads, num_slots, head_dim]
+            for pool, gathered in zip(kv_cache, decode.gathered)
+        )
+        mask = decode.mask(self.sliding_window)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
+        return out.squeeze(2)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, seq: PrefillSequence
+    ) -> torch.Tensor:
+        """q [query_len, num_heads, head_dim], this step's k and v [query_len, num_kv_heads, head_dim] -> like q."""
+        if seq.block_ids is not None:
+            context_len = seq.cached_len + q.shape[0]
+            k, v = (pool.index_select(0, seq.block_ids).flatten(0, 1)[:context_len] for pool in kv_cache)
+        mask = seq.mask(self.sliding_window)
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [heads, len, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return out.transpose(0, 1)

@@ -1,0 +1,85 @@
+"""Runs one step of the model over the paged KV cache: step arrays in, logits out."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, ContextManager, Optional
+
+import numpy as np
+import torch
+
+from agent.kv_cache import allocate_kv_cache
+from agent.layers.attention import AttentionMetadataBuilder
+from agent.loader import load_model
+
+if TYPE_CHECKING:
+    from common.timers import StageTimer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    """Owns the model and its KV cache on one device, and executes the master's steps on them."""
+
+    def __init__(
+        self,
+        hf_config: dict,
+        model_path: Optional[str],
+        load_format: str,
+        dtype: str,
+        device: str,
+        num_blocks: int,
+        block_size: int,
+        seed: int = 0,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed)
+        config = self.model.config
+        self.kv_caches = allocate_kv_cache(
+            config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
+        )
+        self.metadata_builder = AttentionMetadataBuilder(
+            block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_layers
+
+    def execute(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        block_tables: np.ndarray,
+        logits_indices: np.ndarray,
+        timer: Optional[StageTimer] = None,
+    ) -> torch.Tensor:
+        """Write the step's K/V and return float32 logits [len(logits_indices), vocab_size] of the rows asked for."""
+        with torch.inference_mode():
+            with _stage(timer, "preprocess"):
+                # from_numpy shares the (possibly shared-memory) arrays; nothing keeps them past this call.
+                input_ids_t, positions_t, logits_indices_t = (
+                    torch.from_numpy(array).to(self.device) for array in (input_ids, positions, logits_indices)
+                )
+                metadata = self.metadata_builder.build(
+                    torch.from_numpy(slot_mapping),
+                    torch.from_numpy(query_lens),
+                    torch.from_numpy(context_lens),
+                    torch.from_numpy(block_tables),
+                )
+            with _stage(timer, "predict"):
+                hidden = self.model(input_ids_t, positions_t, self.kv_caches, metadata)
+                return self.model.compute_logits(hidden[logits_indices_t]).float()
+
+
+def _stage(timer: Optional[StageTimer], name: str) -> ContextManager:
+    return timer.stage(name) if timer is not None else nullcontext()
