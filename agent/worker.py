@@ -123,6 +123,7 @@ def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None) -> 
             _report_load_failure(socket, rank, f"{type(exc).__name__}: {exc}")
             return EXIT_LOAD_FAILED
         logger.info("agent %d ready on %s (%s)", rank, address, worker.device)
+        socket.setsockopt(zmq.RCVTIMEO, PARENT_CHECK_MS)
         return _serve_loop(socket, worker, parent_pid)
     finally:
         context.destroy(linger=1000)
@@ -131,12 +132,13 @@ def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None) -> 
 def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -> int:
     try:
         while True:
-            if not socket.poll(PARENT_CHECK_MS):
+            try:
+                identity, payload = socket.recv_multipart()
+            except zmq.Again:  # nothing for PARENT_CHECK_MS: is the master still there?
                 if parent_pid is not None and os.getppid() != parent_pid:
                     logger.error("agent %d: the master (pid %d) is gone; exiting", worker.rank, parent_pid)
                     return EXIT_MASTER_GONE
                 continue
-            identity, payload = socket.recv_multipart()
             message = decode(payload)
             if isinstance(message, Shutdown):
                 return 0

@@ -26,7 +26,7 @@ from common.step_arrays import StepCapacity, input_layout, output_layout
 
 logger = logging.getLogger("llmserve.master")
 
-POLL_MS = 100
+POLL_S = 0.1  # how often a wait for an agent checks that the agents still live
 
 
 class Transport(abc.ABC):
@@ -126,12 +126,12 @@ class ZmqShmTransport(Transport):
         return StepResult(header.step_id, results[0].rank, _merge_timings(results), errors[0] if errors else None)
 
     async def _receive(self, endpoint: AgentEndpoint, socket: zmq.asyncio.Socket, deadline: float, what: str):
-        while not await socket.poll(POLL_MS):
-            if self.failure() is not None:
-                raise AgentFailure(self._failure)
-            if time.monotonic() > deadline:
-                self._fail(f"agent {endpoint.rank} at {endpoint.address} took too long {what}")
-        return decode(await socket.recv())
+        reply = socket.recv()
+        while not (await asyncio.wait([reply], timeout=POLL_S))[0]:
+            if self.failure() is not None or time.monotonic() > deadline:
+                reply.cancel()
+                self._fail(self._failure or f"agent {endpoint.rank} at {endpoint.address} took too long {what}")
+        return decode(reply.result())
 
     def failure(self) -> Optional[str]:
         if self._failure is None:

@@ -46,7 +46,7 @@ def create_app(engine: Engine) -> FastAPI:
             raise ModelNotFound(f"model '{name}' is not served here; this server serves '{model_name}'")
         prompt_ids = encode(engine.tokenizer, body.inputs)
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        handle = engine.submit(request_id, prompt_ids, body.parameters.sampling_params())
+        handle = engine.submit(request_id, prompt_ids, body.parameters.sampling_params(), stream=body.stream)
         if body.stream:
             return StreamingResponse(_sse_events(engine, handle, body), media_type="text/event-stream", headers=SSE_HEADERS)
         return await _complete(engine, handle, body, request)

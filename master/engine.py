@@ -51,7 +51,7 @@ class RequestHandle:
 
     request_id: str
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
+    detokenizer: Optional[IncrementalDetokenizer]  # None when the client wants only the final text
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     start_time: float = 0.0
     first_token_time: Optional[float] = None
@@ -108,8 +108,11 @@ class Engine:
     def is_healthy(self) -> bool:
         return self.failure is None and self.transport.failure() is None
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request; raise RequestError, Overloaded or AgentFailure if it cannot be."""
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> RequestHandle:
+        """Queue a request; raise RequestError, Overloaded or AgentFailure if it cannot be.
+
+        Without `stream` the handle gets only the finish event: no per-token work is done for it.
+        """
         if not self.is_healthy:
             raise AgentFailure(f"the server cannot serve: {self.failure or self.transport.failure()}")
         self._check_fits(prompt_ids, params)
@@ -124,7 +127,8 @@ class Engine:
             max_seq_len=self.model.max_seq_len,
             arrival_time=now,
         )
-        handle = RequestHandle(request_id, seq, IncrementalDetokenizer(self.tokenizer, len(prompt_ids)), start_time=now)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, len(prompt_ids)) if stream else None
+        handle = RequestHandle(request_id, seq, detokenizer, start_time=now)
         self.handles[seq.seq_id] = handle
         self.scheduler.add(seq)
         self.wakeup.set()
@@ -218,7 +222,8 @@ class Engine:
                 handle = self.handles[seq.seq_id]
                 if handle.first_token_time is None:
                     handle.first_token_time = now
-                handle.events.put_nowait(TokenEvent(token_id, handle.detokenizer.step(seq.token_ids)))
+                if handle.detokenizer is not None:
+                    handle.events.put_nowait(TokenEvent(token_id, handle.detokenizer.step(seq.token_ids)))
             for seq in outcome.finished:
                 self._finish(self.handles[seq.seq_id], seq.finish_reason)
 

@@ -136,3 +136,21 @@ def test_server_port_in_use_fails_start_with_a_clear_error(tmp_path):
         result = run_serve(write_config(tmp_path, serving_config={"server_port": port}))
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_agent_started_by_hand_serves_and_its_death_turns_health_503(tmp_path):
+    config = write_config(tmp_path, serving_config={"launch_agents": False})
+    agent = subprocess.Popen([sys.executable, "-m", "llmserve", "agent", "--config", config, "--rank", "0"], cwd=ROOT)
+    try:
+        with running_server(config) as server:
+            body = {"inputs": "by hand", "parameters": {"max_new_tokens": 4, "ignore_eos": True}}
+            response = httpx.post(f"{server.url}/models/llama/generate", json=body, timeout=60)
+            assert response.json()["details"]["generated_tokens"] == 4
+            agent.kill()
+            agent.wait()
+            assert wait_for(lambda: server.health().status_code == 503)
+            assert "closed its connection" in server.health().json()["reason"]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
