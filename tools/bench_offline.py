@@ -1,0 +1,204 @@
+"""Offline throughput of llmserve against `transformers` generate, same weights, one run.
+
+Builds the bench model (configs/bench.yaml's dummy_config) with `transformers`,
+saves it as a checkpoint, then measures in this one run:
+  * llmserve through its real master/agent path (OfflineEngine: all requests
+    submitted at once), and `transformers` generate in static batches;
+  * batch-1 decode ms/token and time to first token for both.
+Prints a table, writes JSON to --out, and with --update-benchmarks replaces the
+table between the bench_offline markers in BENCHMARKS.md.
+
+    .venv/bin/python tools/bench_offline.py --update-benchmarks
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common.config import load_config  # noqa: E402
+from common.sampling import SamplingParams  # noqa: E402
+from master.offline import OfflineEngine  # noqa: E402
+
+MARK_START, MARK_END = "<!-- bench_offline:start -->", "<!-- bench_offline:end -->"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_checkpoint(dummy_config: dict, path: str, seed: int) -> transformers.PreTrainedModel:
+    """The reference model with random weights, saved where llmserve will load it from."""
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in dummy_config.items() if k != "architectures"}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+    model.generation_config.eos_token_id = None  # exact output lengths on both sides
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def llmserve_config(base_path: str, model_path: str, workdir: str) -> str:
+    with open(base_path) as f:
+        config = yaml.safe_load(f)
+    config["model_config"].update(model_path=model_path, load_format="auto")
+    config["model_config"].pop("dummy_config", None)
+    config["serving_config"].update(server_port=free_port(), agent_ports=[free_port()], log_level="WARNING")
+    path = os.path.join(workdir, "bench_offline.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
+
+
+async def measure_llmserve(config_path: str, prompts: list[list[int]], output_len: int) -> dict:
+    params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
+    async with OfflineEngine(load_config(config_path)) as llm:
+        await llm.generate(prompts[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
+        start = time.perf_counter()
+        outputs = await llm.generate(prompts, params)
+        wall = time.perf_counter() - start
+        (alone,) = await llm.generate(prompts[:1], params)
+    decode_ms = (alone.res_time - alone.first_token_time) / (output_len - 1) * 1e3
+    return {
+        "wall_s": wall,
+        "tokens_per_s": len(prompts) * output_len / wall,
+        "batch1_decode_ms": decode_ms,
+        "batch1_ttft_ms": alone.first_token_time * 1e3,
+        "first_output": outputs[0].output_ids,
+    }
+
+
+@torch.inference_mode()
+def hf_generate(model, input_ids: torch.Tensor, output_len: int) -> torch.Tensor:
+    return model.generate(
+        input_ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0
+    )[:, input_ids.shape[1]:]
+
+
+def measure_transformers(model, prompts: torch.Tensor, output_len: int, batch_sizes: list[int]) -> dict:
+    hf_generate(model, prompts[:2], 4)  # warm-up
+    results = {}
+    first_output = None
+    for batch_size in batch_sizes:
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            out = hf_generate(model, prompts[i : i + batch_size], output_len)
+            if i == 0:
+                first_output = out[0].tolist()
+        wall = time.perf_counter() - start
+        results[batch_size] = {"wall_s": wall, "tokens_per_s": len(prompts) * output_len / wall}
+    start = time.perf_counter()
+    hf_generate(model, prompts[:1], 1)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    hf_generate(model, prompts[:1], output_len)
+    full = time.perf_counter() - start
+    return {
+        "static": results,
+        "batch1_ttft_ms": ttft * 1e3,
+        "batch1_decode_ms": (full - ttft) / (output_len - 1) * 1e3,
+        "first_output": first_output,
+    }
+
+
+def table(ours: dict, ref: dict, args) -> str:
+    best_bs = max(ref["static"], key=lambda bs: ref["static"][bs]["tokens_per_s"])
+    best = ref["static"][best_bs]["tokens_per_s"]
+    rows = [
+        "| run | output tok/s | wall s | llmserve / this |",
+        "|---|---|---|---|",
+        f"| llmserve, all {args.num_requests} at once (continuous batching) | {ours['tokens_per_s']:.1f} | {ours['wall_s']:.1f} | 1.00 |",
+    ]
+    for bs, r in ref["static"].items():
+        rows.append(
+            f"| transformers generate, static batches of {bs} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "
+            f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f} |"
+        )
+    rows += [
+        "",
+        "| batch 1 | llmserve | transformers | ratio (transformers / llmserve) |",
+        "|---|---|---|---|",
+        f"| decode ms/token | {ours['batch1_decode_ms']:.2f} | {ref['batch1_decode_ms']:.2f} | "
+        f"{ref['batch1_decode_ms'] / ours['batch1_decode_ms']:.2f} |",
+        f"| time to first token ms ({args.input_len} prompt tokens) | {ours['batch1_ttft_ms']:.1f} | "
+        f"{ref['batch1_ttft_ms']:.1f} | {ref['batch1_ttft_ms'] / ours['batch1_ttft_ms']:.2f} |",
+        "",
+        f"Throughput ratio llmserve / best transformers static batch ({best_bs}): "
+        f"**{ours['tokens_per_s'] / best:.2f}x**. First request's greedy tokens equal between the two: "
+        f"{ours['first_output'] == ref['first_output']}.",
+    ]
+    return "\n".join(rows)
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
+
+
+def update_benchmarks(text: str) -> None:
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    with open(path) as f:
+        content = f.read()
+    block = f"{MARK_START}\n{text}\n{MARK_END}"
+    if MARK_START in content:
+        before, rest = content.split(MARK_START, 1)
+        content = before + block + rest.split(MARK_END, 1)[1]
+    else:
+        content = content.rstrip("\n") + "\n\n## Offline throughput against transformers\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(content)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "bench.yaml"))
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_offline.json"))
+    parser.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
+    args = parser.parse_args()
+    with open(args.config) as f:
+        dummy_config = yaml.safe_load(f)["model_config"]["dummy_config"]
+    generator = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(3, dummy_config["vocab_size"], (args.num_requests, args.input_len), generator=generator)
+    with tempfile.TemporaryDirectory() as workdir:
+        model = save_checkpoint(dummy_config, os.path.join(workdir, "model"), args.seed)
+        config_path = llmserve_config(args.config, os.path.join(workdir, "model"), workdir)
+        ours = asyncio.run(measure_llmserve(config_path, prompts.tolist(), args.output_len))
+        print(f"llmserve: {ours['tokens_per_s']:.1f} tok/s", flush=True)
+        ref = measure_transformers(model, prompts, args.output_len, args.hf_batch_sizes)
+    command = "python tools/bench_offline.py " + " ".join(sys.argv[1:])
+    text = (
+        f"Machine: {machine()}. Workload: {args.num_requests} requests of {args.input_len} random prompt tokens, "
+        f"exactly {args.output_len} output tokens each, greedy, float32, same weights.\n"
+        f"Command: `{command.strip()}`\n\n" + table(ours, ref, args)
+    )
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"llmserve": ours, "transformers": ref, "machine": machine()}, f, indent=2)
+    if args.update_benchmarks:
+        update_benchmarks(text)
+
+
+if __name__ == "__main__":
+    main()

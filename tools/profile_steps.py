@@ -1,0 +1,115 @@
+"""Where each step's time goes, from the server's per-step trace (`serving_config.step_trace_path`).
+
+Prints, separately for prefill steps (any sequence prefilling) and decode steps,
+the mean milliseconds per step and per generated token of every stage, and the
+serving overhead: (step wall time - forward time) / step wall time.
+
+    python tools/profile_steps.py trace.jsonl [--skip 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+MASTER_STAGES = ["schedule", "build", "ipc", "update", "detokenize"]
+AGENT_STAGES = ["deserialize", "preprocess", "predict", "sample", "write_back"]
+ORDER = [("master", "schedule"), ("master", "build"), ("master", "ipc"), ("agent", "deserialize"),
+         ("agent", "preprocess"), ("agent", "predict"), ("agent", "sample"), ("agent", "write_back"),
+         ("master", "update"), ("master", "detokenize")]
+
+
+@dataclass
+class Breakdown:
+    """Totals over a set of steps."""
+
+    num_steps: int
+    num_tokens_generated: int
+    step_ms: float
+    stage_ms: dict[str, float]
+
+    @property
+    def forward_ms(self) -> float:
+        return self.stage_ms.get("agent predict", 0.0)
+
+    @property
+    def overhead(self) -> float:
+        """Share of the steps' wall time spent outside the model's forward."""
+        return (self.step_ms - self.forward_ms) / self.step_ms if self.step_ms else 0.0
+
+    @property
+    def unaccounted_ms(self) -> float:
+        return self.step_ms - sum(self.stage_ms.values())
+
+
+def read_trace(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tokens_generated(record: dict) -> int:
+    """Tokens a step produced: its sampled rows (older traces: every decode sequence)."""
+    if "num_sampled" in record:
+        return record["num_sampled"]
+    return record["num_seqs"] - record["num_prefill_seqs"]
+
+
+def breakdown(records: list[dict]) -> Breakdown:
+    stage_ms: dict[str, float] = {}
+    for record in records:
+        for side, key in (("master", "master_ms"), ("agent", "agent_ms")):
+            for stage, ms in record.get(key, {}).items():
+                name = f"{side} {stage}"
+                stage_ms[name] = stage_ms.get(name, 0.0) + ms
+    return Breakdown(
+        num_steps=len(records),
+        num_tokens_generated=sum(tokens_generated(r) for r in records),
+        step_ms=sum(r["step_ms"] for r in records),
+        stage_ms=stage_ms,
+    )
+
+
+def split(records: list[dict]) -> dict[str, list[dict]]:
+    return {
+        "prefill": [r for r in records if r["num_prefill_seqs"] > 0],
+        "decode": [r for r in records if r["num_prefill_seqs"] == 0],
+    }
+
+
+def format_breakdown(title: str, b: Breakdown) -> str:
+    if b.num_steps == 0:
+        return f"{title}: no steps"
+    per_token = max(b.num_tokens_generated, 1)
+    lines = [
+        f"{title}: {b.num_steps} steps, {b.num_tokens_generated} tokens generated",
+        f"  {'stage':<22}{'ms/step':>10}{'ms/token':>10}{'share':>8}",
+    ]
+    names = [f"{side} {stage}" for side, stage in ORDER]
+    names += sorted(set(b.stage_ms) - set(names))
+    for name in names:
+        ms = b.stage_ms.get(name, 0.0)
+        lines.append(f"  {name:<22}{ms / b.num_steps:>10.3f}{ms / per_token:>10.3f}{ms / b.step_ms:>8.1%}")
+    lines.append(f"  {'(unaccounted)':<22}{b.unaccounted_ms / b.num_steps:>10.3f}{b.unaccounted_ms / per_token:>10.3f}"
+                 f"{b.unaccounted_ms / b.step_ms:>8.1%}")
+    lines.append(f"  {'step wall':<22}{b.step_ms / b.num_steps:>10.3f}{b.step_ms / per_token:>10.3f}{1:>8.1%}")
+    lines.append(f"  serving overhead (step - forward) / step: {b.overhead:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("trace", help="JSONL trace written by the server")
+    parser.add_argument("--skip", type=int, default=0, help="ignore the first N steps (warm-up)")
+    args = parser.parse_args(argv)
+    records = read_trace(args.trace)[args.skip :]
+    if not records:
+        print(f"{args.trace}: no steps", file=sys.stderr)
+        return 1
+    for kind, steps in split(records).items():
+        print(format_breakdown(kind, breakdown(steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
