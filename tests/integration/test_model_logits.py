@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -19,6 +20,8 @@ from transformers import (
 
 from agent.model_runner import ModelRunner
 
+# LLMSERVE_TEST_DEVICE=cuda runs the agent side on a GPU (the transformers reference stays on the CPU).
+DEVICE = os.environ.get("LLMSERVE_TEST_DEVICE", "cpu")
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
 BLOCK_TABLE_WIDTH = 8  # wider than any test sequence needs, as the worker's padded tables are
@@ -81,7 +84,7 @@ def checkpoint(request, tmp_path_factory):
 def load_runner(path: str, dtype: str = "float32") -> ModelRunner:
     with open(f"{path}/config.json") as f:
         hf_config = json.load(f)
-    return ModelRunner(hf_config, path, "auto", dtype, "cpu", NUM_BLOCKS, BLOCK_SIZE)
+    return ModelRunner(hf_config, path, "auto", dtype, DEVICE, NUM_BLOCKS, BLOCK_SIZE)
 
 
 def reference_logits(reference: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
@@ -138,7 +141,7 @@ def run_step(runner: ModelRunner, chunks: list[tuple[PagedSequence, int]], is_al
         np.array(context_lens, dtype=np.int32),
         block_tables,
         np.array(logits_indices, dtype=np.int64),
-    )
+    ).cpu()
 
 
 def token_ids(length: int, seed: int) -> list[int]:
@@ -201,7 +204,7 @@ def test_dummy_weights_are_deterministic_for_a_seed():
     prompt = token_ids(6, seed=4)
 
     def prefill_logits(seed: int) -> torch.Tensor:
-        runner = ModelRunner(hf_config, None, "dummy", "float32", "cpu", NUM_BLOCKS, BLOCK_SIZE, seed=seed)
+        runner = ModelRunner(hf_config, None, "dummy", "float32", DEVICE, NUM_BLOCKS, BLOCK_SIZE, seed=seed)
         return run_step(runner, [(BlockPool().sequence(prompt), len(prompt))])
 
     torch.testing.assert_close(prefill_logits(seed=7), prefill_logits(seed=7), atol=0, rtol=0)
@@ -226,7 +229,7 @@ def test_legacy_rope_scaling_keys_mean_the_same_as_rope_parameters(legacy, curre
     prompt = token_ids(20, seed=11)
 
     def prefill_logits(rope_config: dict) -> torch.Tensor:
-        runner = ModelRunner({**base, **rope_config}, None, "dummy", "float32", "cpu", NUM_BLOCKS, BLOCK_SIZE)
+        runner = ModelRunner({**base, **rope_config}, None, "dummy", "float32", DEVICE, NUM_BLOCKS, BLOCK_SIZE)
         return run_step(runner, [(BlockPool().sequence(prompt), len(prompt))])
 
     torch.testing.assert_close(prefill_logits(legacy), prefill_logits(current), atol=0, rtol=0)
@@ -236,14 +239,14 @@ def test_legacy_rope_scaling_keys_mean_the_same_as_rope_parameters(legacy, curre
 def test_unknown_architecture_is_a_value_error_naming_it():
     hf_config = {"architectures": ["GPT2LMHeadModel"], **SMALL}
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
-        ModelRunner(hf_config, None, "dummy", "float32", "cpu", NUM_BLOCKS, BLOCK_SIZE)
+        ModelRunner(hf_config, None, "dummy", "float32", DEVICE, NUM_BLOCKS, BLOCK_SIZE)
 
 
 def test_checkpoint_without_safetensors_is_a_value_error(tmp_path):
     hf_config = {"architectures": ["LlamaForCausalLM"], **SMALL}
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     with pytest.raises(ValueError, match="no \\*.safetensors files"):
-        ModelRunner(hf_config, str(tmp_path), "auto", "float32", "cpu", NUM_BLOCKS, BLOCK_SIZE)
+        ModelRunner(hf_config, str(tmp_path), "auto", "float32", DEVICE, NUM_BLOCKS, BLOCK_SIZE)
 
 
 @pytest.mark.parametrize("dropped, added", [("model.norm.weight", None), (None, "model.layers.0.extra.weight")])
@@ -255,7 +258,7 @@ def test_missing_or_unexpected_weight_is_a_value_error_naming_it(tmp_path, dropp
         weights[added] = torch.zeros(2)
     save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=dropped or added):
-        ModelRunner(hf_config, str(tmp_path), "safetensors", "float32", "cpu", NUM_BLOCKS, BLOCK_SIZE)
+        ModelRunner(hf_config, str(tmp_path), "safetensors", "float32", DEVICE, NUM_BLOCKS, BLOCK_SIZE)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
