@@ -7,6 +7,7 @@ import sys
 import traceback
 from typing import Optional
 
+import numpy as np
 import torch
 import zmq
 
@@ -46,6 +47,9 @@ class Worker:
         self.inputs: Optional[SharedArrays] = None
         self.outputs: Optional[SharedArrays] = None
         self.timer = StageTimer()
+        self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
+        if self.logits_dump_dir is not None:
+            os.makedirs(self.logits_dump_dir, exist_ok=True)
 
     def attach(self, init: InitAgent) -> AgentReady:
         """Map the master's step arrays and say what this agent holds."""
@@ -79,6 +83,9 @@ class Worker:
             batch.logits_indices,
             timer=timer,
         )
+        if header.dump_names is not None and self.logits_dump_dir is not None:
+            with timer.stage("dump"):
+                self.dump_logits(logits, header.dump_names)
         with timer.stage("sample"):
             sampled_ids = self.sampler(
                 logits,
@@ -92,6 +99,12 @@ class Worker:
         with timer.stage("write_back"):
             self.outputs.arrays["sampled_ids"][: header.num_sample] = sampled_ids.cpu().numpy()
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
+
+    def dump_logits(self, logits: torch.Tensor, names: list[str]) -> None:
+        """Save each sampled row's raw float32 logits as `<logits_dump_dir>/<name>`."""
+        rows = logits.cpu().numpy()
+        for name, row in zip(names, rows, strict=True):
+            np.save(os.path.join(self.logits_dump_dir, name), row)
 
     def close(self) -> None:
         for segment in (self.inputs, self.outputs):

@@ -57,6 +57,7 @@ class ServingConfig:
     step_timeout: float = 600.0
     launch_agents: bool = True
     step_trace_path: Optional[str] = None
+    logits_dump_dir: Optional[str] = None
     log_level: str = "INFO"
 
     def validate(self) -> None:
@@ -67,6 +68,8 @@ class ServingConfig:
         for port in [self.server_port, *self.agent_ports]:
             if not isinstance(port, int) or not 0 <= port < 65536:
                 raise ValueError(f"ports: {port!r} is not a TCP port")
+        if self.logits_dump_dir == "":
+            raise ValueError("logits_dump_dir: must be a directory path, or left out")
 
 
 @dataclass(frozen=True)

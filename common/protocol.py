@@ -8,6 +8,7 @@ array this step uses.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -52,6 +53,7 @@ class StepRequest:
     num_sample: int
     block_table_width: int
     is_all_greedy: bool
+    dump_names: Optional[list[str]] = None  # one file name per sampled row, only when logits are dumped
 
 
 @dataclass
@@ -79,6 +81,16 @@ class AgentFailed:
     TAG: ClassVar[int] = 6
     rank: int
     reason: str
+
+
+UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+MAX_REQUEST_ID_CHARS = 200
+
+
+def logits_file_name(request_id: str, position: int) -> str:
+    """Name of the `.npy` file holding the logits that chose generated token `position` of a request."""
+    stem = UNSAFE_FILE_CHARS.sub("_", request_id)[:MAX_REQUEST_ID_CHARS]
+    return f"{stem}_{position:05d}.npy"
 
 
 EXIT_BAD_PORT = 3

@@ -87,6 +87,7 @@ class Engine:
         self.failure: Optional[str] = None
         self.is_stopped = False
         self.trace_file = open(config.serving_config.step_trace_path, "a", buffering=1) if config.serving_config.step_trace_path else None
+        self.request_id_of = self._request_id_of if config.serving_config.logits_dump_dir else None
 
     async def start(self) -> None:
         """Wait for the agents, then start the step loop."""
@@ -192,7 +193,7 @@ class Engine:
         timer = self.timer
         step_id = next(self.step_ids)
         with timer.stage("build"):
-            header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id)
+            header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id, self.request_id_of)
         start = time.perf_counter()
         result = await self.transport.step(header)
         round_trip_ms = (time.perf_counter() - start) * 1e3
@@ -203,6 +204,9 @@ class Engine:
             sampled = self.transport.outputs["sampled_ids"][: header.num_sample]
             outcome = self.scheduler.update(plan, sampled, time.monotonic())
         return outcome, header, result.timings_ms
+
+    def _request_id_of(self, seq_id: int) -> str:
+        return self.handles[seq_id].request_id
 
     def _fail_step(self, plan: StepPlan, error: str) -> StepOutcome:
         """A step raised on the agent: fail its requests, keep serving the rest."""
@@ -254,6 +258,7 @@ class Engine:
             "num_seqs": header.num_seqs,
             "num_tokens": header.num_tokens,
             "num_prefill_seqs": plan.num_prefill_seqs,
+            "num_sampled": header.num_sample,
             "step_ms": (time.perf_counter() - start) * 1e3,
             "master_ms": master_ms,
             "agent_ms": agent_ms,

@@ -1,15 +1,26 @@
 """Turns a StepPlan into the rows of the shared step arrays and its header."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 
-from common.protocol import StepRequest
+from common.protocol import StepRequest, logits_file_name
 from common.step_arrays import NO_SEED
 from master.scheduler import StepPlan
 
 
-def write_step(plan: StepPlan, arrays: dict[str, np.ndarray], block_size: int, step_id: int) -> StepRequest:
-    """Fill the input arrays for `plan` and return the header that describes them."""
+def write_step(
+    plan: StepPlan,
+    arrays: dict[str, np.ndarray],
+    block_size: int,
+    step_id: int,
+    request_id_of: Optional[Callable[[int], str]] = None,
+) -> StepRequest:
+    """Fill the input arrays for `plan` and return the header that describes them.
+
+    With `request_id_of` (seq id -> request id) the header names each sampled row's logits file.
+    """
     width = max(len(item.seq.block_ids) for item in plan.scheduled)
     block_tables = arrays["block_tables"][: len(plan.scheduled) * width].reshape(len(plan.scheduled), width)
     token_pos = 0
@@ -44,7 +55,17 @@ def write_step(plan: StepPlan, arrays: dict[str, np.ndarray], block_size: int, s
         num_sample=num_sample,
         block_table_width=width,
         is_all_greedy=is_all_greedy,
+        dump_names=None if request_id_of is None else _dump_names(plan, request_id_of),
     )
+
+
+def _dump_names(plan: StepPlan, request_id_of: Callable[[int], str]) -> list[str]:
+    """File names of the sampled rows, in row order; the position is the index of the token being chosen."""
+    return [
+        logits_file_name(request_id_of(item.seq.seq_id), item.seq.num_output_tokens)
+        for item in plan.scheduled
+        if item.samples
+    ]
 
 
 def _write_sampling_row(arrays: dict[str, np.ndarray], row: int, seq, token_index: int) -> None:
