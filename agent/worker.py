@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from typing import Optional
 
@@ -147,6 +148,7 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
         while True:
             try:
                 identity, payload = socket.recv_multipart()
+                received_at = time.perf_counter()
             except zmq.Again:  # nothing for PARENT_CHECK_MS: is the master still there?
                 if parent_pid is not None and os.getppid() != parent_pid:
                     logger.error("agent %d: the master (pid %d) is gone; exiting", worker.rank, parent_pid)
@@ -155,7 +157,10 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
             message = decode(payload)
             if isinstance(message, Shutdown):
                 return 0
-            socket.send_multipart([identity, encode(_handle(worker, message))])
+            reply = _handle(worker, message)
+            if isinstance(reply, StepResult):
+                reply.received_at, reply.replied_at = received_at, time.perf_counter()
+            socket.send_multipart([identity, encode(reply)])
     finally:
         worker.close()
 

@@ -65,6 +65,10 @@ class StepResult:
     rank: int
     timings_ms: dict = field(default_factory=dict)
     error: Optional[str] = None
+    # time.perf_counter() when the agent got the request and when it replied; on one host the
+    # master's clock is the same (CLOCK_MONOTONIC), which splits the round trip into out and back.
+    received_at: float = 0.0
+    replied_at: float = 0.0
 
 
 @dataclass

@@ -123,7 +123,10 @@ class ZmqShmTransport(Transport):
             if not isinstance(result, StepResult) or result.step_id != header.step_id:
                 self._fail(f"agent answered {result!r} to step {header.step_id}")
         errors = [r.error for r in results if r.error]
-        return StepResult(header.step_id, results[0].rank, _merge_timings(results), errors[0] if errors else None)
+        first = results[0]
+        return StepResult(
+            header.step_id, first.rank, _merge_timings(results), errors[0] if errors else None, first.received_at, first.replied_at
+        )
 
     async def _receive(self, endpoint: AgentEndpoint, socket: zmq.asyncio.Socket, deadline: float, what: str):
         reply = socket.recv()

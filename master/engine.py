@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from common.config import Config
 from common.errors import AgentFailure, Overloaded, RequestError
 from common.model_info import ModelInfo
-from common.protocol import StepRequest
+from common.protocol import StepRequest, StepResult
 from common.sampling import SamplingParams
 from common.timers import StageTimer
 from master.agent_client import Transport
@@ -194,10 +194,9 @@ class Engine:
         step_id = next(self.step_ids)
         with timer.stage("build"):
             header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id, self.request_id_of)
-        start = time.perf_counter()
+        sent_at = time.perf_counter()
         result = await self.transport.step(header)
-        round_trip_ms = (time.perf_counter() - start) * 1e3
-        timer.add("ipc", round_trip_ms - sum(result.timings_ms.values()))
+        _add_ipc_times(timer, sent_at, time.perf_counter(), result)
         if result.error:
             return self._fail_step(plan, result.error), header, result.timings_ms
         with timer.stage("update"):
@@ -295,6 +294,18 @@ class Engine:
         await self.transport.close()
         if self.trace_file is not None:
             self.trace_file.close()
+
+
+def _add_ipc_times(timer: StageTimer, sent_at: float, answered_at: float, result: StepResult) -> None:
+    """The round trip less the agent's stages: split into out, agent loop and back when the clocks agree."""
+    out_ms = (result.received_at - sent_at) * 1e3
+    back_ms = (answered_at - result.replied_at) * 1e3
+    if result.received_at and out_ms >= 0 and back_ms >= 0:
+        timer.add("ipc_out", out_ms)
+        timer.add("agent_loop", (result.replied_at - result.received_at) * 1e3 - sum(result.timings_ms.values()))
+        timer.add("ipc_back", back_ms)
+    else:  # an in-process agent, or one on another host whose clock differs
+        timer.add("ipc", (answered_at - sent_at) * 1e3 - sum(result.timings_ms.values()))
 
 
 def request_record(handle: RequestHandle, reason: FinishReason) -> dict:

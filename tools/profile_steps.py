@@ -13,11 +13,9 @@ import json
 import sys
 from dataclasses import dataclass
 
-MASTER_STAGES = ["schedule", "build", "ipc", "update", "detokenize"]
-AGENT_STAGES = ["deserialize", "preprocess", "predict", "sample", "write_back"]
-ORDER = [("master", "schedule"), ("master", "build"), ("master", "ipc"), ("agent", "deserialize"),
+ORDER = [("master", "schedule"), ("master", "build"), ("master", "ipc_out"), ("agent", "deserialize"),
          ("agent", "preprocess"), ("agent", "predict"), ("agent", "sample"), ("agent", "write_back"),
-         ("master", "update"), ("master", "detokenize")]
+         ("master", "agent_loop"), ("master", "ipc_back"), ("master", "update"), ("master", "detokenize")]
 
 
 @dataclass

@@ -22,7 +22,7 @@ EXAMPLES = [
     StepRequest(step_id=7, num_tokens=19, num_seqs=3, num_sample=2, block_table_width=5, is_all_greedy=False),
     StepRequest(7, 19, 3, 2, 5, True, dump_names=["req-a_00000.npy", "req-b_00012.npy"]),
     StepResult(step_id=7, rank=0, timings_ms={"predict": 3.5, "sample": 0.25}, error=None),
-    StepResult(step_id=8, rank=0, timings_ms={}, error="Traceback: boom"),
+    StepResult(step_id=8, rank=0, timings_ms={}, error="Traceback: boom", received_at=12.5, replied_at=12.75),
     Shutdown(),
     AgentFailed(rank=1, reason="no safetensors in /x"),
 ]
