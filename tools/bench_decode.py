@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,25 +25,16 @@ import httpx
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tools.local_config import write_local_config  # noqa: E402
 
 
 def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None) -> tuple[subprocess.Popen, str]:
-    with open(config_path) as f:
-        config = yaml.safe_load(f)
-    port = free_port()
-    serving = config.setdefault("serving_config", {})
-    serving.update(server_port=port, agent_ports=[free_port()], step_trace_path=trace_path, log_level="WARNING")
-    if num_threads:
-        serving["num_threads"] = num_threads
-    path = os.path.join(workdir, "bench.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
+    serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {})}
+    path = write_local_config(config_path, workdir, serving_config=serving)
+    with open(path) as f:
+        port = yaml.safe_load(f)["serving_config"]["server_port"]
     process = subprocess.Popen([sys.executable, "-m", "llmserve", "serve", "--config", path], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -32,14 +31,9 @@ sys.path.insert(0, ROOT)
 from common.config import load_config  # noqa: E402
 from common.sampling import SamplingParams  # noqa: E402
 from master.offline import OfflineEngine  # noqa: E402
+from tools.local_config import write_local_config  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_offline:start -->", "<!-- bench_offline:end -->"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def save_checkpoint(dummy_config: dict, path: str, seed: int) -> transformers.PreTrainedModel:
@@ -50,18 +44,6 @@ def save_checkpoint(dummy_config: dict, path: str, seed: int) -> transformers.Pr
     model.generation_config.eos_token_id = None  # exact output lengths on both sides
     model.save_pretrained(path, safe_serialization=True)
     return model
-
-
-def llmserve_config(base_path: str, model_path: str, workdir: str) -> str:
-    with open(base_path) as f:
-        config = yaml.safe_load(f)
-    config["model_config"].update(model_path=model_path, load_format="auto")
-    config["model_config"].pop("dummy_config", None)
-    config["serving_config"].update(server_port=free_port(), agent_ports=[free_port()], log_level="WARNING")
-    path = os.path.join(workdir, "bench_offline.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    return path
 
 
 async def measure_llmserve(config_path: str, prompts: list[list[int]], output_len: int) -> dict:
@@ -182,7 +164,8 @@ def main() -> None:
     prompts = torch.randint(3, dummy_config["vocab_size"], (args.num_requests, args.input_len), generator=generator)
     with tempfile.TemporaryDirectory() as workdir:
         model = save_checkpoint(dummy_config, os.path.join(workdir, "model"), args.seed)
-        config_path = llmserve_config(args.config, os.path.join(workdir, "model"), workdir)
+        checkpoint = {"model_path": os.path.join(workdir, "model"), "load_format": "auto", "dummy_config": None}
+        config_path = write_local_config(args.config, workdir, model_config=checkpoint)
         ours = asyncio.run(measure_llmserve(config_path, prompts.tolist(), args.output_len))
         print(f"llmserve: {ours['tokens_per_s']:.1f} tok/s", flush=True)
         ref = measure_transformers(model, prompts, args.output_len, args.hf_batch_sizes)

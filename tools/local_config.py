@@ -1,0 +1,27 @@
+"""Derived configs for tools that start their own server: free loopback ports and a few overrides."""
+from __future__ import annotations
+
+import os
+import socket
+
+import yaml
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_local_config(base_path: str, workdir: str, **sections: dict) -> str:
+    """Copy `base_path` into `workdir` with free ports, quiet logs and `sections` merged in; return its path."""
+    with open(base_path) as f:
+        config = yaml.safe_load(f)
+    config.setdefault("serving_config", {}).update(server_port=free_port(), agent_ports=[free_port()], log_level="WARNING")
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path = os.path.join(workdir, "local.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
