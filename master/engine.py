@@ -86,11 +86,14 @@ class Engine:
         self.watch_task: Optional[asyncio.Task] = None
         self.failure: Optional[str] = None
         self.is_stopped = False
-        self.trace_file = open(config.serving_config.step_trace_path, "a", buffering=1) if config.serving_config.step_trace_path else None
+        self.trace_file = None  # opened in start(), so a bad path fails where stop() cleans up
         self.request_id_of = self._request_id_of if config.serving_config.logits_dump_dir else None
 
     async def start(self) -> None:
         """Wait for the agents, then start the step loop."""
+        trace_path = self.config.serving_config.step_trace_path
+        if trace_path:
+            self.trace_file = open(trace_path, "a", buffering=1)
         await self.transport.start(self.config.serving_config.agent_start_timeout)
         self.loop_task = asyncio.create_task(self._run(), name="llmserve-step-loop")
         self.watch_task = asyncio.create_task(self._watch_agents(), name="llmserve-agent-watch")
@@ -192,8 +195,13 @@ class Engine:
     async def _step(self, plan: StepPlan) -> tuple[StepOutcome, StepRequest, dict]:
         timer = self.timer
         step_id = next(self.step_ids)
-        with timer.stage("build"):
-            header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id, self.request_id_of)
+        try:
+            with timer.stage("build"):
+                header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id, self.request_id_of)
+        except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
+            logger.exception("could not build step %d", step_id)
+            empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, block_table_width=0, is_all_greedy=True)
+            return self._fail_step(plan, f"building the step failed: {exc}"), empty, {}
         sent_at = time.perf_counter()
         result = await self.transport.step(header)
         _add_ipc_times(timer, sent_at, time.perf_counter(), result)
@@ -208,8 +216,8 @@ class Engine:
         return self.handles[seq_id].request_id
 
     def _fail_step(self, plan: StepPlan, error: str) -> StepOutcome:
-        """A step raised on the agent: fail its requests, keep serving the rest."""
-        logger.error("step failed on the agent; failing its %d requests: %s", len(plan.scheduled), error)
+        """A step failed to build or raised on the agent: fail its requests, keep serving the rest."""
+        logger.error("step failed; failing its %d requests: %s", len(plan.scheduled), error)
         self.timer.reset()
         for item in plan.scheduled:
             handle = self.handles.get(item.seq.seq_id)
@@ -287,7 +295,7 @@ class Engine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for seq in self.scheduler.fail_all(FinishReason.ABORT):
+        for seq in self.scheduler.fail_all():
             handle = self.handles.get(seq.seq_id)
             if handle:
                 self._finish(handle, FinishReason.ERROR, "the server is shutting down")

@@ -90,7 +90,7 @@ class Scheduler:
             self._admit_waiting(plan)
         if not plan.scheduled:
             return None
-        if plan.is_decode_only and self._should_wait_for_decode_batch(now):
+        if plan.is_decode_only and not plan.preempted and self._should_wait_for_decode_batch(now):
             return None
         return plan
 
@@ -144,7 +144,7 @@ class Scheduler:
                 break
             seq = self.waiting[0]
             num_new = min(seq.num_uncomputed, budget - plan.num_tokens)
-            if num_new < seq.num_uncomputed and not self.config.enable_chunked_prefill:
+            if num_new < seq.num_uncomputed and not self._may_chunk(seq):
                 break
             if not self.blocks.can_grow(seq, seq.num_computed + num_new):
                 break
@@ -153,6 +153,10 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add_to_plan(plan, seq, num_new, is_prefill=True)
+
+    def _may_chunk(self, seq: Sequence) -> bool:
+        """Chunked prefill is on, or `seq` (a long prompt, or a preempted one with its outputs) never fits one step."""
+        return self.config.enable_chunked_prefill or seq.num_uncomputed > self.config.max_num_batched_tokens
 
     def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int, is_prefill: bool) -> None:
         samples = seq.num_computed + num_new == seq.num_tokens

@@ -232,3 +232,12 @@ def test_decode_batch_waiting_time_spaces_out_small_decode_steps():
     run_step(scheduler, now=1.0)
     assert scheduler.schedule(1.1) is None
     assert scheduler.schedule(1.25) is not None
+
+
+def test_without_chunked_prefill_a_prompt_longer_than_the_budget_is_chunked_rather_than_stuck():
+    scheduler = make_scheduler(enable_chunked_prefill=False, max_num_batched_tokens=8)
+    seq = make_seq(0, prompt_len=20)
+    scheduler.add(seq)
+    chunks = [run_step(scheduler)[0].scheduled[0].num_new_tokens for _ in range(3)]
+    assert chunks == [8, 8, 4]
+    assert seq.num_output_tokens == 1
