@@ -16,6 +16,7 @@ import yaml
 from common.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class ModelConfig:
             raise ValueError("load_format: must be 'dummy' when model_path is not set")
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise ValueError("max_seq_len: must be positive")
+        for token_id in self.end_token_id or []:
+            if not _is_int(token_id) or token_id < 0:
+                raise ValueError(f"end_token_id: {token_id!r} is not a token id (an integer >= 0)")
 
 
 @dataclass(frozen=True)
@@ -61,15 +65,26 @@ class ServingConfig:
     log_level: str = "INFO"
 
     def validate(self) -> None:
+        self._validate_ports()
+        for name in ("agent_start_timeout", "step_timeout", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be positive, got {value!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.logits_dump_dir == "":
+            raise ValueError("logits_dump_dir: must be a directory path, or left out")
+
+    def _validate_ports(self) -> None:
         if not self.agent_ports:
             raise ValueError("agent_ports: list at least one port")
         if len(self.agent_ports) != 1:
             raise ValueError("agent_ports: tensor parallelism (more than one agent) is not supported yet")
-        for port in [self.server_port, *self.agent_ports]:
-            if not isinstance(port, int) or not 0 <= port < 65536:
-                raise ValueError(f"ports: {port!r} is not a TCP port")
-        if self.logits_dump_dir == "":
-            raise ValueError("logits_dump_dir: must be a directory path, or left out")
+        for name, port in [("server_port", self.server_port), *(("agent_ports", p) for p in self.agent_ports)]:
+            if not _is_int(port) or not 0 <= port < 65536:
+                raise ValueError(f"{name}: {port!r} is not a TCP port")
+        if self.server_port in self.agent_ports:
+            raise ValueError(f"server_port: {self.server_port} is also in agent_ports; the HTTP server needs its own port")
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,11 @@ class SchedulerConfig:
         for name in ("batch_waiting_time", "decode_batch_waiting_time"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must not be negative")
+        if self.max_num_batched_tokens < self.decode_batch_size:
+            raise ValueError(
+                f"max_num_batched_tokens: {self.max_num_batched_tokens} is below decode_batch_size "
+                f"({self.decode_batch_size}), so running sequences could starve for decode tokens"
+            )
 
 
 @dataclass(frozen=True)
@@ -168,21 +188,33 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 def _build_section(cls: type, values: dict, section: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    checked = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(sorted(known))})")
+        value = _wrap_single_value(value, hints[key])
         problem = _type_problem(value, hints[key])
         if problem:
             raise ConfigError(f"{source}: key '{section}.{key}' {problem}")
-    values = dict(values)
-    if section == "model_config" and isinstance(values.get("end_token_id"), int):
-        values["end_token_id"] = [values["end_token_id"]]
-    instance = cls(**values)
+        checked[key] = value
+    instance = cls(**checked)
     try:
         instance.validate()
     except ValueError as exc:
         raise ConfigError(f"{source}: {section}.{exc}") from exc
     return instance
+
+
+def _wrap_single_value(value: Any, hint: Any) -> Any:
+    """`[value]` for a single value given where a list is expected (`agent_ports: 8836`), else `value`."""
+    takes_list = hint is list or list in typing.get_args(hint)
+    if takes_list and value is not None and not isinstance(value, (list, dict)):
+        return [value]
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _type_problem(value: Any, hint: Any) -> Optional[str]:
@@ -198,14 +230,11 @@ def _type_problem(value: Any, hint: Any) -> Optional[str]:
         allowed = typing.get_args(hint)
         return None if value in allowed else f"must be one of {', '.join(map(repr, allowed))}, got {value!r}"
     if hint in (list, dict):
-        if hint is list and isinstance(value, int) and not isinstance(value, bool):
-            return None  # a single value where a list is allowed
         return None if isinstance(value, hint) else f"must be a {hint.__name__}, got {value!r}"
     if hint is bool:
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
     if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"must be an integer, got {value!r}"
+        return None if _is_int(value) else f"must be an integer, got {value!r}"
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if ok else f"must be a number, got {value!r}"

@@ -56,12 +56,17 @@ def create_app(engine: Engine) -> FastAPI:
 
 async def _complete(engine: Engine, handle: RequestHandle, body: GenerateRequest, request: Request) -> JSONResponse:
     """Wait for the whole output; abort the request if the client goes away first."""
+    output = asyncio.create_task(_last_event(handle))
     watcher = asyncio.create_task(_wait_for_disconnect(request))
     try:
-        finish = await _last_event(handle)
+        done, _ = await asyncio.wait((output, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
+        output.cancel()
         watcher.cancel()
-        engine.abort(handle)
+        engine.abort(handle)  # no-op when finished; frees the blocks when the client went away
+    if output not in done:
+        return error_response(499, "client_disconnected", "the client closed the connection before the output was complete")
+    finish = output.result()
     if finish.error:
         return error_response(503, "generation_failed", finish.error)
     return JSONResponse({"generated_text": _generated_text(engine, handle, body), "details": _details(handle, finish)})

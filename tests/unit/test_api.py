@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import time
+from typing import AsyncIterator
 
 import httpx
 import pytest
+import uvicorn
 
 from master.api import create_app
+from master.engine import Engine
+from master.sequence import FinishReason
 from master.tokenizer import decode, encode
-from tests.unit.fake_agent import TOKENIZER, fake_engine
+from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
 
 URL = "/models/llama/generate"
 
@@ -29,6 +36,34 @@ def call(requests, engine=None):
             await engine.stop()
 
     return asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def serving_on_loopback(engine: Engine) -> AsyncIterator[int]:
+    """Serve the engine's app with uvicorn on a free 127.0.0.1 port in this loop; yield the port; always shut down."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(create_app(engine), log_level="critical", lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            assert not task.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+async def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def expected_text(prompt: str, n: int) -> str:
@@ -123,3 +158,27 @@ def test_health_is_200_while_the_agent_lives_and_503_after_it_dies():
     assert healthy.status_code == 200
     assert unhealthy.status_code == 503 and "agent 0 exited" in unhealthy.json()["reason"]
     assert refused.status_code == 503
+
+
+def test_client_disconnect_aborts_a_non_streaming_request_and_returns_its_blocks():
+    slow = fake_engine(fake_config(decode_batch_waiting_time=0.05, decode_batch_size=8))  # ~20 tokens/s: 100 take 5 s
+    body = json.dumps({"inputs": "a long story", "parameters": {"max_new_tokens": 100, "ignore_eos": True}}).encode()
+    head = f"POST {URL} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+
+    async def go(client, engine):
+        async with serving_on_loopback(engine) as port:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head.encode() + body)
+            await writer.drain()
+            assert await wait_until(lambda: any(h.seq.num_output_tokens >= 2 for h in engine.handles.values()), timeout=5)
+            (handle,) = engine.handles.values()
+            busy = engine.stats()
+            writer.close()
+            await writer.wait_closed()
+            is_freed = await wait_until(lambda: engine.stats()["kv_blocks_free"] == busy["kv_blocks_total"], timeout=2)
+            return handle, busy, is_freed, engine.stats()
+
+    handle, busy, is_freed, after = call(go, slow)
+    assert busy["num_running"] == 1 and busy["kv_blocks_free"] < busy["kv_blocks_total"]
+    assert is_freed and after["num_running"] == 0 and after["num_waiting"] == 0
+    assert handle.seq.finish_reason is FinishReason.ABORT and handle.seq.num_output_tokens < 100
