@@ -23,6 +23,16 @@ def allocate_kv_cache(
     ]
 
 
+def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], pairs: torch.Tensor) -> None:
+    """Copy whole blocks `pairs[:, 0]` onto `pairs[:, 1]` in every layer (copy-on-write of shared blocks)."""
+    if len(pairs) == 0:
+        return
+    source, destination = pairs[:, 0], pairs[:, 1]
+    for k_pool, v_pool in kv_caches:
+        k_pool[destination] = k_pool[source]
+        v_pool[destination] = v_pool[source]
+
+
 def kv_cache_bytes_per_block(hf_config: dict, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes across all layers, K and V: what a memory budget is divided by."""
     config = DecoderConfig.from_hf(hf_config)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ContextManager, Optional
 import numpy as np
 import torch
 
-from agent.kv_cache import allocate_kv_cache
+from agent.kv_cache import allocate_kv_cache, copy_blocks
 from agent.layers.attention import AttentionMetadataBuilder
 from agent.loader import load_model
 
@@ -62,10 +62,14 @@ class ModelRunner:
         block_tables: np.ndarray,
         logits_indices: np.ndarray,
         timer: Optional[StageTimer] = None,
+        block_copies: Optional[np.ndarray] = None,
     ) -> torch.Tensor:
-        """Write the step's K/V and return float32 logits [len(logits_indices), vocab_size] of the rows asked for."""
+        """Copy the shared blocks about to be written, write the step's K/V and return float32 logits
+        [len(logits_indices), vocab_size] of the rows asked for (an index may repeat)."""
         with torch.inference_mode():
             with _stage(timer, "preprocess"):
+                if block_copies is not None and len(block_copies):
+                    copy_blocks(self.kv_caches, torch.from_numpy(block_copies).to(self.device))
                 # from_numpy shares the (possibly shared-memory) arrays; nothing keeps them past this call.
                 input_ids_t, positions_t, logits_indices_t = (
                     torch.from_numpy(array).to(self.device) for array in (input_ids, positions, logits_indices)

@@ -1,77 +1,218 @@
 """Picks the next token of every sampled row in one vectorised call.
 
-Rows with temperature 0 are greedy. Others are scaled by temperature, filtered
-by top-k and top-p, and drawn with the exponential-race trick
-(argmax(p / E), E ~ Exp(1)), which lets seeded rows use their own noise.
+The order follows `transformers.generate`: penalties (repetition, presence /
+frequency, n-gram bans, suppressed end tokens) on the scores, then for sampled
+rows temperature, top-k, top-p, min-p and typical-p, then a draw with the
+exponential-race trick (argmax(p / E), E ~ Exp(1)), which lets seeded rows use
+their own noise. Beam rows work on log-probabilities, as transformers' beam
+search does, and return their best continuations. Each stage runs only when
+some row asks for it, over the whole batch at once; a greedy-only batch pays
+one argmax.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
-from common.step_arrays import NO_SEED
+from common.step_arrays import NO_SEED, SamplingRows
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    """Per row: the chosen id, its raw log-probability, and the top-k (ids, log-probs) asked for."""
+
+    sampled_ids: torch.Tensor  # [rows] int64
+    sampled_logprobs: Optional[torch.Tensor] = None  # [rows] float32, when any row wants logprobs
+    topk_ids: Optional[torch.Tensor] = None  # [rows, width]: top raw logprobs, or a beam row's candidates
+    topk_logprobs: Optional[torch.Tensor] = None
 
 
 class Sampler:
-    """Greedy, temperature, top-k, top-p and per-request seeds, batched."""
+    """Every transform of SamplingParams, batched over rows with different settings."""
 
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(
-        self,
-        logits: torch.Tensor,  # [rows, vocab] float32
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        top_p: np.ndarray,
-        seeds: np.ndarray,
-        seed_offsets: np.ndarray,
-        is_all_greedy: bool,
-    ) -> torch.Tensor:
-        greedy_ids = logits.argmax(dim=-1)
-        if is_all_greedy:
-            return greedy_ids
-        temperature_t = torch.from_numpy(temperature).to(self.device)
-        is_greedy = temperature_t == 0
-        scaled = logits / torch.where(is_greedy, 1.0, temperature_t).unsqueeze(1)
-        scaled = self._filter(scaled, top_k, top_p)
+    def __call__(self, logits: torch.Tensor, rows: SamplingRows, is_all_greedy: bool) -> SamplerOutput:
+        """`logits` is [rows, vocab] float32 (modified in place)."""
+        wants_logprobs = bool((rows.num_logprobs >= 0).any())
+        is_beam = rows.beam_candidates > 0
+        wants_history = bool((rows.history_lens > 0).any())
+        wants_suppress = bool((rows.num_suppress > 0).any())
+        if is_all_greedy and not (wants_logprobs or is_beam.any() or wants_history or wants_suppress):
+            return SamplerOutput(logits.argmax(dim=-1))
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs or is_beam.any() else None
+        scores = logits
+        if is_beam.any():
+            scores = torch.where(self._tensor(is_beam).unsqueeze(1), raw_logprobs, logits)
+        if wants_history:
+            scores = apply_penalties(scores, rows)
+        if wants_suppress:
+            scores = suppress_tokens(scores, rows)
+        sampled_ids = scores.argmax(dim=-1)
+        if not is_all_greedy:
+            sampled_ids = self._sample(scores, rows, sampled_ids)
+        output = SamplerOutput(sampled_ids)
+        if wants_logprobs:
+            output.sampled_logprobs = raw_logprobs.gather(1, sampled_ids.unsqueeze(1)).squeeze(1)
+        width = int(max(rows.num_logprobs.max(initial=0), rows.beam_candidates.max(initial=0)))
+        if width > 0:
+            output.topk_logprobs, output.topk_ids = self._topk(scores, raw_logprobs, is_beam, width)
+        return output
+
+    def _sample(self, scores: torch.Tensor, rows: SamplingRows, greedy_ids: torch.Tensor) -> torch.Tensor:
+        temperature = self._tensor(rows.temperature)
+        is_greedy = temperature == 0
+        scaled = scores / torch.where(is_greedy, 1.0, temperature).unsqueeze(1)
+        scaled = filter_logits(scaled, rows)
         probs = torch.softmax(scaled, dim=-1)
-        noise = self._exponential_noise(probs.shape, seeds, seed_offsets)
+        noise = self._exponential_noise(probs.shape, rows.seeds, rows.seed_offsets)
         sampled_ids = (probs / noise).argmax(dim=-1)
         return torch.where(is_greedy, greedy_ids, sampled_ids)
 
-    def _filter(self, logits: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray) -> torch.Tensor:
-        """Mask tokens outside each row's top-k and top-p sets with -inf."""
-        vocab = logits.shape[-1]
-        wants_top_k = bool((top_k > 0).any()) and bool((top_k < vocab).any())
-        wants_top_p = bool((top_p < 1.0).any())
-        if not (wants_top_k or wants_top_p):
-            return logits
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if wants_top_k:
-            k = torch.from_numpy(top_k).to(logits.device, torch.int64)
-            k = torch.where(k > 0, k, vocab).unsqueeze(1)
-            drop |= torch.arange(vocab, device=logits.device).unsqueeze(0) >= k
-        if wants_top_p:
-            p = torch.from_numpy(top_p).to(logits.device).unsqueeze(1)
-            probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs
-            drop |= mass_before >= p  # keeps the smallest prefix whose mass reaches p, at least one token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    def _topk(self, scores, raw_logprobs, is_beam: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beam rows: best continuations under the processed scores; other rows: top raw log-probabilities."""
+        width = min(width, scores.shape[-1])
+        if raw_logprobs is None:
+            source = scores
+        elif is_beam.all():
+            source = scores
+        elif is_beam.any():
+            source = torch.where(self._tensor(is_beam).unsqueeze(1), scores, raw_logprobs)
+        else:
+            source = raw_logprobs
+        values, ids = source.topk(width, dim=-1)
+        return values, ids
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _exponential_noise(self, shape: torch.Size, seeds: np.ndarray, seed_offsets: np.ndarray) -> torch.Tensor:
         noise = torch.empty(shape, device=self.device).exponential_(generator=self.generator)
-        for row in np.flatnonzero(seeds != NO_SEED):
+        for row in np.flatnonzero(seeds != NO_SEED):  # one generator per seeded row, never per token
             generator = torch.Generator(device=self.device)
             generator.manual_seed(_row_seed(int(seeds[row]), int(seed_offsets[row])))
             noise[row].exponential_(generator=generator)
         return noise
 
 
+def filter_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """Top-k, top-p, min-p and typical-p with each row's own values, as transformers' warpers compute them."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    top_k = torch.from_numpy(rows.top_k.astype(np.int64)).to(device)
+    if bool(((top_k > 0) & (top_k < vocab)).any()):
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab).unsqueeze(1)
+        kth_value = logits.sort(dim=-1, descending=True).values.gather(1, k - 1)
+        logits = logits.masked_fill(logits < kth_value, NEG_INF)  # ties with the k-th value stay
+    if bool((rows.top_p < 1.0).any()):
+        top_p = torch.from_numpy(rows.top_p).to(device).unsqueeze(1)
+        sorted_logits, order = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False  # keep at least one token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
+    if bool((rows.min_p > 0).any()):
+        min_p = torch.from_numpy(rows.min_p).to(device).unsqueeze(1)
+        probs = logits.softmax(dim=-1)
+        drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+        logits = logits.masked_fill(drop, NEG_INF)
+    if bool((rows.typical_p < 1.0).any()):
+        logits = _typical(logits, torch.from_numpy(rows.typical_p).to(device).unsqueeze(1))
+    return logits
+
+
+def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Keep the tokens whose surprise is closest to the entropy, up to `mass` (rows with mass 1 untouched)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    entropy = -(logprobs * logprobs.exp()).nansum(-1, keepdim=True)
+    shifted = (-logprobs - entropy).abs()
+    sorted_shifted, order = shifted.sort(dim=-1)
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
+    drop = sorted_shifted > sorted_shifted.gather(1, last)
+    drop[:, 0] = False
+    drop &= mass < 1.0
+    return logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
+
+
+def apply_penalties(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """Repetition (over prompt and output), presence and frequency (over output), n-gram bans."""
+    device = scores.device
+    vocab = scores.shape[-1]
+    history, is_output = _padded_history(rows, pad=vocab)
+    history_t = torch.from_numpy(history).to(device)
+    ones = torch.ones_like(history_t, dtype=scores.dtype)
+    all_counts = torch.zeros(scores.shape[0], vocab + 1, device=device).scatter_add_(1, history_t, ones)[:, :vocab]
+    output_counts = torch.zeros(scores.shape[0], vocab + 1, device=device).scatter_add_(
+        1, history_t, torch.from_numpy(is_output).to(device, scores.dtype)
+    )[:, :vocab]
+    repetition = torch.from_numpy(rows.repetition_penalty).to(device).unsqueeze(1)
+    if bool((rows.repetition_penalty != 1.0).any()):
+        penalised = torch.where(scores < 0, scores * repetition, scores / repetition)
+        scores = torch.where(all_counts > 0, penalised, scores)
+    if bool((rows.presence_penalty != 0).any() or (rows.frequency_penalty != 0).any()):
+        presence = torch.from_numpy(rows.presence_penalty).to(device).unsqueeze(1)
+        frequency = torch.from_numpy(rows.frequency_penalty).to(device).unsqueeze(1)
+        scores = scores - output_counts * frequency - (output_counts > 0).to(scores.dtype) * presence
+    if bool((rows.no_repeat_ngram_size > 0).any()):
+        scores = scores.masked_fill(_ngram_bans(history, rows, vocab, device), NEG_INF)
+    return scores
+
+
+def _padded_history(rows: SamplingRows, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, longest] token ids (`pad` past each row's end) and whether each is an output token."""
+    lens = rows.history_lens.astype(np.int64)
+    positions = np.arange(max(int(lens.max()), 1))
+    inside = positions[None, :] < lens[:, None]
+    index = np.where(inside, rows.history_starts[:, None] + positions[None, :], 0)
+    history = np.where(inside, rows.history[index], pad).astype(np.int64)
+    is_output = (inside & (positions[None, :] >= rows.history_prompt_lens[:, None])).astype(np.float32)
+    return history, is_output
+
+
+def _ngram_bans(history: np.ndarray, rows: SamplingRows, vocab: int, device) -> torch.Tensor:
+    """Tokens that would repeat an n-gram already in the row's tokens; one pass per distinct n, not per row."""
+    bans = torch.zeros(len(history), vocab + 1, dtype=torch.bool, device=device)
+    lens = rows.history_lens.astype(np.int64)
+    for n in np.unique(rows.no_repeat_ngram_size[rows.no_repeat_ngram_size > 0]):
+        n = int(n)
+        if history.shape[1] < n:
+            continue
+        selected = np.flatnonzero((rows.no_repeat_ngram_size == n) & (lens >= n - 1))
+        h = torch.from_numpy(history[selected]).to(device)
+        if n == 1:  # every token seen is banned
+            bans[selected] |= torch.zeros_like(bans[selected]).scatter_(1, h, True)
+            continue
+        row_lens = torch.from_numpy(lens[selected]).to(device)
+        last = (row_lens.unsqueeze(1) - (n - 1) + torch.arange(n - 1, device=device)).clamp_(min=0)
+        prefix = h.gather(1, last)  # the row's last n-1 tokens
+        windows = h.unfold(1, n - 1, 1)[:, : h.shape[1] - n + 1]  # windows that have a following token
+        starts = torch.arange(windows.shape[1], device=device)
+        match = (windows == prefix.unsqueeze(1)).all(dim=-1) & (starts.unsqueeze(0) <= row_lens.unsqueeze(1) - n)
+        following = torch.where(match, h[:, n - 1 :], vocab)
+        bans[selected] |= torch.zeros_like(bans[selected]).scatter_(1, following, True)
+    return bans[:, :vocab]
+
+
+def suppress_tokens(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """Mask each row's suppressed ids (end tokens before min_new_tokens)."""
+    vocab = scores.shape[-1]
+    width = rows.suppress_ids.shape[1]
+    ids = np.where(np.arange(width)[None, :] < rows.num_suppress[:, None], rows.suppress_ids, vocab).astype(np.int64)
+    ids = np.minimum(ids, vocab)
+    mask = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, torch.from_numpy(ids).to(scores.device), True)
+    return scores.masked_fill(mask[:, :vocab], NEG_INF)
+
+
 def _row_seed(seed: int, offset: int) -> int:
-    """A draw depends only on the request's seed and how many tokens it has generated."""
+    """A draw depends only on the request's seed, its sample index and how many tokens it has generated."""
     return (seed * 1_000_003 + offset) % (2**63 - 1)

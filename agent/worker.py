@@ -1,6 +1,7 @@
 """The agent process: a ZeroMQ loop that runs the master's steps on one device."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -13,7 +14,7 @@ import torch
 import zmq
 
 from agent.model_runner import ModelRunner
-from agent.sampler import Sampler
+from agent.sampler import Sampler, SamplerOutput
 from common.config import Config
 from common.model_info import read_hf_config
 from common.protocol import EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
@@ -45,6 +46,7 @@ class Worker:
             seed=config.model_config.seed,
         )
         self.sampler = Sampler(self.device, seed=config.model_config.seed + 1)
+        self.capacity: Optional[StepCapacity] = None
         self.inputs: Optional[SharedArrays] = None
         self.outputs: Optional[SharedArrays] = None
         self.timer = StageTimer()
@@ -54,7 +56,8 @@ class Worker:
 
     def attach(self, init: InitAgent) -> AgentReady:
         """Map the master's step arrays and say what this agent holds."""
-        capacity = StepCapacity(init.max_num_tokens, init.max_num_seqs, init.max_blocks_per_seq)
+        capacity = StepCapacity(**{f.name: getattr(init, f.name) for f in dataclasses.fields(StepCapacity)})
+        self.capacity = capacity
         self.close()
         self.inputs = SharedArrays.attach(init.input_shm, input_layout(capacity))
         self.outputs = SharedArrays.attach(init.output_shm, output_layout(capacity))
@@ -73,7 +76,7 @@ class Worker:
         """Run one step; the sampled ids land in the output arrays."""
         timer = self.timer
         with timer.stage("deserialize"):
-            batch = step_inputs(self.inputs.arrays, header)
+            batch = step_inputs(self.inputs.arrays, header, self.capacity.suppress_width)
         logits = self.runner.execute(
             batch.input_ids,
             batch.positions,
@@ -83,23 +86,28 @@ class Worker:
             batch.block_tables,
             batch.logits_indices,
             timer=timer,
+            block_copies=batch.block_copies,
         )
         if header.dump_names is not None and self.logits_dump_dir is not None:
             with timer.stage("dump"):
                 self.dump_logits(logits, header.dump_names)
         with timer.stage("sample"):
-            sampled_ids = self.sampler(
-                logits,
-                batch.temperature,
-                batch.top_k,
-                batch.top_p,
-                batch.seeds,
-                batch.seed_offsets,
-                header.is_all_greedy,
-            )
+            output = self.sampler(logits, batch.sampling, header.is_all_greedy)
         with timer.stage("write_back"):
-            self.outputs.arrays["sampled_ids"][: header.num_sample] = sampled_ids.cpu().numpy()
+            self.write_back(output, header.num_sample)
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
+
+    def write_back(self, output: SamplerOutput, num_rows: int) -> None:
+        arrays = self.outputs.arrays
+        arrays["sampled_ids"][:num_rows] = output.sampled_ids.cpu().numpy()
+        if output.sampled_logprobs is not None:
+            arrays["sampled_logprobs"][:num_rows] = output.sampled_logprobs.cpu().numpy()
+        if output.topk_ids is not None:
+            width = self.capacity.topk_width
+            used = min(output.topk_ids.shape[1], width)
+            arrays["topk_ids"][: num_rows * width].reshape(num_rows, width)[:, :used] = output.topk_ids[:, :used].cpu().numpy()
+            topk_logprobs = arrays["topk_logprobs"][: num_rows * width].reshape(num_rows, width)
+            topk_logprobs[:, :used] = output.topk_logprobs[:, :used].cpu().numpy()
 
     def dump_logits(self, logits: torch.Tensor, names: list[str]) -> None:
         """Save each sampled row's raw float32 logits as `<logits_dump_dir>/<name>`."""

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from common.errors import ConfigError
+from common.sampling import SamplingLimits
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -63,9 +64,21 @@ class ServingConfig:
     step_trace_path: Optional[str] = None
     logits_dump_dir: Optional[str] = None
     log_level: str = "INFO"
+    max_logprobs: int = 20
+    max_num_beams: int = 8
+    max_n: int = 16
+
+    @property
+    def sampling_limits(self) -> SamplingLimits:
+        return SamplingLimits(max_logprobs=self.max_logprobs, max_num_beams=self.max_num_beams, max_n=self.max_n)
 
     def validate(self) -> None:
         self._validate_ports()
+        for name in ("max_num_beams", "max_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        if self.max_logprobs < 0:
+            raise ValueError("max_logprobs: must be >= 0")
         for name in ("agent_start_timeout", "step_timeout", "num_threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -25,6 +25,9 @@ class InitAgent:
     max_num_tokens: int
     max_num_seqs: int
     max_blocks_per_seq: int
+    history_capacity: int
+    topk_width: int
+    suppress_width: int
 
 
 @dataclass
@@ -53,6 +56,7 @@ class StepRequest:
     num_sample: int
     block_table_width: int
     is_all_greedy: bool
+    num_block_copies: int = 0
     dump_names: Optional[list[str]] = None  # one file name per sampled row, only when logits are dumped
 
 

@@ -1,21 +1,53 @@
-"""Sampling parameters of one request, as the scheduler and the agents see them."""
+"""Sampling parameters of one request, as every API, the scheduler and the agents see them.
+
+One type for all front ends: each API maps its body onto SamplingParams and
+calls `validate`, which names the offending parameter.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
+
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """Server-wide bounds a request's parameters must respect."""
+
+    max_logprobs: int = 20
+    max_num_beams: int = 8
+    max_n: int = 16
+    max_stop_token_ids: int = 16
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token and when to stop."""
+    """How to pick each next token, how many sequences to return, and when to stop."""
 
     max_new_tokens: int = 16
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
     seed: Optional[int] = None
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    best_of: Optional[int] = None
+    logprobs: Optional[int] = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
 
     @property
     def is_greedy(self) -> bool:
@@ -25,3 +57,71 @@ class SamplingParams:
     def agent_temperature(self) -> float:
         """Temperature as sent to the agent, where 0 means greedy."""
         return 0.0 if self.is_greedy else self.temperature
+
+    @property
+    def needs_history(self) -> bool:
+        """The agent needs the sequence's tokens (prompt and output) to transform the logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.no_repeat_ngram_size > 0
+        )
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated from the prompt: best_of (default n), or the beams."""
+        if self.is_beam_search:
+            return self.num_beams
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def agent_num_logprobs(self) -> int:
+        """Top log-probabilities the agent returns per token: -1 none, 0 only the chosen token's (best_of ranks by it)."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return 0 if self.num_samples > self.n and not self.is_beam_search else -1
+
+    @property
+    def is_beam_search(self) -> bool:
+        return self.num_beams > 1
+
+    def validate(self, limits: SamplingLimits, prefix: str = "") -> None:
+        """Raise ValueError("<prefix><parameter>: <problem>") for the first invalid value."""
+        for name, ok, problem in self._checks(limits):
+            if not ok:
+                raise ValueError(f"{prefix}{name}: {problem}")
+
+    def _checks(self, limits: SamplingLimits):
+        yield "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"
+        yield "min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "must be between 0 and max_new_tokens"
+        yield "temperature", self.temperature >= 0.0, "must be >= 0"
+        yield "top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be between 0 (all tokens) and {MAX_TOP_K}"
+        yield "top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"
+        yield "min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"
+        yield "typical_p", 0.0 < self.typical_p <= 1.0, "must be in (0, 1]"
+        yield "repetition_penalty", self.repetition_penalty > 0.0, "must be > 0 (1 means none)"
+        yield "presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be between -2 and 2"
+        yield "frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be between -2 and 2"
+        yield "no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must be >= 0 (0 means off)"
+        yield "seed", self.seed is None or 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"
+        yield "stop", all(self.stop), "stop strings must not be empty"
+        yield "stop_token_ids", len(self.stop_token_ids) <= limits.max_stop_token_ids, (
+            f"at most {limits.max_stop_token_ids} ids"
+        )
+        yield "stop_token_ids", all(i >= 0 for i in self.stop_token_ids), "ids must be >= 0"
+        yield "n", 1 <= self.n <= limits.max_n, f"must be between 1 and {limits.max_n}"
+        best_of = self.n if self.best_of is None else self.best_of
+        yield "best_of", self.n <= best_of <= limits.max_n, f"must be between n and {limits.max_n}"
+        yield "best_of", best_of == self.n or not self.is_greedy or self.is_beam_search, (
+            "greedy decoding gives the same output every time; set do_sample with best_of > n"
+        )
+        yield "logprobs", self.logprobs is None or 0 <= self.logprobs <= limits.max_logprobs, (
+            f"must be between 0 and {limits.max_logprobs}"
+        )
+        yield "num_beams", 1 <= self.num_beams <= limits.max_num_beams, f"must be between 1 and {limits.max_num_beams}"
+        yield "num_beams", not (self.is_beam_search and self.do_sample), "beam search here is deterministic; unset do_sample"
+        yield "n", not self.is_beam_search or self.n <= self.num_beams, "must be <= num_beams with beam search"
+        yield "best_of", not (self.is_beam_search and self.best_of is not None), "does not apply to beam search"
+        yield "length_penalty", self.length_penalty == self.length_penalty, "must be a number"
+        yield "early_stopping", self.early_stopping in (True, False, "never"), "must be true, false or \"never\""

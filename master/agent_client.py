@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
 import subprocess
 import time
@@ -97,9 +98,7 @@ class ZmqShmTransport(Transport):
         init = InitAgent(
             input_shm=self.input_segment.name,
             output_shm=self.output_segment.name,
-            max_num_tokens=self.capacity.max_num_tokens,
-            max_num_seqs=self.capacity.max_num_seqs,
-            max_blocks_per_seq=self.capacity.max_blocks_per_seq,
+            **dataclasses.asdict(self.capacity),
         )
         readies = []
         deadline = time.monotonic() + timeout
@@ -188,6 +187,7 @@ class InProcessTransport(Transport):
     """Runs `step_fn` in this process over plain numpy arrays: the agent without a process."""
 
     def __init__(self, capacity: StepCapacity, step_fn: StepFunction, ready: AgentReady):
+        self.capacity = capacity
         self.inputs = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)}
         self.outputs = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
         self.step_fn = step_fn

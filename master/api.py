@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from common.errors import LLMServeError, ModelNotFound
 from master.api_models import GenerateRequest, validation_message
 from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
+from master.outputs import GenerationOutput
+from master.sequence import TokenLogprobs
 from master.tokenizer import encode
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -46,7 +48,8 @@ def create_app(engine: Engine) -> FastAPI:
             raise ModelNotFound(f"model '{name}' is not served here; this server serves '{model_name}'")
         prompt_ids = encode(engine.tokenizer, body.inputs)
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        handle = engine.submit(request_id, prompt_ids, body.parameters.sampling_params(), stream=body.stream)
+        params = body.parameters.sampling_params()
+        handle = engine.submit(request_id, prompt_ids, params, stream=body.stream, param_prefix="parameters.")
         if body.stream:
             return StreamingResponse(_sse_events(engine, handle, body), media_type="text/event-stream", headers=SSE_HEADERS)
         return await _complete(engine, handle, body, request)
@@ -69,7 +72,7 @@ async def _complete(engine: Engine, handle: RequestHandle, body: GenerateRequest
     finish = output.result()
     if finish.error:
         return error_response(503, "generation_failed", finish.error)
-    return JSONResponse({"generated_text": _generated_text(engine, handle, body), "details": _details(handle, finish)})
+    return JSONResponse({"generated_text": _generated_text(engine, handle, body), "details": _details(engine, handle, finish)})
 
 
 async def _last_event(handle: RequestHandle) -> FinishEvent:
@@ -85,16 +88,19 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> AsyncIterator[str]:
-    """Server-sent events: one per token, then a final one with the whole text and details."""
+    """Server-sent events: one per token (with the output's index), then a final one with the whole text and details."""
     try:
         async for event in handle.stream():
             if isinstance(event, TokenEvent):
-                yield _sse({"token": {"id": event.token_id, "text": event.text}, "generated_text": None, "details": None})
+                token = {"id": event.token_id, "text": event.text}
+                if event.logprobs is not None:
+                    token.update(_logprob_entry(engine, event.token_id, event.logprobs))
+                yield _sse({"index": event.index, "token": token, "generated_text": None, "details": None})
             elif event.error:
                 yield _sse({"error": event.error, "error_type": "generation_failed"})
             else:
                 text = _generated_text(engine, handle, body)
-                yield _sse({"token": None, "generated_text": text, "details": _details(handle, event)})
+                yield _sse({"token": None, "generated_text": text, "details": _details(engine, handle, event)})
     finally:
         engine.abort(handle)  # no-op when finished; frees the blocks when the client went away
 
@@ -108,14 +114,51 @@ def _generated_text(engine: Engine, handle: RequestHandle, body: GenerateRequest
     return body.inputs + text if body.parameters.return_full_text else text
 
 
-def _details(handle: RequestHandle, finish: FinishEvent) -> dict:
+def _details(engine: Engine, handle: RequestHandle, finish: FinishEvent) -> dict:
+    """Finish reason, token counts and times; logprobs when asked; every sequence when n > 1."""
     first = handle.first_token_time
-    return {
+    details = {
         "finish_reason": finish.reason.value,
         "prompt_tokens": handle.seq.num_prompt_tokens,
-        "generated_tokens": handle.seq.num_output_tokens,
+        "generated_tokens": len(handle.outputs[0].output_ids) if handle.outputs else handle.seq.num_output_tokens,
         "first_token_time": None if first is None else first - handle.start_time,
         "res_time": (handle.end_time or first or handle.start_time) - handle.start_time,
+    }
+    params = handle.seq.params
+    if params.logprobs is not None and handle.outputs:
+        details["logprobs"] = _logprobs(engine, handle.outputs[0])
+    if params.n > 1 or params.is_beam_search:
+        details["sequences"] = [_sequence(engine, output, params.logprobs is not None) for output in handle.outputs]
+    return details
+
+
+def _sequence(engine: Engine, output: GenerationOutput, with_logprobs: bool) -> dict:
+    entry = {
+        "index": output.index,
+        "generated_text": output.text,
+        "finish_reason": output.finish_reason,
+        "generated_tokens": len(output.output_ids),
+    }
+    if output.cumulative_logprob is not None:
+        entry["cumulative_logprob"] = output.cumulative_logprob
+    if output.score is not None:
+        entry["score"] = output.score
+    if with_logprobs:
+        entry["logprobs"] = _logprobs(engine, output)
+    return entry
+
+
+def _logprobs(engine: Engine, output: GenerationOutput) -> list[dict]:
+    return [
+        {"id": token_id, "text": engine.token_text(token_id), **_logprob_entry(engine, token_id, logprobs)}
+        for token_id, logprobs in zip(output.output_ids, output.logprobs)
+    ]
+
+
+def _logprob_entry(engine: Engine, token_id: int, logprobs: TokenLogprobs) -> dict:
+    return {
+        "logprob": logprobs.logprob,
+        "top_logprobs": [{"id": i, "text": engine.token_text(i), "logprob": lp} for i, lp in logprobs.top],
     }
 
 

@@ -1,7 +1,7 @@
 """Request bodies of the HTTP API, validated by pydantic (strict types, unknown fields rejected)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,29 +10,43 @@ from common.sampling import SamplingParams
 
 
 class GenerateParameters(BaseModel):
-    """The `parameters` object of a generate request."""
+    """The `parameters` object of a generate request. Ranges are checked by SamplingParams.validate."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    max_new_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
+    max_new_tokens: int = Field(16, description="Tokens to generate at most (>= 1).")
+    min_new_tokens: int = Field(0, description="End tokens and stop strings are ignored before this many tokens.")
     do_sample: bool = Field(False, description="Sample instead of taking the most likely token.")
-    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature when sampling; 0 means greedy.")
-    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 means all.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Sample among the smallest set with this much probability.")
-    seed: Optional[int] = Field(None, ge=0, description="Same seed and parameters give the same output.")
+    temperature: float = Field(1.0, description="Softmax temperature when sampling (>= 0); 0 means greedy.")
+    top_k: int = Field(0, description="Sample among the k most likely tokens; 0 means all.")
+    top_p: float = Field(1.0, description="Sample among the smallest set with this much probability, in (0, 1].")
+    min_p: float = Field(0.0, description="Drop tokens less likely than min_p x the most likely one, in [0, 1].")
+    typical_p: float = Field(1.0, description="Locally typical sampling mass, in (0, 1]; 1 means off.")
+    repetition_penalty: float = Field(
+        1.0, description="Divide positive / multiply negative logits of tokens already in prompt or output (> 0)."
+    )
+    presence_penalty: float = Field(0.0, description="Subtracted once from tokens already generated, in [-2, 2].")
+    frequency_penalty: float = Field(0.0, description="Subtracted per occurrence in the output, in [-2, 2].")
+    no_repeat_ngram_size: int = Field(0, description="Never repeat an n-gram of this size; 0 means off.")
+    seed: Optional[int] = Field(None, description="Same seed and parameters give the same output, in [0, 2^63 - 1].")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    stop: list[str] = Field(default_factory=list, description="Stop before any of these strings; not part of the output.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Stop after any of these tokens.")
+    n: int = Field(1, description="Sequences to return for the prompt (they share its KV blocks).")
+    best_of: Optional[int] = Field(None, description="Sample this many and return the n most likely (>= n).")
+    logprobs: Optional[int] = Field(None, description="Return each token's log-probability and this many top ones.")
+    num_beams: int = Field(1, description="Beam search with this many beams (needs do_sample false).")
+    length_penalty: float = Field(1.0, description="Beam scores are divided by length ** length_penalty.")
+    early_stopping: Union[bool, Literal["never"]] = Field(
+        False, description="Beam search stops: true when num_beams are done, false by heuristic, \"never\"."
+    )
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-        )
+        fields = self.model_dump(exclude={"return_full_text"})
+        fields["stop"] = tuple(fields["stop"])
+        fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+        return SamplingParams(**fields)
 
 
 class GenerateRequest(BaseModel):

@@ -24,18 +24,45 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def num_missing(self, seq: Sequence, num_tokens: int) -> int:
-        """Blocks `seq` still needs to hold `num_tokens` tokens."""
-        return max(0, self.blocks_for(num_tokens) - len(seq.block_ids))
+        """Blocks `seq` still needs to hold `num_tokens` tokens, counting copies of shared blocks it will write."""
+        return max(0, self.blocks_for(num_tokens) - len(seq.block_ids)) + len(self._shared_written(seq, num_tokens))
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.num_missing(seq, num_tokens) <= len(self.free_ids)
 
-    def grow(self, seq: Sequence, num_tokens: int) -> None:
-        """Give `seq` enough blocks for `num_tokens` tokens; the caller checked can_grow."""
-        for _ in range(self.num_missing(seq, num_tokens)):
-            block_id = self.free_ids.popleft()
-            self.ref_counts[block_id] = 1
-            seq.block_ids.append(block_id)
+    def grow(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]]:
+        """Give `seq` its own blocks for every token up to `num_tokens`; the caller checked can_grow.
+
+        A shared block that the new tokens land in is copied first (copy-on-write); the
+        (source, destination) pairs returned must be copied on the agents before the step runs.
+        """
+        copies = []
+        for index in self._shared_written(seq, num_tokens):
+            source = seq.block_ids[index]
+            destination = self._take()
+            self.ref_counts[source] -= 1
+            seq.block_ids[index] = destination
+            copies.append((source, destination))
+        for _ in range(max(0, self.blocks_for(num_tokens) - len(seq.block_ids))):
+            seq.block_ids.append(self._take())
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` shares every block of `parent` (its block table is a copy of the parent's)."""
+        child.block_ids = list(parent.block_ids)
+        for block_id in child.block_ids:
+            self.ref_counts[block_id] += 1
+
+    def _shared_written(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Indexes of blocks `seq` shares with another sequence and will write tokens num_computed.. into."""
+        first = seq.num_computed // self.block_size
+        last = min(self.blocks_for(num_tokens), len(seq.block_ids))
+        return [i for i in range(first, last) if self.ref_counts[seq.block_ids[i]] > 1]
+
+    def _take(self) -> int:
+        block_id = self.free_ids.popleft()
+        self.ref_counts[block_id] = 1
+        return block_id
 
     def free(self, seq: Sequence) -> None:
         """Return every block of `seq` whose last reference it held."""

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from common.config import Config
@@ -19,10 +20,12 @@ from common.sampling import SamplingParams
 from common.timers import StageTimer
 from master.agent_client import Transport
 from master.block_manager import BlockManager
-from master.scheduler import Scheduler, StepOutcome, StepPlan
-from master.sequence import FinishReason, Sequence
+from master.beam_search import BeamSearch
+from master.outputs import GenerationOutput, TextOutput, sequence_output
+from master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
+from master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
 from master.step_builder import write_step
-from master.tokenizer import IncrementalDetokenizer, decode
+from master.tokenizer import decode
 
 logger = logging.getLogger("llmserve.master")
 
@@ -31,10 +34,12 @@ AGENT_WATCH_INTERVAL = 0.5
 
 @dataclass
 class TokenEvent:
-    """One generated token and the text it completed (may be empty)."""
+    """One generated token of output `index` and the text it completed (may be empty)."""
 
     token_id: int
     text: str
+    index: int = 0
+    logprobs: Optional[TokenLogprobs] = None
 
 
 @dataclass
@@ -47,15 +52,29 @@ class FinishEvent:
 
 @dataclass(eq=False)
 class RequestHandle:
-    """A request as the API sees it: its sequence and a queue of events."""
+    """A request as the API sees it: its sequences (one per sample or beam) and a queue of events."""
 
     request_id: str
-    seq: Sequence
-    detokenizer: Optional[IncrementalDetokenizer]  # None when the client wants only the final text
+    seq: Sequence  # the first sequence; the others are forked from it
+    wants_tokens: bool  # token events wanted; else only the finish event
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     start_time: float = 0.0
     first_token_time: Optional[float] = None
     end_time: Optional[float] = None
+    seqs: list[Sequence] = field(default_factory=list)
+    texts: dict[int, TextOutput] = field(default_factory=dict)  # seq_id -> text, when streamed or stop strings
+    outputs: list[GenerationOutput] = field(default_factory=list)  # set when finished
+
+    def __post_init__(self) -> None:
+        self.seqs = [self.seq]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.end_time is not None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(seq.num_output_tokens for seq in self.seqs)
 
     async def stream(self) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Yield events until the finish event (included)."""
@@ -76,9 +95,11 @@ class Engine:
         self.transport = transport
         pa = config.pa_config
         self.block_manager = BlockManager(pa.num_blocks, pa.block_size)
-        self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
-        self.handles: dict[int, RequestHandle] = {}
         self.seq_ids = itertools.count()
+        self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.seq_ids.__next__)
+        self.limits = config.serving_config.sampling_limits
+        self.suppress_width = transport.capacity.suppress_width
+        self.handles: dict[int, RequestHandle] = {}  # seq id -> its request
         self.step_ids = itertools.count()
         self.wakeup = asyncio.Event()
         self.timer = StageTimer()
@@ -112,13 +133,17 @@ class Engine:
     def is_healthy(self) -> bool:
         return self.failure is None and self.transport.failure() is None
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> RequestHandle:
+    def submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True, param_prefix: str = ""
+    ) -> RequestHandle:
         """Queue a request; raise RequestError, Overloaded or AgentFailure if it cannot be.
 
         Without `stream` the handle gets only the finish event: no per-token work is done for it.
+        Errors about a parameter name it as `<param_prefix><name>`.
         """
         if not self.is_healthy:
             raise AgentFailure(f"the server cannot serve: {self.failure or self.transport.failure()}")
+        self._check_params(params, stream, param_prefix)
         self._check_fits(prompt_ids, params)
         if self.scheduler.num_unfinished >= self.config.scheduler_config.max_queue_size:
             raise Overloaded(f"{self.scheduler.num_unfinished} requests are in flight; retry later")
@@ -131,12 +156,30 @@ class Engine:
             max_seq_len=self.model.max_seq_len,
             arrival_time=now,
         )
-        detokenizer = IncrementalDetokenizer(self.tokenizer, len(prompt_ids)) if stream else None
-        handle = RequestHandle(request_id, seq, detokenizer, start_time=now)
-        self.handles[seq.seq_id] = handle
+        if params.is_beam_search:
+            search = BeamSearch(
+                params.num_beams, params.length_penalty, params.early_stopping, params.max_new_tokens,
+                seq.eos_token_ids | frozenset(params.stop_token_ids),
+            )
+            seq.beam = BeamState(search, [seq], {seq.seq_id: np.float32(0.0)})
+        else:
+            seq.pending_forks = params.num_samples - 1
+        handle = RequestHandle(request_id, seq, stream, start_time=now)
+        self._track(handle, seq)
         self.scheduler.add(seq)
         self.wakeup.set()
         return handle
+
+    def _check_params(self, params: SamplingParams, stream: bool, prefix: str) -> None:
+        try:
+            params.validate(self.limits, prefix)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if stream and (params.is_beam_search or params.num_samples > params.n):
+            raise RequestError("stream: beam search and best_of > n pick their outputs at the end; they cannot stream")
+        batch = self.config.scheduler_config.decode_batch_size
+        if params.num_samples > batch:
+            raise RequestError(f"{prefix}n: {params.num_samples} sequences exceed the decode batch size ({batch})")
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         total = len(prompt_ids) + params.max_new_tokens
@@ -147,17 +190,28 @@ class Engine:
                 f"inputs: the prompt has {len(prompt_ids)} tokens and max_new_tokens is {params.max_new_tokens}; "
                 f"together they exceed the model's maximum of {self.model.max_seq_len} tokens"
             )
-        if self.block_manager.blocks_for(total) > self.block_manager.num_blocks:
+        blocks = self.block_manager
+        needed = blocks.blocks_for(total) + (params.num_samples - 1) * (blocks.blocks_for(params.max_new_tokens) + 1)
+        if needed > blocks.num_blocks:
             raise RequestError(
-                f"inputs: {total} tokens need more KV blocks than the whole cache holds "
-                f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size})"
+                f"inputs: {total} tokens x {params.num_samples} sequences need more KV blocks than the whole cache holds "
+                f"({blocks.num_blocks} blocks of {blocks.block_size})"
             )
+
+    def _track(self, handle: RequestHandle, seq: Sequence) -> None:
+        """Route `seq`'s tokens to `handle`."""
+        self.handles[seq.seq_id] = handle
+        if seq is not handle.seq:
+            handle.seqs.append(seq)
+        if handle.wants_tokens or seq.params.stop:
+            handle.texts[seq.seq_id] = TextOutput(self.tokenizer, seq)
 
     def abort(self, handle: RequestHandle) -> None:
         """Stop a request now (client gone); its blocks return to the pool."""
-        if handle.seq.is_finished:
+        if handle.is_finished:
             return
-        self.scheduler.abort(handle.seq)
+        for seq in handle.seqs:
+            self.scheduler.abort(seq)
         self._finish(handle, FinishReason.ABORT)
 
     async def _run(self) -> None:
@@ -197,7 +251,9 @@ class Engine:
         step_id = next(self.step_ids)
         try:
             with timer.stage("build"):
-                header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id, self.request_id_of)
+                header = write_step(
+                plan, self.transport.inputs, self.block_manager.block_size, step_id, self.request_id_of, self.suppress_width
+            )
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, block_table_width=0, is_all_greedy=True)
@@ -208,9 +264,19 @@ class Engine:
         if result.error:
             return self._fail_step(plan, result.error), header, result.timings_ms
         with timer.stage("update"):
-            sampled = self.transport.outputs["sampled_ids"][: header.num_sample]
-            outcome = self.scheduler.update(plan, sampled, time.monotonic())
+            outcome = self.scheduler.update(plan, self._samples(header.num_sample), time.monotonic())
         return outcome, header, result.timings_ms
+
+    def _samples(self, num_rows: int) -> StepSamples:
+        """Views of the agent's answer for the step's sampled rows."""
+        outputs = self.transport.outputs
+        width = self.transport.capacity.topk_width
+        return StepSamples(
+            ids=outputs["sampled_ids"][:num_rows],
+            logprobs=outputs["sampled_logprobs"][:num_rows],
+            topk_ids=outputs["topk_ids"][: num_rows * width].reshape(num_rows, width),
+            topk_logprobs=outputs["topk_logprobs"][: num_rows * width].reshape(num_rows, width),
+        )
 
     def _request_id_of(self, seq_id: int) -> str:
         return self.handles[seq_id].request_id
@@ -221,25 +287,58 @@ class Engine:
         self.timer.reset()
         for item in plan.scheduled:
             handle = self.handles.get(item.seq.seq_id)
-            if handle and not item.seq.is_finished:
-                self.scheduler.abort(item.seq, FinishReason.ERROR)
+            if handle and not handle.is_finished:
+                for seq in handle.seqs:
+                    self.scheduler.abort(seq, FinishReason.ERROR)
                 self._finish(handle, FinishReason.ERROR, "the model failed on this request's step")
         return StepOutcome(new_tokens=[], finished=[])
 
     def _emit(self, outcome: StepOutcome) -> None:
         with self.timer.stage("detokenize"):
             now = time.monotonic()
+            for parent, child in outcome.forked:
+                self._track(self.handles[parent.seq_id], child)
+            finished = list(outcome.finished)
             for seq, token_id in outcome.new_tokens:
                 handle = self.handles[seq.seq_id]
                 if handle.first_token_time is None:
                     handle.first_token_time = now
-                if handle.detokenizer is not None:
-                    handle.events.put_nowait(TokenEvent(token_id, handle.detokenizer.step(seq.token_ids)))
-            for seq in outcome.finished:
-                self._finish(self.handles[seq.seq_id], seq.finish_reason)
+                text = handle.texts.get(seq.seq_id)
+                if text is None:
+                    continue
+                delta = text.add(seq)
+                if text.stopped and not seq.is_finished:
+                    self.scheduler.abort(seq, FinishReason.STOP)
+                    finished.append(seq)
+                elif text.stopped:
+                    seq.finish_reason = FinishReason.STOP
+                if handle.wants_tokens:
+                    if seq.is_finished and not text.stopped:
+                        delta += text.flush()
+                    logprobs = seq.logprobs[-1] if seq.logprobs else None
+                    handle.events.put_nowait(TokenEvent(token_id, delta, seq.sample_index, logprobs))
+            for seq in finished:
+                handle = self.handles.get(seq.seq_id)
+                if handle is not None and not handle.is_finished and all(s.is_finished for s in handle.seqs):
+                    handle.outputs = self._outputs(handle)
+                    self._finish(handle, FinishReason(handle.outputs[0].finish_reason))
+
+    def _outputs(self, handle: RequestHandle) -> list[GenerationOutput]:
+        """The n sequences returned: all samples, the best_of with the highest log-probability, or the best beams."""
+        params = handle.seq.params
+        if handle.seq.beam is not None:
+            return [
+                GenerationOutput(i, h.output_ids, decode(self.tokenizer, h.output_ids), h.finish_reason, score=h.score)
+                for i, h in enumerate(handle.seq.beam.search.results(params.n))
+            ]
+        seqs = sorted(handle.seqs, key=lambda seq: seq.sample_index)
+        if params.num_samples > params.n:
+            seqs = sorted(seqs, key=lambda seq: -seq.cumulative_logprob)[: params.n]
+        return [sequence_output(i, seq, self.tokenizer, handle.texts.get(seq.seq_id)) for i, seq in enumerate(seqs)]
 
     def _finish(self, handle: RequestHandle, reason: FinishReason, error: Optional[str] = None) -> None:
-        self.handles.pop(handle.seq.seq_id, None)
+        for seq in handle.seqs:
+            self.handles.pop(seq.seq_id, None)
         handle.end_time = time.monotonic()
         handle.events.put_nowait(FinishEvent(reason, error))
         logger.info(json.dumps(request_record(handle, reason)))
@@ -251,7 +350,7 @@ class Engine:
         logger.error("agents failed, failing %d requests: %s", self.scheduler.num_unfinished, reason)
         for seq in self.scheduler.fail_all():
             handle = self.handles.get(seq.seq_id)
-            if handle:
+            if handle and not handle.is_finished:
                 self._finish(handle, FinishReason.ERROR, f"the model agent failed: {reason}")
 
     def _trace(self, plan: StepPlan, header: StepRequest, agent_ms: dict, start: float) -> None:
@@ -282,7 +381,14 @@ class Engine:
             "kv_blocks_free": self.block_manager.num_free_blocks,
         }
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as shown next to its log-probability."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def output_text(self, handle: RequestHandle) -> str:
+        """The first output's text (cut before a stop string)."""
+        if handle.outputs:
+            return handle.outputs[0].text
         return decode(self.tokenizer, handle.seq.output_ids)
 
     async def stop(self) -> None:
@@ -297,7 +403,7 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         for seq in self.scheduler.fail_all():
             handle = self.handles.get(seq.seq_id)
-            if handle:
+            if handle and not handle.is_finished:
                 self._finish(handle, FinishReason.ERROR, "the server is shutting down")
         await self.transport.close()
         if self.trace_file is not None:
@@ -322,7 +428,7 @@ def request_record(handle: RequestHandle, reason: FinishReason) -> dict:
     return {
         "request_id": handle.request_id,
         "prompt_tokens": handle.seq.num_prompt_tokens,
-        "output_tokens": handle.seq.num_output_tokens,
+        "output_tokens": handle.num_output_tokens,
         "finish_reason": reason.value,
         "first_token_time": None if first is None else round(first - handle.start_time, 6),
         "res_time": round(handle.end_time - handle.start_time, 6),

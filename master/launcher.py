@@ -43,14 +43,21 @@ def serve(config: Config) -> int:
         stop_agents(processes)
 
 
-def step_capacity(config: Config, max_seq_len: int) -> StepCapacity:
+def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1) -> StepCapacity:
     """The largest step the scheduler can plan, which sizes the shared memory."""
     sched = config.scheduler_config
+    limits = config.serving_config.sampling_limits
     return StepCapacity(
         max_num_tokens=sched.max_num_batched_tokens,
         max_num_seqs=sched.decode_batch_size,
         max_blocks_per_seq=-(-max_seq_len // config.pa_config.block_size),
+        history_capacity=min(sched.decode_batch_size * max_seq_len, MAX_HISTORY_TOKENS),
+        topk_width=max(limits.max_logprobs, limits.max_num_beams * max(2, 1 + num_end_tokens), 1),
+        suppress_width=num_end_tokens + limits.max_stop_token_ids,
     )
+
+
+MAX_HISTORY_TOKENS = 1 << 24  # 64 MiB of token ids for the rows that need penalties, per step
 
 
 def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEndpoint]:
@@ -63,7 +70,7 @@ def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEn
 
 async def _serve(config: Config, tokenizer, info, processes: list[subprocess.Popen]) -> int:
     serving = config.serving_config
-    transport = ZmqShmTransport(endpoints(config, processes), step_capacity(config, info.max_seq_len), serving.step_timeout)
+    transport = ZmqShmTransport(endpoints(config, processes), step_capacity(config, info.max_seq_len, len(info.eos_token_ids)), serving.step_timeout)
     engine = Engine(config, tokenizer, info, transport)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -37,7 +37,7 @@ class OfflineEngine:
         config = self.config
         info = model_info(config.model_config, read_hf_config(config.model_config))
         self.processes = launch_agents(config) if config.serving_config.launch_agents else []
-        capacity = step_capacity(config, info.max_seq_len)
+        capacity = step_capacity(config, info.max_seq_len, len(info.eos_token_ids))
         transport = ZmqShmTransport(endpoints(config, self.processes), capacity, config.serving_config.step_timeout)
         self.engine = Engine(config, load_tokenizer(config.model_config), info, transport)
         try:
@@ -63,8 +63,8 @@ class OfflineEngine:
                 raise AgentFailure(event.error)
         first = handle.first_token_time
         return OfflineOutput(
-            output_ids=handle.seq.output_ids,
-            finish_reason=handle.seq.finish_reason.value,
+            output_ids=handle.outputs[0].output_ids,
+            finish_reason=handle.outputs[0].finish_reason,
             first_token_time=None if first is None else first - handle.start_time,
             res_time=handle.end_time - handle.start_time,
         )

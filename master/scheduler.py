@@ -5,13 +5,16 @@ what the step produced. No I/O, no tensors.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence as Seq
+from typing import Callable, Optional
+
+import numpy as np
 
 from common.config import SchedulerConfig
 from master.block_manager import BlockManager
-from master.sequence import FinishReason, Sequence, SequenceStatus
+from master.sequence import BeamState, FinishReason, Sequence, SequenceStatus, TokenLogprobs
 
 
 @dataclass
@@ -21,6 +24,11 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     samples: bool  # this chunk reaches the last known token, so a next token is drawn
+    num_samples: int = 1  # sampled rows: 1, or n / best_of at a request's first token
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_samples if self.samples else 0
 
 
 @dataclass
@@ -31,6 +39,7 @@ class StepPlan:
     num_tokens: int
     num_prefill_seqs: int
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step runs
 
     @property
     def is_decode_only(self) -> bool:
@@ -43,14 +52,32 @@ class StepOutcome:
 
     new_tokens: list[tuple[Sequence, int]]
     finished: list[Sequence]
+    forked: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, new sequence)
+
+
+@dataclass
+class StepSamples:
+    """What the agent returned for a step's sampled rows."""
+
+    ids: np.ndarray  # [rows]
+    logprobs: Optional[np.ndarray] = None  # [rows] raw log-probability of each id
+    topk_ids: Optional[np.ndarray] = None  # [rows, width]
+    topk_logprobs: Optional[np.ndarray] = None
+
+    def token_logprobs(self, row: int, num_top: int) -> Optional[TokenLogprobs]:
+        if num_top < 0 or self.logprobs is None:
+            return None
+        top = [] if num_top == 0 else list(zip(self.topk_ids[row, :num_top].tolist(), self.topk_logprobs[row, :num_top].tolist()))
+        return TokenLogprobs(float(self.logprobs[row]), top)
 
 
 class Scheduler:
     """Keeps the waiting and running queues and decides every step."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, next_seq_id: Optional[Callable[[], int]] = None):
         self.config = config
         self.blocks = block_manager
+        self.next_seq_id = next_seq_id or itertools.count(1 << 48).__next__  # ids of forked sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.last_step_time = 0.0
@@ -90,7 +117,7 @@ class Scheduler:
             self._admit_waiting(plan)
         if not plan.scheduled:
             return None
-        if plan.is_decode_only and not plan.preempted and self._should_wait_for_decode_batch(now):
+        if plan.is_decode_only and not (plan.preempted or plan.block_copies) and self._should_wait_for_decode_batch(now):
             return None
         return plan
 
@@ -99,6 +126,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and plan.num_tokens < budget:
             seq = self.running[i]
+            if seq.num_uncomputed == 0:  # a beam waiting for its siblings' candidates
+                i += 1
+                continue
             num_new = min(seq.num_uncomputed, budget - plan.num_tokens)
             if not self._make_room(seq, seq.num_computed + num_new, plan):
                 break  # seq itself was preempted; it was the newest, so nothing is left after it
@@ -113,7 +143,7 @@ class Scheduler:
             plan.preempted.append(victim)
             if victim is seq:
                 return False
-        self.blocks.grow(seq, num_tokens)
+        plan.block_copies.extend(self.blocks.grow(seq, num_tokens))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -124,6 +154,8 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        if seq.beam is not None:
+            seq.beam.candidates.pop(seq.seq_id, None)  # recomputed before its group moves on
         self.waiting.appendleft(seq)
 
     def _may_admit(self, now: float) -> bool:
@@ -138,18 +170,18 @@ class Scheduler:
     def _admit_waiting(self, plan: StepPlan) -> None:
         budget = self.config.max_num_batched_tokens
         while self.waiting and plan.num_tokens < budget:
-            if len(self.running) >= self.config.decode_batch_size:
+            seq = self.waiting[0]
+            if self.num_slots + seq.num_slots > self.config.decode_batch_size:
                 break
             if plan.num_prefill_seqs >= self.config.prefill_batch_size:
                 break
-            seq = self.waiting[0]
             num_new = min(seq.num_uncomputed, budget - plan.num_tokens)
             if num_new < seq.num_uncomputed and not self._may_chunk(seq):
                 break
             if not self.blocks.can_grow(seq, seq.num_computed + num_new):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_computed + num_new)
+            plan.block_copies.extend(self.blocks.grow(seq, seq.num_computed + num_new))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add_to_plan(plan, seq, num_new, is_prefill=True)
@@ -160,9 +192,14 @@ class Scheduler:
 
     def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int, is_prefill: bool) -> None:
         samples = seq.num_computed + num_new == seq.num_tokens
-        plan.scheduled.append(ScheduledSeq(seq, num_new, samples))
+        plan.scheduled.append(ScheduledSeq(seq, num_new, samples, 1 + seq.pending_forks))
         plan.num_tokens += num_new
         plan.num_prefill_seqs += is_prefill
+
+    @property
+    def num_slots(self) -> int:
+        """Decode slots the running sequences hold, counting samples and beams still to come."""
+        return sum(seq.num_slots for seq in self.running)
 
     def _should_wait_for_decode_batch(self, now: float) -> bool:
         wait = self.config.decode_batch_waiting_time
@@ -170,28 +207,92 @@ class Scheduler:
             return False
         return now - self.last_step_time < wait
 
-    def update(self, plan: StepPlan, sampled_ids: Seq[int], now: float) -> StepOutcome:
-        """Apply a finished step: advance computed counts, append tokens, finish sequences."""
+    def update(self, plan: StepPlan, samples: StepSamples, now: float) -> StepOutcome:
+        """Apply a finished step: advance computed counts, append tokens, fork samples, move beams."""
         self.last_step_time = now
         outcome = StepOutcome(new_tokens=[], finished=[])
-        sample_row = 0
+        beam_groups: list[BeamState] = []
+        row = 0
         for item in plan.scheduled:
-            seq = item.seq
-            if item.samples:
-                token_id = int(sampled_ids[sample_row])
-                sample_row += 1
+            seq, first_row = item.seq, row
+            row += item.num_rows
             if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed += item.num_new_tokens
             if not item.samples:
                 continue
-            reason = seq.append_token(token_id)
-            outcome.new_tokens.append((seq, token_id))
-            if reason is not None:
-                self.running.remove(seq)
-                self._finish(seq, reason)
-                outcome.finished.append(seq)
+            if seq.beam is not None:
+                self._collect_candidates(seq, samples, first_row, beam_groups)
+                continue
+            targets = [seq] + self._fork_samples(seq, item.num_samples - 1, outcome)
+            num_top = seq.params.agent_num_logprobs
+            for offset, target in enumerate(targets):
+                token_id = int(samples.ids[first_row + offset])
+                reason = target.append_token(token_id, samples.token_logprobs(first_row + offset, num_top))
+                outcome.new_tokens.append((target, token_id))
+                if reason is not None:
+                    self.running.remove(target)
+                    self._finish(target, reason)
+                    outcome.finished.append(target)
+        for group in beam_groups:
+            if all(beam.seq_id in group.candidates for beam in group.beams):
+                self._advance_beams(group, outcome)
         return outcome
+
+    def _fork_samples(self, seq: Sequence, count: int, outcome: StepOutcome) -> list[Sequence]:
+        """The other samples of a request at its first token: sequences sharing the prompt's blocks."""
+        children = []
+        for _ in range(count):
+            child = seq.fork(self.next_seq_id(), sample_index=len(children) + 1)
+            self.blocks.fork(seq, child)
+            self.running.append(child)
+            outcome.forked.append((seq, child))
+            children.append(child)
+        seq.pending_forks = 0
+        return children
+
+    def _collect_candidates(self, seq: Sequence, samples: StepSamples, row: int, groups: list[BeamState]) -> None:
+        group = seq.beam
+        width = group.search.candidates_per_beam
+        group.candidates[seq.seq_id] = (samples.topk_ids[row, :width].copy(), samples.topk_logprobs[row, :width].copy())
+        if group not in groups:
+            groups.append(group)
+
+    def _advance_beams(self, group: BeamState, outcome: StepOutcome) -> None:
+        """Every live beam has its candidates: pick the next beams and give them their parents' blocks."""
+        beams = group.beams
+        next_beams = group.search.step(
+            [group.scores[beam.seq_id] for beam in beams],
+            [beam.output_ids for beam in beams],
+            np.stack([group.candidates[beam.seq_id][0] for beam in beams]),
+            np.stack([group.candidates[beam.seq_id][1] for beam in beams]),
+        )
+        group.candidates.clear()
+        parents = [(list(beam.token_ids), list(beam.block_ids), beam.num_computed) for beam in beams]
+        for chosen in next_beams:  # take the new references before dropping the old ones
+            for block_id in parents[chosen.parent][1]:
+                self.blocks.ref_counts[block_id] += 1
+        for beam in beams:
+            self.blocks.free(beam)
+        targets = beams[: len(next_beams)]
+        for extra in range(len(beams), len(next_beams)):
+            child = beams[0].fork(self.next_seq_id(), sample_index=extra)
+            self.running.append(child)
+            outcome.forked.append((beams[0], child))
+            targets.append(child)
+        for target, chosen in zip(targets, next_beams):
+            token_ids, block_ids, num_computed = parents[chosen.parent]
+            target.token_ids = token_ids + [chosen.token_id]
+            target.block_ids = list(block_ids)
+            target.num_computed = num_computed
+            group.scores[target.seq_id] = chosen.score
+        for beam in beams[len(next_beams) :]:  # the search is over, or fewer beams can go on
+            self.running.remove(beam)
+            beam.status = SequenceStatus.FINISHED
+            beam.finish_reason = FinishReason.EOS if group.search.finished else FinishReason.LENGTH
+            outcome.finished.append(beam)
+        group.beams = targets
+        group.scores = {beam.seq_id: group.scores[beam.seq_id] for beam in targets}
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.blocks.free(seq)

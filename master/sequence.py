@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from common.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from master.beam_search import BeamSearch
 
 
 class SequenceStatus(enum.Enum):
@@ -17,8 +20,17 @@ class SequenceStatus(enum.Enum):
 class FinishReason(str, enum.Enum):
     LENGTH = "length"
     EOS = "eos_token"
+    STOP = "stop_sequence"  # a stop string or one of stop_token_ids
     ABORT = "abort"
     ERROR = "error"
+
+
+@dataclass
+class TokenLogprobs:
+    """A generated token's raw log-probability and the top alternatives asked for."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(eq=False)
@@ -37,6 +49,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[FinishReason] = None
     num_preemptions: int = 0
+    sample_index: int = 0  # which of the request's samples (n / best_of) or beams
+    pending_forks: int = 0  # more samples to draw at the first token, each becoming a sequence
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    beam: Optional["BeamState"] = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -66,11 +83,62 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int) -> Optional[FinishReason]:
+    @property
+    def num_slots(self) -> int:
+        """Decode slots this sequence holds: itself, plus the samples or beams it will become."""
+        if self.beam is not None and self.beam.beams and self.beam.beams[0] is self:
+            return max(self.params.num_beams - len(self.beam.beams) + 1, 1)
+        return 1 + self.pending_forks
+
+    @property
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """Ids that may not be drawn now: the end tokens until min_new_tokens are out."""
+        if self.num_output_tokens >= self.params.min_new_tokens:
+            return ()
+        eos = () if self.params.ignore_eos else tuple(sorted(self.eos_token_ids))
+        return eos + self.params.stop_token_ids
+
+    def append_token(self, token_id: int, logprobs: Optional[TokenLogprobs] = None) -> Optional[FinishReason]:
         """Add a generated token; return why the sequence is now done, if it is."""
         self.token_ids.append(token_id)
+        if logprobs is not None:
+            self.cumulative_logprob += logprobs.logprob
+            if self.params.logprobs is not None:
+                self.logprobs.append(logprobs)
         if token_id in self.eos_token_ids and not self.params.ignore_eos:
             return FinishReason.EOS
+        if token_id in self.params.stop_token_ids:
+            return FinishReason.STOP
         if self.num_output_tokens >= self.params.max_new_tokens or self.num_tokens >= self.max_seq_len:
             return FinishReason.LENGTH
         return None
+
+    def fork(self, seq_id: int, sample_index: int) -> "Sequence":
+        """A copy that shares this sequence's blocks (the caller adds the references)."""
+        child = Sequence(
+            seq_id=seq_id,
+            prompt_ids=self.prompt_ids,
+            params=self.params,
+            eos_token_ids=self.eos_token_ids,
+            max_seq_len=self.max_seq_len,
+            arrival_time=self.arrival_time,
+            token_ids=list(self.token_ids),
+            block_ids=list(self.block_ids),
+            num_computed=self.num_computed,
+            status=self.status,
+            sample_index=sample_index,
+            logprobs=list(self.logprobs),
+            cumulative_logprob=self.cumulative_logprob,
+            beam=self.beam,
+        )
+        return child
+
+
+@dataclass(eq=False)
+class BeamState:
+    """The beams of one request: the search, and each live beam's score and pending candidates."""
+
+    search: "BeamSearch"
+    beams: list[Sequence] = field(default_factory=list)
+    scores: dict[int, object] = field(default_factory=dict)  # seq_id -> float32 running score
+    candidates: dict[int, tuple] = field(default_factory=dict)  # seq_id -> (ids, logprobs) this round

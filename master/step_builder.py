@@ -6,8 +6,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from common.protocol import StepRequest, logits_file_name
-from common.step_arrays import NO_SEED
+from common.step_arrays import SampleRow, write_sampling_rows
 from master.scheduler import StepPlan
+from master.sequence import Sequence
 
 
 def write_step(
@@ -16,6 +17,7 @@ def write_step(
     block_size: int,
     step_id: int,
     request_id_of: Optional[Callable[[int], str]] = None,
+    suppress_width: int = 1,
 ) -> StepRequest:
     """Fill the input arrays for `plan` and return the header that describes them.
 
@@ -24,8 +26,7 @@ def write_step(
     width = max(len(item.seq.block_ids) for item in plan.scheduled)
     block_tables = arrays["block_tables"][: len(plan.scheduled) * width].reshape(len(plan.scheduled), width)
     token_pos = 0
-    num_sample = 0
-    is_all_greedy = True
+    sample_rows: list[SampleRow] = []
     for row, item in enumerate(plan.scheduled):
         seq, start, count = item.seq, item.seq.num_computed, item.num_new_tokens
         end = start + count
@@ -44,35 +45,44 @@ def write_step(
         arrays["query_lens"][row] = count
         arrays["context_lens"][row] = end
         token_pos += count
-        if item.samples:
-            _write_sampling_row(arrays, num_sample, seq, token_pos - 1)
-            is_all_greedy = is_all_greedy and seq.params.is_greedy
-            num_sample += 1
+        for sample in range(item.num_rows):
+            sample_rows.append(_sample_row(seq, token_pos - 1, sample))
+    copies = plan.block_copies
+    arrays["block_copies"][: 2 * len(copies)] = np.asarray(copies, dtype=np.int64).ravel() if copies else []
+    is_all_greedy = write_sampling_rows(arrays, sample_rows, suppress_width)
     return StepRequest(
         step_id=step_id,
         num_tokens=token_pos,
         num_seqs=len(plan.scheduled),
-        num_sample=num_sample,
+        num_sample=len(sample_rows),
         block_table_width=width,
         is_all_greedy=is_all_greedy,
+        num_block_copies=len(copies),
         dump_names=None if request_id_of is None else _dump_names(plan, request_id_of),
+    )
+
+
+def _sample_row(seq: Sequence, logits_index: int, sample: int) -> SampleRow:
+    """Row `sample` of `seq`: 0 is the sequence itself, later ones the samples it forks into."""
+    beam = seq.beam
+    return SampleRow(
+        logits_index=logits_index,
+        params=seq.params,
+        token_ids=seq.token_ids,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        sample_index=seq.sample_index + sample,
+        suppress=seq.suppressed_ids,
+        beam_candidates=0 if beam is None else beam.search.candidates_per_beam,
     )
 
 
 def _dump_names(plan: StepPlan, request_id_of: Callable[[int], str]) -> list[str]:
     """File names of the sampled rows, in row order; the position is the index of the token being chosen."""
-    return [
-        logits_file_name(request_id_of(item.seq.seq_id), item.seq.num_output_tokens)
-        for item in plan.scheduled
-        if item.samples
-    ]
-
-
-def _write_sampling_row(arrays: dict[str, np.ndarray], row: int, seq, token_index: int) -> None:
-    params = seq.params
-    arrays["logits_indices"][row] = token_index
-    arrays["temperature"][row] = params.agent_temperature
-    arrays["top_k"][row] = params.top_k
-    arrays["top_p"][row] = params.top_p
-    arrays["seeds"][row] = NO_SEED if params.seed is None else params.seed
-    arrays["seed_offsets"][row] = seq.num_output_tokens
+    names = []
+    for item in plan.scheduled:
+        for sample in range(item.num_rows):
+            request_id = request_id_of(item.seq.seq_id)
+            if item.seq.sample_index + sample:
+                request_id = f"{request_id}.{item.seq.sample_index + sample}"
+            names.append(logits_file_name(request_id, item.seq.num_output_tokens))
+    return names

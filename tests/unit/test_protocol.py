@@ -17,7 +17,7 @@ from common.protocol import (
 )
 
 EXAMPLES = [
-    InitAgent("llmserve_1_in_ab", "llmserve_1_out_cd", 2048, 64, 128),
+    InitAgent("llmserve_1_in_ab", "llmserve_1_out_cd", 2048, 64, 128, 4096, 20, 16),
     AgentReady(rank=0, pid=42, vocab_size=1024, num_layers=4, num_kv_blocks=512, block_size=16, dtype="float32", device="cpu"),
     StepRequest(step_id=7, num_tokens=19, num_seqs=3, num_sample=2, block_table_width=5, is_all_greedy=False),
     StepRequest(7, 19, 3, 2, 5, True, dump_names=["req-a_00000.npy", "req-b_00012.npy"]),

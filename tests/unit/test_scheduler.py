@@ -1,12 +1,13 @@
 """The scheduler and block manager as specifications: plans in, plans out, no processes."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from common.config import SchedulerConfig
 from common.sampling import SamplingParams
 from master.block_manager import BlockManager
-from master.scheduler import Scheduler
+from master.scheduler import Scheduler, StepSamples
 from master.sequence import FinishReason, Sequence, SequenceStatus
 
 EOS = 2
@@ -27,10 +28,14 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, **overrides) -> Sc
     return Scheduler(SchedulerConfig(**overrides), BlockManager(num_blocks, block_size))
 
 
+def samples(ids) -> StepSamples:
+    return StepSamples(np.asarray(ids, dtype=np.int64))
+
+
 def run_step(scheduler: Scheduler, now: float = 0.0, token: int = 5):
     plan = scheduler.schedule(now)
     assert plan is not None
-    outcome = scheduler.update(plan, [token] * sum(item.samples for item in plan.scheduled), now)
+    outcome = scheduler.update(plan, samples([token] * sum(item.num_rows for item in plan.scheduled)), now)
     return plan, outcome
 
 
@@ -169,7 +174,7 @@ def test_preempted_sequence_is_recomputed_with_its_outputs_and_finishes():
         if plan is None:
             break
         recompute_sizes += [i.num_new_tokens for i in plan.scheduled if i.seq.num_preemptions and i.num_new_tokens > 1]
-        scheduler.update(plan, [5] * sum(i.samples for i in plan.scheduled), 0.0)
+        scheduler.update(plan, samples([5] * sum(i.num_rows for i in plan.scheduled)), 0.0)
     assert all(seq.is_finished and seq.num_output_tokens == 6 for seq in seqs)
     assert recompute_sizes, "the preempted sequence was recomputed from prompt plus outputs"
     assert scheduler.blocks.num_free_blocks == 4
@@ -205,7 +210,7 @@ def test_sequence_aborted_during_a_step_is_ignored_by_update():
     scheduler.add(seq)
     plan = scheduler.schedule(0.0)
     scheduler.abort(seq)
-    outcome = scheduler.update(plan, [5], 0.0)
+    outcome = scheduler.update(plan, samples([5]), 0.0)
     assert outcome.new_tokens == [] and scheduler.blocks.num_free_blocks == 16
 
 

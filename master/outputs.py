@@ -1,0 +1,74 @@
+"""What a request returns: each generated sequence's text as it grows, stop strings, and the final outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tokenizers import Tokenizer
+
+from master.sequence import Sequence, TokenLogprobs
+from master.tokenizer import IncrementalDetokenizer, decode
+
+
+class TextOutput:
+    """The text of one sequence, token by token: what may be streamed now, and whether a stop string ended it.
+
+    A stop string split across tokens is found because the whole text is searched
+    around the new characters; the text that could still begin a stop string is held
+    back from the stream until it cannot. The output is cut before the stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seq: Sequence):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.num_prompt_tokens)
+        self.stop = seq.params.stop
+        self.hold_back = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""
+        self.num_sent = 0
+        self.stopped = False
+
+    def add(self, seq: Sequence) -> Optional[str]:
+        """Take the sequence's newest token; return the text to stream now (None after a stop string)."""
+        searched_from = max(len(self.text) - self.hold_back, 0)
+        self.text += self.detokenizer.step(seq.token_ids)
+        if self.stop and seq.num_output_tokens >= seq.params.min_new_tokens:
+            cut = _first_stop(self.text, self.stop, searched_from)
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.stopped = True
+        return self.flush(final=self.stopped)
+
+    def flush(self, final: bool = True) -> str:
+        """The text not streamed yet; all of it when `final`."""
+        end = len(self.text) if final else max(len(self.text) - self.hold_back, self.num_sent)
+        delta = self.text[self.num_sent : end]
+        self.num_sent = end
+        return delta
+
+
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> Optional[int]:
+    found = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
+    return min(found) if found else None
+
+
+@dataclass
+class GenerationOutput:
+    """One returned sequence."""
+
+    index: int
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    cumulative_logprob: Optional[float] = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    score: Optional[float] = None  # beam search: the length-penalised score
+
+
+def sequence_output(index: int, seq: Sequence, tokenizer: Tokenizer, text: Optional[TextOutput]) -> GenerationOutput:
+    return GenerationOutput(
+        index=index,
+        output_ids=seq.output_ids,
+        text=text.text if text is not None and text.stopped else decode(tokenizer, seq.output_ids),
+        finish_reason=seq.finish_reason.value,
+        cumulative_logprob=seq.cumulative_logprob if seq.params.agent_num_logprobs >= 0 else None,
+        logprobs=seq.logprobs,
+    )
