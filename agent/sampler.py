@@ -214,5 +214,19 @@ def suppress_tokens(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
 
 
 def _row_seed(seed: int, offset: int) -> int:
-    """A draw depends only on the request's seed, its sample index and how many tokens it has generated."""
-    return (seed * 1_000_003 + offset) % (2**63 - 1)
+    """A draw depends only on the request's seed, its sample index and how many tokens it has generated.
+
+    Mixed with splitmix64 and folded to 32 bits: torch's CPU generator only uses a seed's low 32 bits.
+    """
+    mixed = _splitmix64(_splitmix64(seed) ^ offset)
+    return (mixed ^ (mixed >> 32)) & 0xFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+MASK64 = (1 << 64) - 1

@@ -136,6 +136,7 @@ def _sequence(engine: Engine, output: GenerationOutput, with_logprobs: bool) -> 
     entry = {
         "index": output.index,
         "generated_text": output.text,
+        "token_ids": output.output_ids,
         "finish_reason": output.finish_reason,
         "generated_tokens": len(output.output_ids),
     }

@@ -246,3 +246,58 @@ def test_without_chunked_prefill_a_prompt_longer_than_the_budget_is_chunked_rath
     chunks = [run_step(scheduler)[0].scheduled[0].num_new_tokens for _ in range(3)]
     assert chunks == [8, 8, 4]
     assert seq.num_output_tokens == 1
+
+
+def make_sampled_seq(seq_id: int, prompt_len: int, n: int, max_new_tokens: int = 8) -> Sequence:
+    seq = make_seq(seq_id, prompt_len, max_new_tokens)
+    seq.params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, n=n)
+    seq.pending_forks = n - 1
+    return seq
+
+
+def test_n_samples_share_the_prompt_blocks_and_copy_the_partial_block_on_write():
+    scheduler = make_scheduler(num_blocks=16, block_size=4)
+    seq = make_sampled_seq(0, prompt_len=10, n=3)
+    scheduler.add(seq)
+    plan = scheduler.schedule(0.0)
+    assert plan.scheduled[0].num_rows == 3  # three draws from the prompt's last logits
+    outcome = scheduler.update(plan, samples([5, 6, 7]), 0.0)
+    children = [child for _, child in outcome.forked]
+    assert [s.output_ids for s in [seq, *children]] == [[5], [6], [7]]
+    assert all(child.block_ids == seq.block_ids for child in children)
+    assert [scheduler.blocks.ref_counts[b] for b in seq.block_ids] == [3, 3, 3]
+    assert scheduler.blocks.num_free_blocks == 16 - 3  # one prompt's worth, not three
+    plan, _ = run_step(scheduler)
+    shared_last = seq.block_ids[0:2]
+    # position 10 lands in the third block, shared and half full: two sequences copy it, the last keeps it
+    assert len(plan.block_copies) == 2
+    assert all(children[i].block_ids[:2] == shared_last for i in range(2))
+    assert scheduler.blocks.num_free_blocks == 16 - 5
+    assert len({tuple(s.block_ids) for s in [seq, *children]}) == 3
+
+
+def test_a_plan_with_block_copies_is_never_deferred():
+    scheduler = make_scheduler(num_blocks=16, block_size=4, decode_batch_waiting_time=10.0, decode_batch_size=8)
+    scheduler.add(make_sampled_seq(0, prompt_len=10, n=2))
+    run_step(scheduler, now=0.0)
+    plan = scheduler.schedule(now=0.001)
+    assert plan is not None and plan.block_copies
+
+
+def test_preempting_one_sample_keeps_the_blocks_its_siblings_share():
+    scheduler = make_scheduler(num_blocks=16, block_size=4)
+    seq = make_sampled_seq(0, prompt_len=8, n=2)
+    scheduler.add(seq)
+    _, outcome = run_step(scheduler)
+    child = outcome.forked[0][1]
+    scheduler._preempt(child)
+    assert seq.block_ids and all(scheduler.blocks.ref_counts[b] == 1 for b in seq.block_ids)
+    assert scheduler.blocks.num_free_blocks == 16 - len(seq.block_ids)
+
+
+def test_admission_reserves_a_decode_slot_for_every_sample():
+    scheduler = make_scheduler(decode_batch_size=4)
+    scheduler.add(make_sampled_seq(0, prompt_len=4, n=3))
+    scheduler.add(make_sampled_seq(1, prompt_len=4, n=2))
+    plan = scheduler.schedule(0.0)
+    assert [item.seq.seq_id for item in plan.scheduled] == [0]
