@@ -68,14 +68,14 @@ class Sampler:
         return output
 
     def _sample(self, scores: torch.Tensor, rows: SamplingRows, greedy_ids: torch.Tensor) -> torch.Tensor:
-        temperature = self._tensor(rows.temperature)
-        is_greedy = temperature == 0
-        scaled = scores / torch.where(is_greedy, 1.0, temperature).unsqueeze(1)
-        scaled = filter_logits(scaled, rows)
-        probs = torch.softmax(scaled, dim=-1)
-        noise = self._exponential_noise(probs.shape, rows.seeds, rows.seed_offsets)
-        sampled_ids = (probs / noise).argmax(dim=-1)
-        return torch.where(is_greedy, greedy_ids, sampled_ids)
+        """Draw for the rows with a temperature; the others keep their greedy id."""
+        selected = np.flatnonzero(rows.temperature > 0)
+        index = torch.from_numpy(selected).to(scores.device)
+        sub_rows = rows.subset(selected)
+        scaled = scores.index_select(0, index) / self._tensor(sub_rows.temperature).unsqueeze(1)
+        probs = torch.softmax(filter_logits(scaled, sub_rows), dim=-1)
+        noise = self._exponential_noise(probs.shape, sub_rows.seeds, sub_rows.seed_offsets)
+        return greedy_ids.index_copy(0, index, (probs / noise).argmax(dim=-1))
 
     def _topk(self, scores, raw_logprobs, is_beam: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam rows: best continuations under the processed scores; other rows: top raw log-probabilities."""
@@ -95,46 +95,94 @@ class Sampler:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _exponential_noise(self, shape: torch.Size, seeds: np.ndarray, seed_offsets: np.ndarray) -> torch.Tensor:
-        noise = torch.empty(shape, device=self.device).exponential_(generator=self.generator)
+        """Exp(1) noise as -log(U): five times faster than exponential_ on CPU."""
+        uniform = torch.rand(shape, device=self.device, generator=self.generator)
         for row in np.flatnonzero(seeds != NO_SEED):  # one generator per seeded row, never per token
             generator = torch.Generator(device=self.device)
             generator.manual_seed(_row_seed(int(seeds[row]), int(seed_offsets[row])))
-            noise[row].exponential_(generator=generator)
-        return noise
+            uniform[row] = torch.rand(shape[-1], device=self.device, generator=generator)
+        return uniform.log_().neg_()
 
 
 def filter_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """Top-k, top-p, min-p and typical-p with each row's own values, as transformers' warpers compute them."""
+    """Top-k, top-p, min-p and typical-p with each row's own values, as transformers' warpers compute them.
+
+    Each filter runs on the rows that ask for it only.
+    """
     vocab = logits.shape[-1]
-    device = logits.device
-    top_k = torch.from_numpy(rows.top_k.astype(np.int64)).to(device)
-    if bool(((top_k > 0) & (top_k < vocab)).any()):
-        k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab).unsqueeze(1)
-        kth_value = logits.sort(dim=-1, descending=True).values.gather(1, k - 1)
-        logits = logits.masked_fill(logits < kth_value, NEG_INF)  # ties with the k-th value stay
-    if bool((rows.top_p < 1.0).any()):
-        top_p = torch.from_numpy(rows.top_p).to(device).unsqueeze(1)
-        sorted_logits, order = logits.sort(dim=-1)
-        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop[:, -1] = False  # keep at least one token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
-    if bool((rows.min_p > 0).any()):
-        min_p = torch.from_numpy(rows.min_p).to(device).unsqueeze(1)
-        probs = logits.softmax(dim=-1)
-        drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
-        drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
-        logits = logits.masked_fill(drop, NEG_INF)
-    if bool((rows.typical_p < 1.0).any()):
-        logits = _typical(logits, torch.from_numpy(rows.typical_p).to(device).unsqueeze(1))
-    return logits
+    top_k = rows.top_k.astype(np.int64)
+    logits = _on_rows(logits, (top_k > 0) & (top_k < vocab), lambda x, sel: _top_k(x, top_k[sel]))
+    logits = _on_rows(logits, rows.top_p < 1.0, lambda x, sel: _top_p(x, rows.top_p[sel]))
+    logits = _on_rows(logits, rows.min_p > 0, lambda x, sel: _min_p(x, rows.min_p[sel]))
+    return _on_rows(logits, rows.typical_p < 1.0, lambda x, sel: _typical(x, rows.typical_p[sel]))
 
 
-def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+def _on_rows(logits: torch.Tensor, wanted: np.ndarray, transform) -> torch.Tensor:
+    """Apply `transform(sub_logits, selected_rows)` to the wanted rows only."""
+    selected = np.flatnonzero(wanted)
+    if len(selected) == 0:
+        return logits
+    if len(selected) == len(wanted):
+        return transform(logits, selected)
+    index = torch.from_numpy(selected).to(logits.device)
+    return logits.index_copy(0, index, transform(logits.index_select(0, index), selected))
+
+
+def _top_k(logits: torch.Tensor, top_k: np.ndarray) -> torch.Tensor:
+    k = torch.from_numpy(top_k).to(logits.device).unsqueeze(1)
+    kth_value = logits.topk(int(top_k.max()), dim=-1).values.gather(1, k - 1)
+    return logits.masked_fill(logits < kth_value, NEG_INF)  # ties with the k-th value stay
+
+
+def _min_p(logits: torch.Tensor, min_p_values: np.ndarray) -> torch.Tensor:
+    min_p = torch.from_numpy(min_p_values).to(logits.device).unsqueeze(1)
+    probs = logits.softmax(dim=-1)
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+TOP_P_CANDIDATES = 256  # top-p looks at this many best tokens first; a full sort only when they hold too little mass
+
+
+def _top_p(logits: torch.Tensor, top_p_values: np.ndarray) -> torch.Tensor:
+    """Drop the tokens whose ascending cumulative probability is <= 1 - top_p (keep at least one).
+
+    The tokens outside the best TOP_P_CANDIDATES are all dropped when their total mass is <= 1 - top_p,
+    which is usual for a trained model; then only the candidates are sorted. Otherwise the whole row is.
+    """
+    top_p = torch.from_numpy(top_p_values).to(logits.device).unsqueeze(1)
+    active = top_p < 1.0
+    probs = logits.softmax(dim=-1)
+    width = min(TOP_P_CANDIDATES, logits.shape[-1])
+    top_probs, top_ids = probs.topk(width, dim=-1)  # descending
+    outside = (1.0 - top_probs.sum(dim=-1, keepdim=True)).clamp_(min=0.0)
+    if width < logits.shape[-1] and not bool(((outside <= 1 - top_p) | ~active).all()):
+        top_probs, top_ids = _sort_descending(probs)
+        outside = torch.zeros_like(outside)
+    ascending = top_probs.flip(-1)
+    drop = (outside + ascending.cumsum(dim=-1)) <= 1 - top_p
+    drop[:, -1] = False
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_ids.flip(-1), ~drop)
+    return logits.masked_fill(active & ~keep, NEG_INF)
+
+
+def _sort_descending(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted values, indices) per row; numpy's argsort on CPU, where it is ~6x faster than torch.sort."""
+    if values.device.type != "cpu":
+        return values.sort(dim=-1, descending=True)
+    order = torch.from_numpy(np.argsort(-values.numpy(), axis=-1))
+    return values.gather(1, order), order
+
+
+def _typical(logits: torch.Tensor, mass_values: np.ndarray) -> torch.Tensor:
     """Keep the tokens whose surprise is closest to the entropy, up to `mass` (rows with mass 1 untouched)."""
+    mass = torch.from_numpy(mass_values).to(logits.device).unsqueeze(1)
     logprobs = torch.log_softmax(logits, dim=-1)
     entropy = -(logprobs * logprobs.exp()).nansum(-1, keepdim=True)
     shifted = (-logprobs - entropy).abs()
-    sorted_shifted, order = shifted.sort(dim=-1)
+    negated, order = _sort_descending(-shifted)
+    sorted_shifted = -negated
     cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
     last = (cumulative < mass).sum(dim=1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
     drop = sorted_shifted > sorted_shifted.gather(1, last)

@@ -107,6 +107,11 @@ class SamplingRows:
     def num_rows(self) -> int:
         return len(self.temperature)
 
+    def subset(self, selected: np.ndarray) -> "SamplingRows":
+        """The rows `selected` (copies of the per-row values; the history buffer is shared)."""
+        fields = {name: getattr(self, name)[selected] for name, _ in SAMPLING_ROW_FIELDS}
+        return SamplingRows(**fields, history=self.history, suppress_ids=self.suppress_ids[selected])
+
 
 def sampling_rows(arrays: dict[str, np.ndarray], num_rows: int, suppress_width: int) -> SamplingRows:
     """Views of the first `num_rows` sampled rows."""
