@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -78,9 +79,8 @@ def per_row(scores: torch.Tensor, processors_per_row: Sequence[list], histories:
 def assert_same_distribution(got: torch.Tensor, expected: torch.Tensor) -> None:
     """Same -inf mask exactly, same finite values up to float rounding."""
     got = got.cpu()
-    assert torch.equal(torch.isneginf(got), torch.isneginf(expected)), (
-        f"masked differently in rows {torch.nonzero((torch.isneginf(got) != torch.isneginf(expected)).any(-1)).flatten().tolist()}"
-    )
+    differs = (torch.isneginf(got) != torch.isneginf(expected)).any(-1)
+    assert not differs.any(), f"masked differently in rows {differs.nonzero().flatten().tolist()}"
     finite = torch.isfinite(expected)
     torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5)
 
@@ -102,11 +102,11 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 # 1. Each transform, with a different value on every row, against its transformers processor.
 
 
-def test_temperature_divides_each_row_by_its_own_value_before_filtering(monkeypatch):
+def test_temperature_divides_each_sampled_row_by_its_own_value_before_filtering(monkeypatch):
     seen = []
 
     def recording_filter(logits, rows):
-        seen.append(logits.clone())
+        seen.append((logits.cpu().clone(), rows.temperature.copy()))
         return filter_logits(logits, rows)
 
     monkeypatch.setattr(sampler_module, "filter_logits", recording_filter)
@@ -114,8 +114,11 @@ def test_temperature_divides_each_row_by_its_own_value_before_filtering(monkeypa
     logits = random_logits(len(params), seed=1)
     run_sampler(logits, params)
     expected = per_row(logits, [hf_warpers(p) for p in params])
-    assert_same_distribution(seen[0][[0, 1, 2, 3, 5]], expected[[0, 1, 2, 3, 5]])
-    assert torch.equal(seen[0][4].cpu(), logits[4])  # a greedy row is not scaled
+    [(scaled, temperature)] = seen
+    row_of = {np.float32(p.temperature): i for i, p in enumerate(params) if not p.is_greedy}  # distinct values
+    filtered = [j for j in range(len(temperature)) if temperature[j] > 0]  # greedy rows, if filtered, don't matter
+    assert sorted(row_of[temperature[j]] for j in filtered) == sorted(row_of.values())
+    assert_same_distribution(scaled[filtered], expected[[row_of[temperature[j]] for j in filtered]])
 
 
 @pytest.mark.parametrize(
@@ -143,6 +146,28 @@ def test_top_k_keeps_tokens_tied_with_the_kth_like_transformers():
     assert_same_distribution(filter_logits(logits.clone().to(DEVICE), rows), expected)
 
 
+@pytest.mark.parametrize("scale", [6.0, 0.3])  # peaked: a few hundred tokens hold the mass; flat: they do not
+def test_top_p_matches_transformers_over_a_large_vocabulary(scale):
+    params = [sampled(top_p=p) for p in (0.9, 1.0, 0.5, 0.99, 0.2)]
+    rows, _ = make_rows(params)
+    logits = random_logits(len(params), seed=17, vocab=2000, scale=scale)
+    expected = per_row(logits, [hf_warpers(p) for p in params])
+    assert_same_distribution(filter_logits(logits.clone().to(DEVICE), rows), expected)
+
+
+@pytest.mark.parametrize("vocab", [17, 2000])
+def test_top_p_with_ties_at_the_cut_keeps_the_same_values_as_transformers(vocab):
+    """Which of two equal logits survives is torch.sort's (unstable) choice in transformers; the kept mass is not."""
+    params = [sampled(top_p=p) for p in (0.05, 0.1, 0.3, 0.6, 0.9)]
+    rows, _ = make_rows(params)
+    logits = random_logits(len(params), seed=18, vocab=vocab).round()  # many ties, among them the best tokens
+    expected = per_row(logits, [hf_warpers(p) for p in params])
+    got = filter_logits(logits.clone().to(DEVICE), rows).cpu()
+    for row in range(len(params)):
+        assert torch.equal(got[row][torch.isfinite(got[row])].sort().values,
+                           expected[row][torch.isfinite(expected[row])].sort().values), f"row {row}"
+
+
 def test_chained_warpers_match_transformers_in_generate_order():
     params = [
         sampled(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.95),
@@ -161,13 +186,13 @@ def test_chained_warpers_match_transformers_in_generate_order():
 
 
 def test_repetition_penalty_matches_transformers_over_prompt_and_output():
-    penalties = (1.0, 1.2, 0.8, 2.0, 1.5, 1.0)
+    penalties = (1.0, 1.2, 0.8, 2.0, 1.5, 1.3)
     params = [sampled(repetition_penalty=p) for p in penalties[:-1]] + [SamplingParams(repetition_penalty=1.3)]
     histories = [[1, 2], [3, 4, 5, 3, 9], [0, 7, 7, 12, 40], [10, 11, 12, 13], [47, 1, 2, 3, 4, 5, 6, 47], [8, 9]]
     prompt_lens = [1, 2, 5, 1, 3, 2]
     rows, _ = make_rows(params, histories=histories, prompt_lens=prompt_lens)
     logits = random_logits(len(params), seed=5)
-    reference = [[RepetitionPenaltyLogitsProcessor(p.repetition_penalty)] if p.repetition_penalty != 1 else [] for p in params]
+    reference = [[RepetitionPenaltyLogitsProcessor(p)] if p != 1 else [] for p in penalties]
     expected = per_row(logits, reference, histories)
     assert_same_distribution(apply_penalties(logits.clone().to(DEVICE), rows), expected)
 
@@ -248,26 +273,30 @@ def seeded_draws(seeds, batch_order, sampler_seed, logits, history_len=3, sample
     params = [sampled(seed=seeds[i], top_k=30, temperature=1.5) for i in batch_order]
     histories = [list(range(history_len))] * len(batch_order)
     indexes = [sample_indexes[i] for i in batch_order] if sample_indexes else None
-    out = run_sampler(logits[batch_order], params, seed=sampler_seed, histories=histories, prompt_lens=[1] * len(params),
+    prompt_lens = [1] * len(params)
+    out = run_sampler(logits[batch_order], params, sampler_seed, histories=histories, prompt_lens=prompt_lens,
                       sample_indexes=indexes)
     return dict(zip(batch_order, out.sampled_ids.cpu().tolist()))
 
 
 def test_a_seeded_row_draws_the_same_token_whatever_else_is_in_the_batch():
-    logits = torch.zeros(6, 200)  # flat: every draw is decided by the seed alone
+    logits = random_logits(6, seed=9, vocab=200, scale=0.5)
     seeds = [11, 22, 33, 44, 55, 66]
     alone = {i: seeded_draws(seeds, [i], 0, logits)[i] for i in range(6)}
     assert seeded_draws(seeds, [5, 3, 1, 0, 2, 4], 123, logits) == alone
-    mixed = torch.cat([random_logits(3, seed=9, vocab=200), logits[[2]]])
-    params = [sampled(), SamplingParams(repetition_penalty=1.2), sampled(top_p=0.5), sampled(seed=33, top_k=30, temperature=1.5)]
-    crowd = run_sampler(mixed, params, seed=7, histories=[[5, 6, 7], [8, 9], [1], [0, 1, 2]], prompt_lens=[1] * 4)
+    assert len(set(alone.values())) > 3
+    others = [sampled(), SamplingParams(repetition_penalty=1.2), sampled(top_p=0.5)]
+    crowd = run_sampler(torch.cat([random_logits(3, seed=10, vocab=200), logits[[2]]]),
+                        others + [sampled(seed=33, top_k=30, temperature=1.5)], seed=7,
+                        histories=[[5, 6, 7], [8, 9], [1], [0, 1, 2]], prompt_lens=[1] * 4)
     assert crowd.sampled_ids[3] == alone[2]
 
 
 def test_different_seeds_give_different_draws_over_a_few_tokens():
     logits = torch.zeros(4, 1000)
     seeds = [1, 2, 3, 1]
-    sequences = [[seeded_draws(seeds, [0, 1, 2, 3], 0, logits, history_len=n)[i] for n in range(2, 7)] for i in range(4)]
+    draws = [seeded_draws(seeds, [0, 1, 2, 3], 0, logits, history_len=n) for n in range(2, 7)]
+    sequences = [[step[i] for step in draws] for i in range(4)]
     assert sequences[0] == sequences[3]
     assert len({tuple(s) for s in sequences[:3]}) == 3
     assert len(set(sequences[0])) > 1  # a seed does not pin one token for every position
@@ -276,10 +305,8 @@ def test_different_seeds_give_different_draws_over_a_few_tokens():
 def test_same_seed_with_different_sample_indexes_draws_differently():
     logits = torch.zeros(4, 1000)
     seeds, indexes = [7, 7, 7, 7], [0, 1, 2, 0]
-    sequences = [
-        [seeded_draws(seeds, [0, 1, 2, 3], 0, logits, history_len=n, sample_indexes=indexes)[i] for n in range(2, 6)]
-        for i in range(4)
-    ]
+    draws = [seeded_draws(seeds, [0, 1, 2, 3], 0, logits, history_len=n, sample_indexes=indexes) for n in range(2, 6)]
+    sequences = [[step[i] for step in draws] for i in range(4)]
     assert sequences[0] == sequences[3]
     assert len({tuple(s) for s in sequences[:3]}) == 3
 
@@ -334,7 +361,7 @@ def test_rows_without_logprobs_neither_disturb_nor_are_disturbed_by_rows_with_th
 def test_greedy_rows_in_a_mixed_batch_take_the_argmax_of_the_penalised_logits():
     params = [sampled(), SamplingParams(repetition_penalty=1.5), sampled(top_k=3),
               SamplingParams(repetition_penalty=1.3, no_repeat_ngram_size=2), SamplingParams()]
-    histories = [[0], [1, 5, 9], [0], [4, 6, 4, 2], [0]]
+    histories = [[0], [1, 5, 9], [0], [4, 6, 2, 4], [0]]
     logits = random_logits(len(params), seed=12)
     logits[1, 5] = logits[1].max() + 0.3  # the raw argmax is a repeated token
     logits[3, 6] = logits[3].max() + 5.0  # banned by the 2-gram (4, 6)
@@ -394,7 +421,8 @@ def test_suppress_tokens_matches_min_new_tokens_per_row_and_leaves_other_rows_al
     expected = per_row(logits, reference, histories)
     got = suppress_tokens(logits.clone().to(DEVICE), rows).cpu()
     assert_same_distribution(got, expected)
-    assert torch.equal(got[[1, 2, 4]], logits[[1, 2, 4]])
+    untouched = [i for i, s in enumerate(suppress) if not s]
+    assert untouched == [1, 2] and torch.equal(got[untouched], logits[untouched])
     other = per_row(logits, [[SuppressTokensLogitsProcessor(s)] if s else [] for s in suppress])
     assert_same_distribution(got, other)
 
