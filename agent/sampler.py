@@ -192,24 +192,32 @@ def _typical(logits: torch.Tensor, mass_values: np.ndarray) -> torch.Tensor:
 
 
 def apply_penalties(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """Repetition (over prompt and output), presence and frequency (over output), n-gram bans."""
+    """Repetition (over prompt and output), presence and frequency (over output), n-gram bans.
+
+    Only rows that sent their tokens are touched, and the work is per history token
+    (gather, change, scatter back), not per vocabulary entry.
+    """
+    return _on_rows(scores, rows.history_lens > 0, lambda x, selected: _penalise(x, rows.subset(selected)))
+
+
+def _penalise(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     device = scores.device
     vocab = scores.shape[-1]
     history, is_output = _padded_history(rows, pad=vocab)
-    history_t = torch.from_numpy(history).to(device)
-    ones = torch.ones_like(history_t, dtype=scores.dtype)
-    all_counts = torch.zeros(scores.shape[0], vocab + 1, device=device).scatter_add_(1, history_t, ones)[:, :vocab]
-    output_counts = torch.zeros(scores.shape[0], vocab + 1, device=device).scatter_add_(
-        1, history_t, torch.from_numpy(is_output).to(device, scores.dtype)
-    )[:, :vocab]
-    repetition = torch.from_numpy(rows.repetition_penalty).to(device).unsqueeze(1)
+    # past a row's end, repeat its first token: gathering and scattering it again changes nothing
+    safe = torch.from_numpy(np.where(history == vocab, history[:, :1], history)).to(device)
+    scores = scores.clone()
     if bool((rows.repetition_penalty != 1.0).any()):
-        penalised = torch.where(scores < 0, scores * repetition, scores / repetition)
-        scores = torch.where(all_counts > 0, penalised, scores)
-    if bool((rows.presence_penalty != 0).any() or (rows.frequency_penalty != 0).any()):
-        presence = torch.from_numpy(rows.presence_penalty).to(device).unsqueeze(1)
+        repetition = torch.from_numpy(rows.repetition_penalty).to(device).unsqueeze(1)
+        seen = scores.gather(1, safe)
+        scores.scatter_(1, safe, torch.where(seen < 0, seen * repetition, seen / repetition))
+    if bool((rows.frequency_penalty != 0).any()):
         frequency = torch.from_numpy(rows.frequency_penalty).to(device).unsqueeze(1)
-        scores = scores - output_counts * frequency - (output_counts > 0).to(scores.dtype) * presence
+        scores.scatter_add_(1, safe, -frequency * torch.from_numpy(is_output).to(device))
+    if bool((rows.presence_penalty != 0).any()):
+        presence = torch.from_numpy(rows.presence_penalty).to(device).unsqueeze(1)
+        in_output = torch.zeros_like(scores).scatter_add_(1, safe, torch.from_numpy(is_output).to(device)) > 0
+        scores -= in_output.to(scores.dtype) * presence
     if bool((rows.no_repeat_ngram_size > 0).any()):
         scores = scores.masked_fill(_ngram_bans(history, rows, vocab, device), NEG_INF)
     return scores
