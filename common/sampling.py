@@ -123,5 +123,6 @@ class SamplingParams:
         yield "num_beams", not (self.is_beam_search and self.do_sample), "beam search here is deterministic; unset do_sample"
         yield "n", not self.is_beam_search or self.n <= self.num_beams, "must be <= num_beams with beam search"
         yield "best_of", not (self.is_beam_search and self.best_of is not None), "does not apply to beam search"
+        yield "stop", not (self.is_beam_search and self.stop), "stop strings do not apply to beam search; use stop_token_ids"
         yield "length_penalty", self.length_penalty == self.length_penalty, "must be a number"
         yield "early_stopping", self.early_stopping in (True, False, "never"), "must be true, false or \"never\""

@@ -176,6 +176,8 @@ def test_n_samples_are_returned_and_best_of_ranks_by_log_probability(server):
         ({"logprobs": 1000}, "parameters.logprobs"),
         ({"seed": 2**64}, "parameters.seed"),
         ({"best_of": 1, "n": 2}, "parameters.best_of"),
+        ({"num_beams": 2, "stop": ["x"]}, "parameters.stop"),
+        ({"min_new_tokens": 20, "max_new_tokens": 10}, "parameters.min_new_tokens"),
     ],
 )
 def test_invalid_values_are_400_naming_the_parameter(server, parameters, name):
