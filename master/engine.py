@@ -177,6 +177,14 @@ class Engine:
             raise RequestError(str(exc)) from None
         if stream and (params.is_beam_search or params.num_samples > params.n):
             raise RequestError("stream: beam search and best_of > n pick their outputs at the end; they cannot stream")
+        if params.is_beam_search:
+            num_end = len(set(self.model.eos_token_ids) | set(params.stop_token_ids))
+            if max(2, 1 + num_end) * params.num_beams > self.transport.capacity.topk_width:
+                raise RequestError(
+                    f"{prefix}stop_token_ids: beam search keeps (1 + end tokens) x num_beams candidates per beam; "
+                    f"{num_end} end tokens with {params.num_beams} beams exceed the {self.transport.capacity.topk_width} "
+                    "the server returns (serving_config.max_num_beams sizes it)"
+                )
         batch = self.config.scheduler_config.decode_batch_size
         if params.num_samples > batch:
             raise RequestError(f"{prefix}n: {params.num_samples} sequences exceed the decode batch size ({batch})")

@@ -177,6 +177,7 @@ def test_n_samples_are_returned_and_best_of_ranks_by_log_probability(server):
         ({"seed": 2**64}, "parameters.seed"),
         ({"best_of": 1, "n": 2}, "parameters.best_of"),
         ({"num_beams": 2, "stop": ["x"]}, "parameters.stop"),
+        ({"num_beams": 8, "stop_token_ids": list(range(3, 19))}, "parameters.stop_token_ids"),
         ({"min_new_tokens": 20, "max_new_tokens": 10}, "parameters.min_new_tokens"),
     ],
 )
