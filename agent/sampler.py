@@ -79,17 +79,13 @@ class Sampler:
 
     def _topk(self, scores, raw_logprobs, is_beam: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam rows: best continuations under the processed scores; other rows: top raw log-probabilities."""
-        width = min(width, scores.shape[-1])
-        if raw_logprobs is None:
-            source = scores
-        elif is_beam.all():
+        if raw_logprobs is None or is_beam.all():
             source = scores
         elif is_beam.any():
             source = torch.where(self._tensor(is_beam).unsqueeze(1), scores, raw_logprobs)
         else:
             source = raw_logprobs
-        values, ids = source.topk(width, dim=-1)
-        return values, ids
+        return source.topk(min(width, scores.shape[-1]), dim=-1)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -129,13 +125,13 @@ def _on_rows(logits: torch.Tensor, wanted: np.ndarray, transform) -> torch.Tenso
 
 
 def _top_k(logits: torch.Tensor, top_k: np.ndarray) -> torch.Tensor:
-    k = torch.from_numpy(top_k).to(logits.device).unsqueeze(1)
+    k = _column(top_k, logits.device)
     kth_value = logits.topk(int(top_k.max()), dim=-1).values.gather(1, k - 1)
     return logits.masked_fill(logits < kth_value, NEG_INF)  # ties with the k-th value stay
 
 
 def _min_p(logits: torch.Tensor, min_p_values: np.ndarray) -> torch.Tensor:
-    min_p = torch.from_numpy(min_p_values).to(logits.device).unsqueeze(1)
+    min_p = _column(min_p_values, logits.device)
     probs = logits.softmax(dim=-1)
     drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
     drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
@@ -151,7 +147,7 @@ def _top_p(logits: torch.Tensor, top_p_values: np.ndarray) -> torch.Tensor:
     The tokens outside the best TOP_P_CANDIDATES are all dropped when their total mass is <= 1 - top_p,
     which is usual for a trained model; then only the candidates are sorted. Otherwise the whole row is.
     """
-    top_p = torch.from_numpy(top_p_values).to(logits.device).unsqueeze(1)
+    top_p = _column(top_p_values, logits.device)
     active = top_p < 1.0
     probs = logits.softmax(dim=-1)
     width = min(TOP_P_CANDIDATES, logits.shape[-1])
@@ -177,7 +173,7 @@ def _sort_descending(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _typical(logits: torch.Tensor, mass_values: np.ndarray) -> torch.Tensor:
     """Keep the tokens whose surprise is closest to the entropy, up to `mass` (rows with mass 1 untouched)."""
-    mass = torch.from_numpy(mass_values).to(logits.device).unsqueeze(1)
+    mass = _column(mass_values, logits.device)
     logprobs = torch.log_softmax(logits, dim=-1)
     entropy = -(logprobs * logprobs.exp()).nansum(-1, keepdim=True)
     shifted = (-logprobs - entropy).abs()
@@ -206,18 +202,17 @@ def _penalise(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     history, is_output = _padded_history(rows, pad=vocab)
     # past a row's end, repeat its first token: gathering and scattering it again changes nothing
     safe = torch.from_numpy(np.where(history == vocab, history[:, :1], history)).to(device)
+    output_mask = torch.from_numpy(is_output).to(device)
     scores = scores.clone()
     if bool((rows.repetition_penalty != 1.0).any()):
-        repetition = torch.from_numpy(rows.repetition_penalty).to(device).unsqueeze(1)
+        repetition = _column(rows.repetition_penalty, device)
         seen = scores.gather(1, safe)
         scores.scatter_(1, safe, torch.where(seen < 0, seen * repetition, seen / repetition))
     if bool((rows.frequency_penalty != 0).any()):
-        frequency = torch.from_numpy(rows.frequency_penalty).to(device).unsqueeze(1)
-        scores.scatter_add_(1, safe, -frequency * torch.from_numpy(is_output).to(device))
+        scores.scatter_add_(1, safe, -_column(rows.frequency_penalty, device) * output_mask)
     if bool((rows.presence_penalty != 0).any()):
-        presence = torch.from_numpy(rows.presence_penalty).to(device).unsqueeze(1)
-        in_output = torch.zeros_like(scores).scatter_add_(1, safe, torch.from_numpy(is_output).to(device)) > 0
-        scores -= in_output.to(scores.dtype) * presence
+        in_output = torch.zeros_like(scores).scatter_add_(1, safe, output_mask) > 0
+        scores -= in_output.to(scores.dtype) * _column(rows.presence_penalty, device)
     if bool((rows.no_repeat_ngram_size > 0).any()):
         scores = scores.masked_fill(_ngram_bans(history, rows, vocab, device), NEG_INF)
     return scores
@@ -267,6 +262,11 @@ def suppress_tokens(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     mask = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
     mask.scatter_(1, torch.from_numpy(ids).to(scores.device), True)
     return scores.masked_fill(mask[:, :vocab], NEG_INF)
+
+
+def _column(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One value per row as a [rows, 1] tensor that broadcasts over the vocabulary."""
+    return torch.from_numpy(values).to(device).unsqueeze(1)
 
 
 def _row_seed(seed: int, offset: int) -> int:

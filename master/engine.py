@@ -159,7 +159,7 @@ class Engine:
         if params.is_beam_search:
             search = BeamSearch(
                 params.num_beams, params.length_penalty, params.early_stopping, params.max_new_tokens,
-                seq.eos_token_ids | frozenset(params.stop_token_ids),
+                self._end_token_ids(params),
             )
             seq.beam = BeamState(search, [seq], {seq.seq_id: np.float32(0.0)})
         else:
@@ -178,7 +178,7 @@ class Engine:
         if stream and (params.is_beam_search or params.num_samples > params.n):
             raise RequestError("stream: beam search and best_of > n pick their outputs at the end; they cannot stream")
         if params.is_beam_search:
-            num_end = len(set(self.model.eos_token_ids) | set(params.stop_token_ids))
+            num_end = len(self._end_token_ids(params))
             if max(2, 1 + num_end) * params.num_beams > self.transport.capacity.topk_width:
                 raise RequestError(
                     f"{prefix}stop_token_ids: beam search keeps (1 + end tokens) x num_beams candidates per beam; "
@@ -188,6 +188,10 @@ class Engine:
         batch = self.config.scheduler_config.decode_batch_size
         if params.num_samples > batch:
             raise RequestError(f"{prefix}n: {params.num_samples} sequences exceed the decode batch size ({batch})")
+
+    def _end_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """Tokens that end a beam: the model's end tokens and the request's stop_token_ids."""
+        return frozenset(self.model.eos_token_ids) | frozenset(params.stop_token_ids)
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         total = len(prompt_ids) + params.max_new_tokens

@@ -115,7 +115,7 @@ class Sequence:
 
     def fork(self, seq_id: int, sample_index: int) -> "Sequence":
         """A copy that shares this sequence's blocks (the caller adds the references)."""
-        child = Sequence(
+        return Sequence(
             seq_id=seq_id,
             prompt_ids=self.prompt_ids,
             params=self.params,
@@ -131,7 +131,6 @@ class Sequence:
             cumulative_logprob=self.cumulative_logprob,
             beam=self.beam,
         )
-        return child
 
 
 @dataclass(eq=False)
