@@ -34,6 +34,7 @@ class ModelConfig:
     end_token_id: Optional[list] = None
     pad_token_id: Optional[int] = None
     seed: int = 0
+    chat_template: Optional[str] = None
 
     def validate(self) -> None:
         if self.model_path is None and self.dummy_config is None:
@@ -67,6 +68,7 @@ class ServingConfig:
     max_logprobs: int = 20
     max_num_beams: int = 8
     max_n: int = 16
+    api_key: Optional[str] = field(default=None, repr=False)
 
     @property
     def sampling_limits(self) -> SamplingLimits:
@@ -87,6 +89,8 @@ class ServingConfig:
             raise ValueError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.logits_dump_dir == "":
             raise ValueError("logits_dump_dir: must be a directory path, or left out")
+        if self.api_key == "":
+            raise ValueError("api_key: must not be empty; leave it out to serve without a key")
 
     def _validate_ports(self) -> None:
         if not self.agent_ports:
@@ -260,3 +264,6 @@ def _check_paths(config: Config, source: str) -> None:
     path = config.model_config.model_path
     if path is not None and not os.path.isdir(path):
         raise ConfigError(f"{source}: key 'model_config.model_path': {path} is not a directory")
+    template = config.model_config.chat_template
+    if template is not None and not os.path.isfile(template):
+        raise ConfigError(f"{source}: key 'model_config.chat_template': {template} is not a file")
