@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
+
+
+API_KEY_ENV = "LLMSERVE_API_KEY"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -13,6 +17,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="configs/default.yaml", help="YAML config file")
     serve.add_argument("--host", help="override serving_config.server_ip")
     serve.add_argument("--port", type=int, help="override serving_config.server_port")
+    serve.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer KEY` on every route but /health (default: ${API_KEY_ENV})",
+    )
+    serve.add_argument("--chat-template", metavar="FILE", help="jinja chat template overriding the checkpoint's")
     agent = commands.add_parser("agent", help="start one agent (rank R) by hand")
     agent.add_argument("--config", required=True, help="YAML config file (the same one the master uses)")
     agent.add_argument("--rank", type=int, default=0, help="which agent_ports entry to listen on")
@@ -28,7 +37,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     overrides = {}
     if args.command == "serve":
-        overrides = {"serving_config": {k: v for k, v in (("server_ip", args.host), ("server_port", args.port)) if v is not None}}
+        serving = {"server_ip": args.host, "server_port": args.port, "api_key": args.api_key}
+        overrides = {"serving_config": {k: v for k, v in serving.items() if v is not None}}
+        if args.chat_template:
+            overrides["model_config"] = {"chat_template": args.chat_template}
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:

@@ -1,4 +1,7 @@
 """Error types shared by the master and the agents; each maps to one HTTP status."""
+from __future__ import annotations
+
+from typing import Optional
 
 
 class LLMServeError(Exception):
@@ -12,9 +15,13 @@ class ConfigError(LLMServeError):
 
 
 class RequestError(LLMServeError):
-    """The client sent something we cannot serve; the message says what to change."""
+    """The client sent something we cannot serve; the message says what to change, `param` which field."""
 
     status_code = 400
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFound(LLMServeError):

@@ -5,8 +5,10 @@ calls `validate`, which names the offending parameter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+from common.errors import RequestError
 
 MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1
@@ -20,6 +22,18 @@ class SamplingLimits:
     max_num_beams: int = 8
     max_n: int = 16
     max_stop_token_ids: int = 16
+
+
+@dataclass(frozen=True)
+class ParamNames:
+    """How one API spells the parameters and the prompt, so that errors name what the client sent."""
+
+    prefix: str = ""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    prompt: str = "inputs"
+
+    def __call__(self, name: str) -> str:
+        return self.prefix + self.aliases.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -86,11 +100,11 @@ class SamplingParams:
     def is_beam_search(self) -> bool:
         return self.num_beams > 1
 
-    def validate(self, limits: SamplingLimits, prefix: str = "") -> None:
-        """Raise ValueError("<prefix><parameter>: <problem>") for the first invalid value."""
+    def validate(self, limits: SamplingLimits, names: ParamNames = ParamNames()) -> None:
+        """Raise RequestError("<parameter>: <problem>") for the first invalid value, spelled by `names`."""
         for name, ok, problem in self._checks(limits):
             if not ok:
-                raise ValueError(f"{prefix}{name}: {problem}")
+                raise RequestError(f"{names(name)}: {problem}", param=names(name))
 
     def _checks(self, limits: SamplingLimits):
         yield "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"

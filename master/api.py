@@ -1,90 +1,104 @@
-"""HTTP routes: `/models/{name}/generate` (streaming or not) and `/health`."""
+"""The HTTP application: our `/models/{name}/generate`, the OpenAI-compatible routes, health, version and metrics."""
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
-from typing import AsyncIterator
+from importlib import metadata
+from typing import AsyncIterator, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from common.errors import LLMServeError, ModelNotFound
-from master.api_models import GenerateRequest, validation_message
+from common.errors import ModelNotFound
+from common.sampling import ParamNames
+from master.api_errors import ApiKeyMiddleware, error_response, install_error_handlers
+from master.api_models import GenerateRequest
+from master.chat_template import ChatTemplate, load_chat_template
 from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
+from master.openai_api import add_stream_schemas, openai_router
+from master.openai_models import VersionResponse
 from master.outputs import GenerationOutput
 from master.sequence import TokenLogprobs
+from master.streams import SSE_HEADERS, abort_all, sse, wait_finished
 from master.tokenizer import encode
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+NATIVE_NAMES = ParamNames(prefix="parameters.")
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The FastAPI application serving `engine`."""
-    app = FastAPI(title="llmserve", version="0.1.0")
-    model_name = engine.config.model_config.model_name
+def version() -> str:
+    try:
+        return metadata.version("llmserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, "validation_error", validation_message(exc))
 
-    @app.exception_handler(LLMServeError)
-    async def _known_error(request: Request, exc: LLMServeError) -> JSONResponse:
-        return error_response(exc.status_code, _error_type(exc), str(exc))
+def create_app(engine: Engine, chat_template: Optional[ChatTemplate] = None) -> FastAPI:
+    """The FastAPI application serving `engine`; the chat template defaults to the model's."""
+    app = FastAPI(
+        title="llmserve",
+        version=version(),
+        description="LLM serving: our generate API, the OpenAI-compatible API, health, version and Prometheus metrics.",
+    )
+    install_error_handlers(app)
+    api_key = engine.config.serving_config.api_key
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.include_router(openai_router(engine, chat_template or load_chat_template(engine.config.model_config)))
+    _add_server_routes(app, engine)
+    _add_generate_route(app, engine)
+    add_stream_schemas(app)
+    return app
 
-    @app.get("/health")
+
+def _add_server_routes(app: FastAPI, engine: Engine) -> None:
+    @app.get("/health", tags=["server"])
     async def health() -> JSONResponse:
-        """200 while every agent is alive, else 503 with the reason; both with the engine's counts."""
+        """200 while every agent is alive, else 503 with the reason; both with the engine's counts. Never needs the API key."""
         stats = engine.stats()
         if engine.is_healthy:
             return JSONResponse({"status": "ok", **stats})
         reason = engine.failure or engine.transport.failure()
         return JSONResponse({"status": "unhealthy", "reason": reason, **stats}, 503)
 
-    @app.post("/models/{name}/generate")
+    @app.get("/version", response_model=VersionResponse, tags=["server"])
+    async def get_version() -> JSONResponse:
+        """The llmserve version."""
+        return JSONResponse({"version": version()})
+
+    @app.get("/metrics", tags=["server"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def metrics() -> Response:
+        """Prometheus metrics, all named `llmserve_*` (see the README for the list)."""
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_generate_route(app: FastAPI, engine: Engine) -> None:
+    model_name = engine.config.model_config.model_name
+
+    @app.post("/models/{name}/generate", tags=["llmserve"])
     async def generate(name: str, body: GenerateRequest, request: Request):
+        """Generate from `inputs`; with `stream`, server-sent events per token, then one with the whole text."""
         if name != model_name:
             raise ModelNotFound(f"model '{name}' is not served here; this server serves '{model_name}'")
         prompt_ids = encode(engine.tokenizer, body.inputs)
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         params = body.parameters.sampling_params()
-        handle = engine.submit(request_id, prompt_ids, params, stream=body.stream, param_prefix="parameters.")
+        handle = engine.submit(request_id, prompt_ids, params, stream=body.stream, names=NATIVE_NAMES)
         if body.stream:
             return StreamingResponse(_sse_events(engine, handle, body), media_type="text/event-stream", headers=SSE_HEADERS)
         return await _complete(engine, handle, body, request)
 
-    return app
-
 
 async def _complete(engine: Engine, handle: RequestHandle, body: GenerateRequest, request: Request) -> JSONResponse:
     """Wait for the whole output; abort the request if the client goes away first."""
-    output = asyncio.create_task(_last_event(handle))
-    watcher = asyncio.create_task(_wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait((output, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        output.cancel()
-        watcher.cancel()
-        engine.abort(handle)  # no-op when finished; frees the blocks when the client went away
-    if output not in done:
-        return error_response(499, "client_disconnected", "the client closed the connection before the output was complete")
-    finish = output.result()
+    path = request.url.path
+    finished = await wait_finished(engine, [handle], request)
+    if finished is None:
+        return error_response(path, 499, "client_disconnected", "the client closed the connection before the output was complete")
+    finish = finished[0]
     if finish.error:
-        return error_response(503, "generation_failed", finish.error)
+        return error_response(path, 503, "generation_failed", finish.error)
     return JSONResponse({"generated_text": _generated_text(engine, handle, body), "details": _details(engine, handle, finish)})
-
-
-async def _last_event(handle: RequestHandle) -> FinishEvent:
-    async for event in handle.stream():
-        if isinstance(event, FinishEvent):
-            return event
-    raise AssertionError("a request stream ended without a finish event")
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> AsyncIterator[str]:
@@ -95,18 +109,14 @@ async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateReque
                 token = {"id": event.token_id, "text": event.text}
                 if event.logprobs is not None:
                     token.update(_logprob_entry(engine, event.token_id, event.logprobs))
-                yield _sse({"index": event.index, "token": token, "generated_text": None, "details": None})
+                yield sse({"index": event.index, "token": token, "generated_text": None, "details": None})
             elif event.error:
-                yield _sse({"error": event.error, "error_type": "generation_failed"})
+                yield sse({"error": event.error, "error_type": "generation_failed"})
             else:
                 text = _generated_text(engine, handle, body)
-                yield _sse({"token": None, "generated_text": text, "details": _details(engine, handle, event)})
+                yield sse({"token": None, "generated_text": text, "details": _details(engine, handle, event)})
     finally:
-        engine.abort(handle)  # no-op when finished; frees the blocks when the client went away
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        abort_all(engine, [handle])  # no-op when finished; frees the blocks when the client went away
 
 
 def _generated_text(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> str:
@@ -161,13 +171,3 @@ def _logprob_entry(engine: Engine, token_id: int, logprobs: TokenLogprobs) -> di
         "logprob": logprobs.logprob,
         "top_logprobs": [{"id": i, "text": engine.token_text(i), "logprob": lp} for i, lp in logprobs.top],
     }
-
-
-def error_response(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
-
-
-def _error_type(exc: LLMServeError) -> str:
-    name = type(exc).__name__
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
-

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.sampling import SamplingParams
@@ -57,17 +56,3 @@ class GenerateRequest(BaseModel):
     inputs: str = Field(description="The prompt.")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
-
-
-def validation_message(exc: RequestValidationError) -> str:
-    """One readable sentence per problem, naming the field."""
-    problems = []
-    for error in exc.errors():
-        location = ".".join(str(part) for part in error["loc"] if part != "body")
-        if error["type"] == "json_invalid":
-            problems.append(f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
-        elif error["type"] == "extra_forbidden":
-            problems.append(f"{location}: unknown parameter")
-        else:
-            problems.append(f"{location or 'body'}: {error['msg']}")
-    return "; ".join(problems)

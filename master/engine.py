@@ -16,10 +16,11 @@ from common.config import Config
 from common.errors import AgentFailure, Overloaded, RequestError
 from common.model_info import ModelInfo
 from common.protocol import StepRequest, StepResult
-from common.sampling import SamplingParams
+from common.sampling import ParamNames, SamplingParams
 from common.timers import StageTimer
 from master.agent_client import Transport
 from master.block_manager import BlockManager
+from master.metrics import Metrics
 from master.beam_search import BeamSearch
 from master.outputs import GenerationOutput, TextOutput, sequence_output
 from master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
@@ -40,6 +41,7 @@ class TokenEvent:
     text: str
     index: int = 0
     logprobs: Optional[TokenLogprobs] = None
+    finish_reason: Optional[str] = None  # set on the last token of its sequence
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Engine:
         self.step_ids = itertools.count()
         self.wakeup = asyncio.Event()
         self.timer = StageTimer()
+        self.metrics = Metrics(self.stats)
         self.loop_task: Optional[asyncio.Task] = None
         self.watch_task: Optional[asyncio.Task] = None
         self.failure: Optional[str] = None
@@ -134,17 +137,18 @@ class Engine:
         return self.failure is None and self.transport.failure() is None
 
     def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True, param_prefix: str = ""
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True,
+        names: ParamNames = ParamNames(),
     ) -> RequestHandle:
         """Queue a request; raise RequestError, Overloaded or AgentFailure if it cannot be.
 
         Without `stream` the handle gets only the finish event: no per-token work is done for it.
-        Errors about a parameter name it as `<param_prefix><name>`.
+        Errors name the parameter as the client's API spells it (`names`).
         """
         if not self.is_healthy:
             raise AgentFailure(f"the server cannot serve: {self.failure or self.transport.failure()}")
-        self._check_params(params, stream, param_prefix)
-        self._check_fits(prompt_ids, params)
+        self._check_params(params, stream, names)
+        self._check_fits(prompt_ids, params, names)
         if self.scheduler.num_unfinished >= self.config.scheduler_config.max_queue_size:
             raise Overloaded(f"{self.scheduler.num_unfinished} requests are in flight; retry later")
         now = time.monotonic()
@@ -170,44 +174,49 @@ class Engine:
         self.wakeup.set()
         return handle
 
-    def _check_params(self, params: SamplingParams, stream: bool, prefix: str) -> None:
-        try:
-            params.validate(self.limits, prefix)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
+    def _check_params(self, params: SamplingParams, stream: bool, names: ParamNames) -> None:
+        params.validate(self.limits, names)
         if stream and (params.is_beam_search or params.num_samples > params.n):
-            raise RequestError("stream: beam search and best_of > n pick their outputs at the end; they cannot stream")
+            raise RequestError(
+                "stream: beam search and best_of > n pick their outputs at the end; they cannot stream", "stream"
+            )
         if params.is_beam_search:
             num_end = len(self._end_token_ids(params))
             if max(2, 1 + num_end) * params.num_beams > self.transport.capacity.topk_width:
                 raise RequestError(
-                    f"{prefix}stop_token_ids: beam search keeps (1 + end tokens) x num_beams candidates per beam; "
+                    f"{names('stop_token_ids')}: beam search keeps (1 + end tokens) x num_beams candidates per beam; "
                     f"{num_end} end tokens with {params.num_beams} beams exceed the {self.transport.capacity.topk_width} "
-                    "the server returns (serving_config.max_num_beams sizes it)"
+                    "the server returns (serving_config.max_num_beams sizes it)", names("stop_token_ids"),
                 )
         batch = self.config.scheduler_config.decode_batch_size
         if params.num_samples > batch:
-            raise RequestError(f"{prefix}n: {params.num_samples} sequences exceed the decode batch size ({batch})")
+            raise RequestError(f"{names('n')}: {params.num_samples} sequences exceed the decode batch size ({batch})", names("n"))
 
     def _end_token_ids(self, params: SamplingParams) -> frozenset[int]:
         """Tokens that end a beam: the model's end tokens and the request's stop_token_ids."""
         return frozenset(self.model.eos_token_ids) | frozenset(params.stop_token_ids)
 
-    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams, names: ParamNames) -> None:
         total = len(prompt_ids) + params.max_new_tokens
         if not prompt_ids:
-            raise RequestError("inputs: the prompt is empty")
+            raise RequestError(f"{names.prompt}: the prompt is empty", names.prompt)
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.model.vocab_size:
+            bad = next(i for i in prompt_ids if not 0 <= i < self.model.vocab_size)
+            raise RequestError(
+                f"{names.prompt}: {bad} is not a token id of this model (0 to {self.model.vocab_size - 1})", names.prompt
+            )
         if total > self.model.max_seq_len:
             raise RequestError(
-                f"inputs: the prompt has {len(prompt_ids)} tokens and max_new_tokens is {params.max_new_tokens}; "
-                f"together they exceed the model's maximum of {self.model.max_seq_len} tokens"
+                f"{names.prompt}: the prompt has {len(prompt_ids)} tokens and {names('max_new_tokens')} is "
+                f"{params.max_new_tokens}; together they exceed the model's maximum of {self.model.max_seq_len} tokens",
+                names.prompt,
             )
         blocks = self.block_manager
         needed = blocks.blocks_for(total) + (params.num_samples - 1) * (blocks.blocks_for(params.max_new_tokens) + 1)
         if needed > blocks.num_blocks:
             raise RequestError(
-                f"inputs: {total} tokens x {params.num_samples} sequences need more KV blocks than the whole cache holds "
-                f"({blocks.num_blocks} blocks of {blocks.block_size})"
+                f"{names.prompt}: {total} tokens x {params.num_samples} sequences need more KV blocks than the whole "
+                f"cache holds ({blocks.num_blocks} blocks of {blocks.block_size})", names.prompt,
             )
 
     def _track(self, handle: RequestHandle, seq: Sequence) -> None:
@@ -237,7 +246,7 @@ class Engine:
                     continue
                 outcome, header, agent_ms = await self._step(plan)
                 self._emit(outcome)
-                self._trace(plan, header, agent_ms, start)
+                self._record_step(plan, outcome, header, agent_ms, start)
         except AgentFailure as exc:
             self._fail_everything(str(exc))
         except Exception as exc:
@@ -314,7 +323,7 @@ class Engine:
             for seq, token_id in outcome.new_tokens:
                 handle = self.handles[seq.seq_id]
                 if handle.first_token_time is None:
-                    handle.first_token_time = now
+                    self._first_token(handle, now)
                 text = handle.texts.get(seq.seq_id)
                 if text is None:
                     continue
@@ -328,7 +337,8 @@ class Engine:
                     if seq.is_finished and not text.stopped:
                         delta += text.flush()
                     logprobs = seq.logprobs[-1] if seq.logprobs else None
-                    handle.events.put_nowait(TokenEvent(token_id, delta, seq.sample_index, logprobs))
+                    reason = seq.finish_reason.value if seq.is_finished else None
+                    handle.events.put_nowait(TokenEvent(token_id, delta, seq.sample_index, logprobs, reason))
             for seq in finished:
                 handle = self.handles.get(seq.seq_id)
                 if handle is not None and not handle.is_finished and all(s.is_finished for s in handle.seqs):
@@ -348,11 +358,18 @@ class Engine:
             seqs = sorted(seqs, key=lambda seq: -seq.cumulative_logprob)[: params.n]
         return [sequence_output(i, seq, self.tokenizer, handle.texts.get(seq.seq_id)) for i, seq in enumerate(seqs)]
 
+    def _first_token(self, handle: RequestHandle, now: float) -> None:
+        handle.first_token_time = now
+        seq = handle.seq
+        queued = (seq.first_scheduled_time or now) - seq.arrival_time
+        self.metrics.on_first_token(seq.num_prompt_tokens, now - handle.start_time, queued)
+
     def _finish(self, handle: RequestHandle, reason: FinishReason, error: Optional[str] = None) -> None:
         for seq in handle.seqs:
             self.handles.pop(seq.seq_id, None)
         handle.end_time = time.monotonic()
         handle.events.put_nowait(FinishEvent(reason, error))
+        self.metrics.on_finish(reason.value, handle.end_time - handle.start_time, time_per_output_token(handle))
         logger.info(json.dumps(request_record(handle, reason)))
 
     def _fail_everything(self, reason: str) -> None:
@@ -365,9 +382,11 @@ class Engine:
             if handle and not handle.is_finished:
                 self._finish(handle, FinishReason.ERROR, f"the model agent failed: {reason}")
 
-    def _trace(self, plan: StepPlan, header: StepRequest, agent_ms: dict, start: float) -> None:
-        """Append the step's stage timings to the trace file, when one is configured."""
+    def _record_step(self, plan: StepPlan, outcome: StepOutcome, header: StepRequest, agent_ms: dict, start: float) -> None:
+        """Feed the step's stage timings to the metrics, and to the trace file when one is configured."""
         master_ms = self.timer.reset()
+        step_s = time.perf_counter() - start
+        self.metrics.on_step(step_s, len(outcome.new_tokens), master_ms, agent_ms)
         if self.trace_file is None:
             return
         record = {
@@ -377,21 +396,25 @@ class Engine:
             "num_tokens": header.num_tokens,
             "num_prefill_seqs": plan.num_prefill_seqs,
             "num_sampled": header.num_sample,
-            "step_ms": (time.perf_counter() - start) * 1e3,
+            "step_ms": step_s * 1e3,
             "master_ms": master_ms,
             "agent_ms": agent_ms,
         }
         self.trace_file.write(json.dumps(record) + "\n")
 
     def stats(self) -> dict:
-        """Queue lengths and KV-cache usage right now."""
+        """Queue lengths (requests) and KV-cache usage right now."""
         return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_running": self._num_requests(self.scheduler.running),
+            "num_waiting": self._num_requests(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_blocks_total": self.block_manager.num_blocks,
             "kv_blocks_free": self.block_manager.num_free_blocks,
         }
+
+    def _num_requests(self, seqs) -> int:
+        """Requests among `seqs` (a request with n samples or beams counts once)."""
+        return len({id(self.handles.get(seq.seq_id, seq)) for seq in seqs})
 
     def token_text(self, token_id: int) -> str:
         """One token's text, as shown next to its log-probability."""
@@ -432,6 +455,14 @@ def _add_ipc_times(timer: StageTimer, sent_at: float, answered_at: float, result
         timer.add("ipc_back", back_ms)
     else:  # an in-process agent, or one on another host whose clock differs
         timer.add("ipc", (answered_at - sent_at) * 1e3 - sum(result.timings_ms.values()))
+
+
+def time_per_output_token(handle: RequestHandle) -> Optional[float]:
+    """Seconds between tokens after the first, for the longest sequence; None with fewer than two tokens."""
+    num_tokens = max(seq.num_output_tokens for seq in handle.seqs)
+    if handle.first_token_time is None or num_tokens < 2:
+        return None
+    return (handle.end_time - handle.first_token_time) / (num_tokens - 1)
 
 
 def request_record(handle: RequestHandle, reason: FinishReason) -> dict:

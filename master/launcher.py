@@ -18,6 +18,7 @@ from common.model_info import model_info, read_hf_config
 from common.step_arrays import StepCapacity
 from master.agent_client import AgentEndpoint, ZmqShmTransport
 from master.api import create_app
+from master.chat_template import ChatTemplate, load_chat_template
 from master.engine import Engine
 from master.tokenizer import load_tokenizer
 
@@ -33,12 +34,14 @@ def serve(config: Config) -> int:
         _check_port_free(serving.server_ip, serving.server_port)
         tokenizer = load_tokenizer(config.model_config)
         info = model_info(config.model_config, read_hf_config(config.model_config))
+        chat_template = load_chat_template(config.model_config)
     except (ConfigError, OSError) as exc:
         logger.error("%s", exc)
         return 2
+    logger.info("chat template: %s", chat_template.source)
     processes = launch_agents(config) if serving.launch_agents else []
     try:
-        return asyncio.run(_serve(config, tokenizer, info, processes))
+        return asyncio.run(_serve(config, tokenizer, info, chat_template, processes))
     finally:
         stop_agents(processes)
 
@@ -68,7 +71,7 @@ def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEn
     ]
 
 
-async def _serve(config: Config, tokenizer, info, processes: list[subprocess.Popen]) -> int:
+async def _serve(config: Config, tokenizer, info, chat_template: ChatTemplate, processes: list[subprocess.Popen]) -> int:
     serving = config.serving_config
     transport = ZmqShmTransport(endpoints(config, processes), step_capacity(config, info.max_seq_len, len(info.eos_token_ids)), serving.step_timeout)
     engine = Engine(config, tokenizer, info, transport)
@@ -82,7 +85,7 @@ async def _serve(config: Config, tokenizer, info, processes: list[subprocess.Pop
             return 0
         logger.info("agents ready; serving '%s' on http://%s:%d", config.model_config.model_name, serving.server_ip, serving.server_port)
         server = _QuietSignalsServer(
-            uvicorn.Config(create_app(engine), host=serving.server_ip, port=serving.server_port, log_level="warning")
+            uvicorn.Config(create_app(engine, chat_template), host=serving.server_ip, port=serving.server_port, log_level="warning")
         )
         serve_task = asyncio.ensure_future(server.serve())
         stop_task = asyncio.ensure_future(stop.wait())

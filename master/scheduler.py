@@ -114,7 +114,7 @@ class Scheduler:
         plan = StepPlan(scheduled=[], num_tokens=0, num_prefill_seqs=0)
         self._schedule_running(plan)
         if not plan.preempted and self._may_admit(now):
-            self._admit_waiting(plan)
+            self._admit_waiting(plan, now)
         if not plan.scheduled:
             return None
         if plan.is_decode_only and not (plan.preempted or plan.block_copies) and self._should_wait_for_decode_batch(now):
@@ -167,7 +167,7 @@ class Scheduler:
             return True
         return now - self.waiting[0].arrival_time >= self.config.batch_waiting_time
 
-    def _admit_waiting(self, plan: StepPlan) -> None:
+    def _admit_waiting(self, plan: StepPlan, now: float) -> None:
         budget = self.config.max_num_batched_tokens
         while self.waiting and plan.num_tokens < budget:
             seq = self.waiting[0]
@@ -183,6 +183,8 @@ class Scheduler:
             self.waiting.popleft()
             plan.block_copies.extend(self.blocks.grow(seq, seq.num_computed + num_new))
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             self.running.append(seq)
             self._add_to_plan(plan, seq, num_new, is_prefill=True)
 

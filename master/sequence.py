@@ -43,6 +43,7 @@ class Sequence:
     eos_token_ids: frozenset[int]
     max_seq_len: int
     arrival_time: float = 0.0
+    first_scheduled_time: Optional[float] = None  # when it left the queue the first time
     token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -122,6 +123,7 @@ class Sequence:
             eos_token_ids=self.eos_token_ids,
             max_seq_len=self.max_seq_len,
             arrival_time=self.arrival_time,
+            first_scheduled_time=self.first_scheduled_time,
             token_ids=list(self.token_ids),
             block_ids=list(self.block_ids),
             num_computed=self.num_computed,

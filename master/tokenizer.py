@@ -72,8 +72,9 @@ def decode(tokenizer: Tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text).ids
+def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`; a rendered chat template already holds its special tokens (add_special_tokens=False)."""
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 def special_token_id(tokenizer: Tokenizer, token: str) -> Optional[int]:

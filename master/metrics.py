@@ -1,0 +1,103 @@
+"""Prometheus metrics of one server, all named `llmserve_*`, in a registry of its own.
+
+Queue lengths, KV-cache usage and preemptions are read from the engine when
+`/metrics` is scraped, so they cost the step loop nothing; counters and
+histograms are updated where the event happens (a cached child per label, well
+under a microsecond per observation).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "llmserve"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FINISH_REASONS = ("length", "eos_token", "stop_sequence", "abort", "error")
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineState(Collector):
+    """Gauges and counters the engine already keeps, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self) -> Iterator:
+        stats = self.stats()
+        yield _gauge("requests_running", "Requests with sequences in the running batch.", stats["num_running"])
+        yield _gauge("requests_waiting", "Requests queued for their first (or a recomputed) prefill.", stats["num_waiting"])
+        total, free = stats["kv_blocks_total"], stats["kv_blocks_free"]
+        yield _gauge("kv_cache_blocks_total", "KV-cache blocks in the pool.", total)
+        yield _gauge("kv_cache_blocks_free", "KV-cache blocks not held by any sequence.", free)
+        yield _gauge("kv_cache_usage_ratio", "Share of the KV-cache blocks in use (0 to 1).", (total - free) / total)
+        yield CounterMetricFamily(
+            f"{PREFIX}_requests_preempted", "Sequences preempted (blocks freed, recomputed later).", stats["num_preemptions"]
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+class Metrics:
+    """The server's metrics; the engine calls the `on_*` methods, `/metrics` calls `render`."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineState(stats))
+        self.requests = self._counter("requests", "Finished requests by finish reason.", ["finish_reason"])
+        self.by_reason = {reason: self.requests.labels(reason) for reason in FINISH_REASONS}
+        self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens prefilled (counted when a request's first token is out).")
+        self.generation_tokens = self._counter("generation_tokens", "Tokens generated, over all sequences.")
+        self.ttft = self._histogram("time_to_first_token_seconds", "From arrival to the first generated token.", REQUEST_BUCKETS)
+        self.tpot = self._histogram(
+            "time_per_output_token_seconds", "Per request: (end - first token) / (output tokens - 1).", TOKEN_BUCKETS
+        )
+        self.e2e = self._histogram("e2e_request_latency_seconds", "From arrival to the last token.", REQUEST_BUCKETS)
+        self.queue = self._histogram("request_queue_time_seconds", "From arrival to the first scheduled step.", REQUEST_BUCKETS)
+        self.step = self._histogram("step_duration_seconds", "Wall time of one engine step, schedule to detokenize.", STAGE_BUCKETS)
+        self.stages = self._histogram(
+            "stage_seconds", "Per-step stage timers (schedule, build, IPC, preprocess, predict, sample, ...).",
+            STAGE_BUCKETS, ["component", "stage"],
+        )
+        self.stage_children: dict[tuple[str, str], Histogram] = {}
+
+    def _counter(self, name: str, documentation: str, labels: tuple = ()) -> Counter:
+        return Counter(f"{PREFIX}_{name}", documentation, labels, registry=self.registry)
+
+    def _histogram(self, name: str, documentation: str, buckets: tuple, labels: tuple = ()) -> Histogram:
+        return Histogram(f"{PREFIX}_{name}", documentation, labels, registry=self.registry, buckets=buckets)
+
+    def on_first_token(self, num_prompt_tokens: int, ttft_s: float, queue_s: float) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.ttft.observe(ttft_s)
+        self.queue.observe(queue_s)
+
+    def on_finish(self, reason: str, e2e_s: float, tpot_s: float | None) -> None:
+        self.by_reason[reason].inc()
+        self.e2e.observe(e2e_s)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
+
+    def on_step(self, step_s: float, num_new_tokens: int, master_ms: dict, agent_ms: dict) -> None:
+        self.step.observe(step_s)
+        self.generation_tokens.inc(num_new_tokens)
+        self._observe_stages("master", master_ms)
+        self._observe_stages("agent", agent_ms)
+
+    def _observe_stages(self, component: str, timings_ms: dict) -> None:
+        for stage, ms in timings_ms.items():
+            child = self.stage_children.get((component, stage))
+            if child is None:
+                child = self.stage_children[(component, stage)] = self.stages.labels(component, stage)
+            child.observe(ms * 1e-3)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,337 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize and /detokenize.
+
+Each body maps onto the engine's SamplingParams; one engine request per prompt,
+choices numbered prompt-major (`prompt_index * n + sample_index`) as OpenAI does.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator, Optional, Union
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from common.errors import ModelNotFound, RequestError
+from common.sampling import ParamNames, SamplingParams
+from master.api_errors import error_response
+from master.chat_template import ChatTemplate
+from master.engine import Engine, RequestHandle, TokenEvent
+from master.openai_models import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from master.outputs import GenerationOutput
+from master.sequence import TokenLogprobs
+from master.streams import SSE_HEADERS, abort_all, events_of, sse, wait_finished
+from master.tokenizer import decode, encode
+
+FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+DONE = "data: [DONE]\n\n"
+
+
+def _streamed_as(chunk: type, answer: type) -> dict:
+    """OpenAPI: the JSON answer, or with `stream: true` server-sent events of `chunk`."""
+    events = {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}
+    description = f"{answer.__name__}; with `stream: true`, `data: {{{chunk.__name__}}}` events, then `data: [DONE]`"
+    return {200: {"model": answer, "description": description, "content": {"text/event-stream": events}}, **ERROR_RESPONSES}
+
+
+def add_stream_schemas(app: FastAPI) -> None:
+    """Put the stream chunk models, which no route returns as JSON, into the app's OpenAPI components."""
+    build_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = build_schema()["components"]["schemas"]
+            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+            for name, schema in chunk.pop("$defs", {}).items():
+                schemas.setdefault(name, schema)
+            schemas.setdefault(ChatCompletionChunk.__name__, chunk)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
+    """The routes, bound to one engine and the chat template it uses."""
+    router = APIRouter(tags=["openai"])
+    served = engine.config.model_config.model_name
+    card = ModelCard(id=served, created=int(time.time()), max_model_len=engine.model.max_seq_len)
+
+    def check_model(model: Optional[str]) -> None:
+        if model is not None and model != served:
+            raise ModelNotFound(f"the model '{model}' does not exist; this server serves '{served}'")
+
+    @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models() -> JSONResponse:
+        """The served model."""
+        return JSONResponse({"object": "list", "data": [card.model_dump()]})
+
+    @router.get("/v1/models/{model}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(model: str) -> JSONResponse:
+        check_model(model)
+        return JSONResponse(card.model_dump())
+
+    @router.post("/v1/completions", response_model=CompletionResponse, responses=_streamed_as(CompletionResponse, CompletionResponse))
+    async def completions(body: CompletionRequest, request: Request):
+        """Text completion of one prompt or a batch (strings or token ids)."""
+        check_model(body.model)
+        if body.suffix is not None:
+            raise RequestError("suffix: not supported by this server", "suffix")
+        if body.echo and body.logprobs is not None:
+            raise RequestError("logprobs: log-probabilities of the prompt (echo with logprobs) are not supported", "logprobs")
+        prompts = _prompts(engine, body.prompt)
+        params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+        job = CompletionJob(engine, request, body, served, [text for _, text in prompts])
+        job.submit([ids for ids, _ in prompts], params, body.param_names())
+        return await job.answer(request)
+
+    @router.post(
+        "/v1/chat/completions", response_model=ChatCompletionResponse,
+        responses=_streamed_as(ChatCompletionChunk, ChatCompletionResponse),
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """The assistant's reply to `messages`, rendered with the model's chat template."""
+        check_model(body.model)
+        body.check_supported()
+        prompt = chat_template.render(
+            body.message_dicts(), body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
+        )
+        prompt_ids = encode(engine.tokenizer, prompt, add_special_tokens=False)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(engine.model.max_seq_len - len(prompt_ids), 1)
+        job = ChatJob(engine, request, body, served)
+        job.submit([prompt_ids], body.sampling_params(max_tokens, body.num_logprobs()), body.param_names())
+        return await job.answer(request)
+
+    @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        """Token ids of a prompt, or of chat messages after the chat template."""
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError("prompt: give either prompt or messages", "prompt")
+        if body.messages is not None:
+            messages = [message.model_dump(exclude_unset=True) for message in body.messages]
+            text = chat_template.render(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+        else:
+            text = body.prompt
+        add_special = body.add_special_tokens if body.add_special_tokens is not None else body.messages is None
+        ids = encode(engine.tokenizer, text, add_special_tokens=add_special)
+        answer = {"count": len(ids), "max_model_len": engine.model.max_seq_len, "tokens": ids}
+        if body.return_token_strs:
+            answer["token_strs"] = [engine.tokenizer.id_to_token(i) for i in ids]
+        return JSONResponse(answer)
+
+    @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        """The text of token ids (special tokens included)."""
+        check_model(body.model)
+        vocab = engine.tokenizer.get_vocab_size(with_added_tokens=True)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"tokens: {bad[0]} is not a token id of this tokenizer (0 to {vocab - 1})", "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+    return router
+
+
+def _prompts(engine: Engine, prompt: Union[str, list]) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt of a completion request."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise RequestError("prompt: must not be empty", "prompt")
+    return [
+        (encode(engine.tokenizer, p), p) if isinstance(p, str) else (p, decode(engine.tokenizer, p))
+        for p in prompt
+    ]
+
+
+class OpenAIJob:
+    """One OpenAI request in flight: its engine requests, and the answer or the stream built from them."""
+
+    object_name = ""
+    chunk_object = ""
+    id_prefix = ""
+
+    def __init__(self, engine: Engine, request: Request, body: Union[CompletionRequest, ChatCompletionRequest], model: str):
+        self.engine = engine
+        self.body = body
+        self.model = model
+        self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.id = f"{self.id_prefix}-{self.request_id}"
+        self.created = int(time.time())
+        self.handles: list[RequestHandle] = []
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, names: ParamNames) -> None:
+        """One engine request per prompt; none stays queued if any is refused."""
+        try:
+            for i, prompt_ids in enumerate(prompts):
+                request_id = self.request_id if len(prompts) == 1 else f"{self.request_id}-{i}"
+                self.handles.append(self.engine.submit(request_id, prompt_ids, params, self.body.stream, names))
+        except Exception:
+            abort_all(self.engine, self.handles)
+            raise
+
+    async def answer(self, request: Request):
+        if self.body.stream:
+            return StreamingResponse(self.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        path = request.url.path
+        finished = await wait_finished(self.engine, self.handles, request)
+        if finished is None:
+            return error_response(path, 499, "client_disconnected", "the client closed the connection before the answer was complete")
+        error = next((event.error for event in finished if event.error), None)
+        if error:
+            return error_response(path, 503, "generation_failed", error)
+        choices = [self.choice(i * self.body.n + out.index, i, out) for i, h in enumerate(self.handles) for out in h.outputs]
+        return JSONResponse({"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                             "choices": choices, "usage": self.usage()})
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The chunks, an error event if the model failed, the usage chunk when asked for, then [DONE]."""
+        try:
+            for choice in self.opening_choices():
+                yield sse(self.chunk(choice))
+            async for handle_index, event in events_of(self.handles):
+                if isinstance(event, TokenEvent):
+                    choice = self.token_choice(handle_index * self.body.n + event.index, event)
+                    if choice is not None:
+                        yield sse(self.chunk(choice))
+                elif event.error:
+                    yield sse({"error": {"message": event.error, "type": "server_error", "param": None, "code": "generation_failed"}})
+                    break
+            else:
+                if self.body.include_usage:
+                    yield sse({**self.chunk(None), "choices": [], "usage": self.usage()})
+            yield DONE
+        finally:
+            abort_all(self.engine, self.handles)  # no-op when finished; frees the blocks when the client went away
+
+    def chunk(self, choice: Optional[dict]) -> dict:
+        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                 "choices": [choice]}
+        if self.body.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage(self) -> dict:
+        prompt = sum(handle.seq.num_prompt_tokens for handle in self.handles)
+        completion = sum(len(out.output_ids) for handle in self.handles for out in handle.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def opening_choices(self) -> list[dict]:
+        return []
+
+    def choice(self, index: int, handle_index: int, output: GenerationOutput) -> dict:
+        raise NotImplementedError
+
+    def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
+        raise NotImplementedError
+
+
+class CompletionJob(OpenAIJob):
+    object_name = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, engine: Engine, request: Request, body: CompletionRequest, model: str, prompt_texts: list[str]):
+        super().__init__(engine, request, body, model)
+        self.prompt_texts = prompt_texts
+        self.offsets: dict[int, int] = {}  # choice -> characters of token text so far (logprobs' text_offset)
+
+    def choice(self, index: int, handle_index: int, output: GenerationOutput) -> dict:
+        prefix = self.prompt_texts[handle_index] if self.body.echo else ""
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = _completion_logprobs(self.engine, output.output_ids, output.logprobs, 0)
+        return {"index": index, "text": prefix + output.text, "logprobs": logprobs,
+                "finish_reason": FINISH_REASONS.get(output.finish_reason)}
+
+    def opening_choices(self) -> list[dict]:
+        if not self.body.echo:
+            return []
+        return [
+            {"index": i * self.body.n + j, "text": text, "logprobs": None, "finish_reason": None}
+            for i, text in enumerate(self.prompt_texts) for j in range(self.body.n)
+        ]
+
+    def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
+        finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
+        if not event.text and finish is None and event.logprobs is None:
+            return None
+        logprobs = None
+        if event.logprobs is not None:
+            start = self.offsets.get(index, 0)
+            logprobs = _completion_logprobs(self.engine, [event.token_id], [event.logprobs], start)
+            self.offsets[index] = start + len(logprobs["tokens"][0])
+        return {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+
+
+class ChatJob(OpenAIJob):
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def choice(self, index: int, handle_index: int, output: GenerationOutput) -> dict:
+        logprobs = None
+        if self.body.logprobs:
+            logprobs = {"content": [_chat_logprob(self.engine, t, lp) for t, lp in zip(output.output_ids, output.logprobs)],
+                        "refusal": None}
+        return {"index": index, "message": {"role": "assistant", "content": output.text, "refusal": None},
+                "logprobs": logprobs, "finish_reason": FINISH_REASONS.get(output.finish_reason)}
+
+    def opening_choices(self) -> list[dict]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(self.body.n)]
+
+    def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
+        finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
+        if not event.text and finish is None and event.logprobs is None:
+            return None
+        logprobs = None
+        if event.logprobs is not None:
+            logprobs = {"content": [_chat_logprob(self.engine, event.token_id, event.logprobs)], "refusal": None}
+        delta = {"content": event.text} if event.text or finish is None else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[TokenLogprobs], offset: int) -> dict:
+    """The legacy completions format: parallel lists, top alternatives as {token text: logprob}."""
+    tokens = [engine.token_text(t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    tops = []
+    for entry in logprobs:
+        top: dict[str, float] = {}
+        for token_id, logprob in entry.top:
+            top.setdefault(engine.token_text(token_id), logprob)  # tokens with the same text keep the likeliest
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in logprobs], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _chat_logprob(engine: Engine, token_id: int, logprobs: TokenLogprobs) -> dict:
+    entry = _token_logprob(engine, token_id, logprobs.logprob)
+    entry["top_logprobs"] = [_token_logprob(engine, i, lp) for i, lp in logprobs.top]
+    return entry
+
+
+def _token_logprob(engine: Engine, token_id: int, logprob: float) -> dict:
+    text = engine.token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

@@ -1,0 +1,352 @@
+"""The OpenAI-compatible routes over an in-process engine whose 'model' answers last token + 1.
+
+Every answer and every stream chunk is checked against the response models the
+OpenAPI schema publishes, so the schema cannot drift from what is sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from master.api import create_app
+from master.openai_models import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse
+from master.tokenizer import decode, encode
+from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
+from tests.unit.test_api import call, serving_on_loopback, wait_until
+
+
+def following_text(prompt_ids: list[int], n: int) -> str:
+    """What the counting model writes after `prompt_ids`."""
+    return decode(TOKENIZER, [prompt_ids[-1] + i for i in range(1, n + 1)])
+
+
+def chat_prompt_ids(engine, messages: list[dict]) -> list[int]:
+    from master.chat_template import load_chat_template
+
+    text = load_chat_template(engine.config.model_config).render(messages)
+    return encode(TOKENIZER, text, add_special_tokens=False)
+
+
+def events(text: str) -> list:
+    """The `data:` payloads of a stream, [DONE] as the string."""
+    payloads = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+
+
+def post(path: str, body: dict, engine=None):
+    async def go(client, engine):
+        return await client.post(path, json=body)
+
+    return call(go, engine)
+
+
+# ---------------------------------------------------------------- completions
+
+
+def test_completion_returns_the_text_usage_and_length_finish():
+    response = post("/v1/completions", {"model": "llama", "prompt": "Hello there", "max_tokens": 5, "temperature": 0})
+    assert response.status_code == 200
+    body = CompletionResponse.model_validate(response.json()).model_dump()
+    prompt_ids = encode(TOKENIZER, "Hello there")
+    assert body["choices"] == [
+        {"index": 0, "text": following_text(prompt_ids, 5), "logprobs": None, "finish_reason": "length"}
+    ]
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 5, "total_tokens": len(prompt_ids) + 5}
+    assert body["id"].startswith("cmpl-") and body["model"] == "llama"
+
+
+def test_completion_stop_string_cuts_the_text_and_finishes_with_stop():
+    prompt_ids = encode(TOKENIZER, "Hello there")
+    third = decode(TOKENIZER, [prompt_ids[-1] + 3])
+    response = post("/v1/completions", {"prompt": "Hello there", "max_tokens": 8, "temperature": 0, "stop": third.strip()})
+    (choice,) = response.json()["choices"]
+    assert choice["finish_reason"] == "stop"
+    assert choice["text"] == following_text(prompt_ids, 3)[: following_text(prompt_ids, 3).index(third.strip())]
+
+
+def test_a_batch_of_prompts_with_n_numbers_choices_prompt_major_and_counts_usage_once_per_prompt():
+    prompts = ["Hello", "Goodbye friend"]
+    response = post("/v1/completions", {"prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 0})
+    body = CompletionResponse.model_validate(response.json())
+    ids = [encode(TOKENIZER, p) for p in prompts]
+    assert [(c.index, c.text) for c in body.choices] == [
+        (0, following_text(ids[0], 3)), (1, following_text(ids[0], 3)),
+        (2, following_text(ids[1], 3)), (3, following_text(ids[1], 3)),
+    ]
+    assert body.usage.prompt_tokens == len(ids[0]) + len(ids[1]) and body.usage.completion_tokens == 12
+
+
+def test_token_id_prompts_and_echo():
+    ids = encode(TOKENIZER, "Hello there")
+    response = post("/v1/completions", {"prompt": ids, "max_tokens": 2, "temperature": 0, "echo": True})
+    (choice,) = response.json()["choices"]
+    assert choice["text"] == decode(TOKENIZER, ids) + following_text(ids, 2)
+
+
+def test_completion_logprobs_list_each_token_with_offsets():
+    response = post("/v1/completions", {"prompt": "Hello there", "max_tokens": 3, "temperature": 0, "logprobs": 1})
+    logprobs = CompletionResponse.model_validate(response.json()).choices[0].logprobs
+    ids = encode(TOKENIZER, "Hello there")
+    tokens = [TOKENIZER.decode([ids[-1] + i], skip_special_tokens=False) for i in (1, 2, 3)]
+    assert logprobs.tokens == tokens
+    assert logprobs.text_offset == [0, len(tokens[0]), len(tokens[0]) + len(tokens[1])]
+    assert len(logprobs.token_logprobs) == 3 and all(len(top) == 1 for top in logprobs.top_logprobs)
+
+
+def test_completion_stream_sends_chunks_then_usage_then_done():
+    body = {"prompt": ["Hello", "Goodbye friend"], "n": 2, "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    response = post("/v1/completions", body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    chunks = events(response.text)
+    assert chunks[-1] == "[DONE]"
+    usage = CompletionResponse.model_validate(chunks[-2])
+    assert usage.choices == [] and usage.usage.completion_tokens == 16
+    texts: dict[int, str] = {}
+    finishes = {}
+    for chunk in chunks[:-2]:
+        parsed = CompletionResponse.model_validate(chunk)
+        assert parsed.usage is None and chunk["usage"] is None and len(parsed.choices) == 1
+        choice = parsed.choices[0]
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    ids = [encode(TOKENIZER, p) for p in body["prompt"]]
+    assert texts == {0: following_text(ids[0], 4), 1: following_text(ids[0], 4),
+                     2: following_text(ids[1], 4), 3: following_text(ids[1], 4)}
+    assert finishes == {0: "length", 1: "length", 2: "length", 3: "length"}
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_chat_completion_answers_with_the_assistant_message():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    engine = fake_engine()
+    prompt_ids = chat_prompt_ids(engine, messages)
+    response = post("/v1/chat/completions", {"messages": messages, "max_completion_tokens": 4, "temperature": 0}, engine)
+    body = ChatCompletionResponse.model_validate(response.json())
+    assert body.choices[0].message.content == following_text(prompt_ids, 4)
+    assert body.choices[0].finish_reason == "length" and body.id.startswith("chatcmpl-")
+    assert body.usage.prompt_tokens == len(prompt_ids) and body.usage.completion_tokens == 4
+
+
+def test_chat_without_max_tokens_may_fill_the_context():
+    messages = [{"role": "user", "content": "Hi!"}]
+    engine = fake_engine(max_seq_len=64)
+    prompt_ids = chat_prompt_ids(engine, messages)
+    body = post("/v1/chat/completions", {"messages": messages, "temperature": 0}, engine).json()
+    assert body["usage"]["completion_tokens"] == 64 - len(prompt_ids) and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_text_parts_equal_string_content():
+    as_string = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\nb"}], "max_tokens": 3,
+                                              "temperature": 0}).json()
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    as_parts = post("/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], "max_tokens": 3,
+                                             "temperature": 0}).json()
+    assert as_parts["choices"] == as_string["choices"] and as_parts["usage"] == as_string["usage"]
+
+
+def test_chat_logprobs_carry_token_bytes_and_top_alternatives():
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}
+    content = ChatCompletionResponse.model_validate(post("/v1/chat/completions", body).json()).choices[0].logprobs.content
+    assert len(content) == 2
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+
+
+def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason():
+    messages = [{"role": "user", "content": "Hi!"}]
+    engine = fake_engine()
+    prompt_ids = chat_prompt_ids(engine, messages)
+    body = {"messages": messages, "max_tokens": 5, "temperature": 0, "stream": True}
+    chunks = events(post("/v1/chat/completions", body, engine).text)
+    assert chunks[-1] == "[DONE]"
+    parsed = [ChatCompletionChunk.model_validate(chunk) for chunk in chunks[:-1]]
+    assert parsed[0].choices[0].delta.role == "assistant" and parsed[0].choices[0].delta.content == ""
+    assert "".join(c.choices[0].delta.content or "" for c in parsed) == following_text(prompt_ids, 5)
+    assert [c.choices[0].finish_reason for c in parsed][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in parsed[:-1])
+    assert len({c.id for c in parsed}) == 1 and "usage" not in chunks[0]
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param, fragment",
+    [
+        ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, "bogus", "unknown parameter"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, 400, "prompt", "exceed the model's maximum"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+        ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias", "not supported"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs", "prompt"),
+        ("/v1/completions", {"prompt": [5000]}, 400, "prompt", "not a token id"),
+        ("/v1/completions", {"prompt": []}, 400, "prompt", "must not be empty"),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, None, "does not exist"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+         "top_logprobs", "logprobs: true"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
+         "max_completion_tokens", "at least 1"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+         400, "tools", "not supported"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+         400, "response_format", "text"),
+        ("/v1/chat/completions", {"messages": "hello"}, 400, "messages", "valid list"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n", "between 1"),
+    ],
+)
+def test_bad_requests_answer_in_openai_error_shape_naming_the_parameter(path, body, status, param, fragment):
+    response = post(path, body)
+    assert response.status_code == status
+    error = ErrorResponse.model_validate(response.json()).error
+    assert error.param == param and fragment in error.message
+    assert error.type == "invalid_request_error"
+
+
+def test_invalid_json_and_unknown_routes_answer_in_openai_shape():
+    async def go(client, engine):
+        bad = await client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        missing = await client.get("/v1/engines")
+        return bad, missing
+
+    bad, missing = call(go)
+    assert bad.status_code == 400 and "not valid JSON" in ErrorResponse.model_validate(bad.json()).error.message
+    assert missing.status_code == 404 and ErrorResponse.model_validate(missing.json()).error.code == "not_found"
+
+
+def test_refused_batch_leaves_nothing_queued():
+    engine = fake_engine()
+    response = post("/v1/completions", {"prompt": ["fine", [5000]], "max_tokens": 2}, engine)
+    assert response.status_code == 400
+    assert engine.stats()["num_waiting"] == 0 and engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+
+
+def test_client_disconnect_aborts_a_streaming_completion_and_returns_its_blocks():
+    slow = fake_engine(fake_config(decode_batch_waiting_time=0.05, decode_batch_size=8))
+    body = json.dumps({"prompt": "a long story", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+
+    async def go(client, engine):
+        async with serving_on_loopback(engine) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head.encode() + body)
+            await writer.drain()
+            assert await wait_until(lambda: any(h.seq.num_output_tokens >= 2 for h in engine.handles.values()), timeout=5)
+            (handle,) = engine.handles.values()
+            writer.close()
+            await writer.wait_closed()
+            is_freed = await wait_until(lambda: engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"], 2)
+            return handle, is_freed
+
+    handle, is_freed = call(go, slow)
+    assert is_freed and handle.seq.num_output_tokens < 100
+
+
+# ---------------------------------------------------------------- models, tokenize, version
+
+
+def test_models_lists_the_served_model():
+    async def go(client, engine):
+        return (await client.get("/v1/models")).json(), await client.get("/v1/models/llama"), await client.get("/v1/models/x")
+
+    listing, one, missing = call(go)
+    assert [m["id"] for m in listing["data"]] == ["llama"] and listing["data"][0]["max_model_len"] == 128
+    assert one.json()["id"] == "llama" and missing.status_code == 404
+
+
+def test_tokenize_and_detokenize_round_trip():
+    async def go(client, engine):
+        tokens = (await client.post("/tokenize", json={"prompt": "Hello there", "return_token_strs": True})).json()
+        text = (await client.post("/detokenize", json={"tokens": tokens["tokens"]})).json()
+        bad = await client.post("/detokenize", json={"tokens": [99999]})
+        chat = (await client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi!"}]})).json()
+        return tokens, text, bad, chat, engine
+
+    tokens, text, bad, chat, engine = call(go)
+    assert tokens["tokens"] == encode(TOKENIZER, "Hello there") and tokens["count"] == len(tokens["tokens"])
+    assert tokens["token_strs"][0] == "<s>" and tokens["max_model_len"] == 128
+    assert text["prompt"] == "<s>Hello there"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert chat["tokens"] == chat_prompt_ids(engine, [{"role": "user", "content": "Hi!"}])
+
+
+def test_version_answers():
+    async def go(client, engine):
+        return (await client.get("/version")).json()
+
+    assert call(go)["version"]
+
+
+# ---------------------------------------------------------------- API key
+
+
+def keyed_engine():
+    return fake_engine(fake_config_with_key("s3cret"))
+
+
+def fake_config_with_key(key: str):
+    from common.config import config_from_dict
+
+    return config_from_dict({
+        "model_config": {"load_format": "dummy", "dummy_config": {"vocab_size": 1024}, "tokenizer_path": "builtin"},
+        "serving_config": {"api_key": key},
+        "pa_config": {"num_blocks": 64, "block_size": 4},
+    })
+
+
+def test_api_key_is_required_everywhere_but_health():
+    body = {"prompt": "x", "max_tokens": 1}
+
+    async def go(client, engine):
+        good = {"Authorization": "Bearer s3cret"}
+        return {
+            "no key": await client.post("/v1/completions", json=body),
+            "wrong key": await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}),
+            "metrics": await client.get("/metrics"),
+            "schema": await client.get("/openapi.json"),
+            "native": await client.post("/models/llama/generate", json={"inputs": "x"}),
+            "health": await client.get("/health"),
+            "with key": await client.post("/v1/completions", json=body, headers=good),
+            "metrics with key": await client.get("/metrics", headers=good),
+        }
+
+    answers = call(go, keyed_engine())
+    assert {name: r.status_code for name, r in answers.items()} == {
+        "no key": 401, "wrong key": 401, "metrics": 401, "schema": 401, "native": 401,
+        "health": 200, "with key": 200, "metrics with key": 200,
+    }
+    assert ErrorResponse.model_validate(answers["no key"].json()).error.code == "invalid_api_key"
+    assert answers["native"].json()["error_type"] == "invalid_api_key"
+    assert answers["no key"].headers["www-authenticate"] == "Bearer"
+
+
+# ---------------------------------------------------------------- schema
+
+
+def test_openapi_schema_describes_every_route_with_its_bodies_and_errors():
+    async def go(client, engine):
+        return (await client.get("/openapi.json")).json()
+
+    schema = call(go)
+    paths = schema["paths"]
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        operation = paths[path]["post"]
+        assert "$ref" in operation["requestBody"]["content"]["application/json"]["schema"], path
+        assert {"200", "400", "401", "404"} <= set(operation["responses"]), path
+    chat = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert chat["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunk")
+    assert chat["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+    components = schema["components"]["schemas"]
+    assert {"ChatCompletionChunk", "CompletionRequest", "ErrorResponse", "Usage"} <= set(components)
+    assert "top_k" in components["CompletionRequest"]["properties"]
+    for path in ("/v1/models", "/health", "/version", "/metrics", "/models/{name}/generate"):
+        assert path in paths
