@@ -1,4 +1,4 @@
-"""Load test of a streaming server: llmserve's `/models/{name}/generate` or an OpenAI `/v1/completions`.
+"""Load test of a streaming server: llmserve's `/models/{name}/generate`, or OpenAI `/v1/completions` / `/v1/chat/completions`.
 
 Sends requests at a given rate (Poisson or constant arrivals) or all at once,
 records each one's first-token time, inter-token gaps and end-to-end time,
@@ -6,6 +6,7 @@ writes them as JSONL and prints the summary:
 
     python tools/bench_serving.py -P 8835 -X 5 -T 60 --input-len 128 --output-len 64:256 --ignore-eos -O results/run1
     python tools/bench_serving.py --url http://127.0.0.1:8000 --backend openai --model my-model -N 200 --concurrency 32
+    python tools/bench_serving.py --backend openai-chat --api-key "$LLMSERVE_API_KEY" -N 100 --concurrency 16
 """
 from __future__ import annotations
 
@@ -137,12 +138,17 @@ class TokenTracker:
         return time.perf_counter() - self.start
 
 
+def auth_headers(api_key: Optional[str]) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class LlmserveBackend:
     """llmserve's `/models/{name}/generate` with `"stream": true`."""
 
-    def __init__(self, base_url: str, model: str, ignore_eos: bool):
+    def __init__(self, base_url: str, model: str, ignore_eos: bool, api_key: Optional[str] = None):
         self.url = f"{base_url}/models/{model}/generate"
         self.ignore_eos = ignore_eos
+        self.headers = auth_headers(api_key)
 
     def body(self, prompt: Prompt) -> dict:
         parameters = {"max_new_tokens": prompt.output_len, "ignore_eos": self.ignore_eos, "do_sample": False}
@@ -161,16 +167,23 @@ class LlmserveBackend:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible `/v1/completions` server, streaming."""
+    """Any OpenAI-compatible `/v1/completions` server, streaming (`ignore_eos` is vLLM's and our extra field)."""
 
-    def __init__(self, base_url: str, model: str, ignore_eos: bool):
-        self.url = f"{base_url}/v1/completions"
+    path = "/v1/completions"
+
+    def __init__(self, base_url: str, model: str, ignore_eos: bool, api_key: Optional[str] = None):
+        self.url = base_url + self.path
         self.model = model
         self.ignore_eos = ignore_eos
+        self.headers = auth_headers(api_key)
 
     def body(self, prompt: Prompt) -> dict:
         return {"model": self.model, "prompt": prompt.text, "max_tokens": prompt.output_len, "stream": True,
-                "ignore_eos": self.ignore_eos, "stream_options": {"include_usage": True}}
+                "ignore_eos": self.ignore_eos, "stream_options": {"include_usage": True}, "temperature": 0}
+
+    @staticmethod
+    def text_of(choice: dict) -> str:
+        return choice.get("text") or ""
 
     def on_event(self, data: str, tracker: TokenTracker) -> None:
         if data == "[DONE]":
@@ -179,7 +192,7 @@ class OpenAIBackend:
         chunk = json.loads(data)
         if chunk.get("error"):
             raise StreamError(str(chunk["error"]))
-        if any(choice.get("text") for choice in chunk.get("choices") or []):
+        if any(self.text_of(choice) for choice in chunk.get("choices") or []):
             tracker.token()
         usage = chunk.get("usage")
         if usage:
@@ -187,7 +200,22 @@ class OpenAIBackend:
             tracker.num_output_tokens = usage.get("completion_tokens")
 
 
-BACKENDS = {"llmserve": LlmserveBackend, "openai": OpenAIBackend}
+class OpenAIChatBackend(OpenAIBackend):
+    """Any OpenAI-compatible `/v1/chat/completions` server: the prompt is one user message."""
+
+    path = "/v1/chat/completions"
+
+    def body(self, prompt: Prompt) -> dict:
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt.text}],
+                "max_completion_tokens": prompt.output_len, "stream": True, "ignore_eos": self.ignore_eos,
+                "stream_options": {"include_usage": True}, "temperature": 0}
+
+    @staticmethod
+    def text_of(choice: dict) -> str:
+        return (choice.get("delta") or {}).get("content") or ""
+
+
+BACKENDS = {"llmserve": LlmserveBackend, "openai": OpenAIBackend, "openai-chat": OpenAIChatBackend}
 
 
 # ---------------------------------------------------------------- client
@@ -195,7 +223,7 @@ BACKENDS = {"llmserve": LlmserveBackend, "openai": OpenAIBackend}
 async def stream_events(client: httpx.AsyncClient, backend, prompt: Prompt, request_id: str,
                         tracker: TokenTracker) -> None:
     """Send one request and feed each `data:` event of its answer to the backend."""
-    headers = {"X-Request-Id": request_id}
+    headers = {"X-Request-Id": request_id, **backend.headers}
     async with client.stream("POST", backend.url, json=backend.body(prompt), headers=headers) as response:
         if response.status_code != 200:
             text = (await response.aread()).decode(errors="replace")
@@ -264,6 +292,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--url", help="server base URL (default http://127.0.0.1:PORT)")
     parser.add_argument("-P", "--port", type=int, default=8835)
     parser.add_argument("--model", default="llama", help="model name in the URL (llmserve) or the body (openai)")
+    parser.add_argument("--api-key", default=os.environ.get("LLMSERVE_API_KEY"),
+                        help="sent as `Authorization: Bearer KEY` (default: $LLMSERVE_API_KEY)")
     parser.add_argument("-X", "--rate", type=float, help="requests per second (default: all at once)")
     parser.add_argument("-T", "--time", type=float, help="seconds to send for; sends RATE*T requests")
     parser.add_argument("-N", "--num-requests", type=int, help="number of requests")
@@ -307,12 +337,13 @@ def save(outdir: str, records: list[RequestRecord], summary: dict, args: argpars
     os.makedirs(outdir, exist_ok=True)
     write_records(os.path.join(outdir, "requests.jsonl"), records)
     with open(os.path.join(outdir, "summary.json"), "w") as f:
-        json.dump({"args": vars(args), **summary}, f, indent=2)
+        arguments = {k: v for k, v in vars(args).items() if k != "api_key"}  # never write the key to disk
+        json.dump({"args": arguments, **summary}, f, indent=2)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    backend = BACKENDS[args.backend](args.url or f"http://127.0.0.1:{args.port}", args.model, args.ignore_eos)
+    backend = BACKENDS[args.backend](args.url or f"http://127.0.0.1:{args.port}", args.model, args.ignore_eos, args.api_key)
     prompts = build_prompts(args)
     offsets = send_offsets(len(prompts), args.rate, args.arrival, args.seed)
     records, duration_s = asyncio.run(run_load(backend, prompts, offsets, args.concurrency, args.timeout,
