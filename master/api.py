@@ -12,11 +12,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from common.errors import ModelNotFound
 from common.sampling import ParamNames
 from master.api_errors import ApiKeyMiddleware, error_response, install_error_handlers
-from master.api_models import GenerateRequest
+from master.api_schema import add_stream_schemas, stream_response
+from master.api_models import GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
 from master.chat_template import ChatTemplate, load_chat_template
 from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
-from master.openai_api import add_stream_schemas, openai_router
-from master.openai_models import VersionResponse
+from master.openai_api import openai_router
+from master.openai_models import ChatCompletionChunk, VersionResponse
 from master.outputs import GenerationOutput
 from master.sequence import TokenLogprobs
 from master.streams import SSE_HEADERS, abort_all, sse, wait_finished
@@ -46,12 +47,12 @@ def create_app(engine: Engine, chat_template: Optional[ChatTemplate] = None) -> 
     app.include_router(openai_router(engine, chat_template or load_chat_template(engine.config.model_config)))
     _add_server_routes(app, engine)
     _add_generate_route(app, engine)
-    add_stream_schemas(app)
+    add_stream_schemas(app, (ChatCompletionChunk, GenerateStreamEvent))
     return app
 
 
 def _add_server_routes(app: FastAPI, engine: Engine) -> None:
-    @app.get("/health", tags=["server"])
+    @app.get("/health", tags=["server"], response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
         """200 while every agent is alive, else 503 with the reason; both with the engine's counts. Never needs the API key."""
         stats = engine.stats()
@@ -75,7 +76,10 @@ def _add_server_routes(app: FastAPI, engine: Engine) -> None:
 def _add_generate_route(app: FastAPI, engine: Engine) -> None:
     model_name = engine.config.model_config.model_name
 
-    @app.post("/models/{name}/generate", tags=["llmserve"])
+    errors = {status: {"model": NativeError} for status in (400, 401, 404, 503)}
+
+    @app.post("/models/{name}/generate", tags=["llmserve"], response_model=GenerateResponse,
+              responses=stream_response(GenerateResponse, GenerateStreamEvent, errors))
     async def generate(name: str, body: GenerateRequest, request: Request):
         """Generate from `inputs`; with `stream`, server-sent events per token, then one with the whole text."""
         if name != model_name:

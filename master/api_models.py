@@ -6,6 +6,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.sampling import SamplingParams
+from master.api_schema import Answer
 
 
 class GenerateParameters(BaseModel):
@@ -56,3 +57,77 @@ class GenerateRequest(BaseModel):
     inputs: str = Field(description="The prompt.")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
+
+
+# ---------------------------------------------------------------- responses (for the OpenAPI schema and the tests)
+
+
+class TopToken(Answer):
+    id: int
+    text: str
+    logprob: float
+
+
+class TokenInfo(Answer):
+    """A generated token; `logprob` and `top_logprobs` only when `logprobs` was asked for."""
+
+    id: int
+    text: str
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list[TopToken]] = None
+
+
+class SequenceDetails(Answer):
+    """One of the n returned sequences (n > 1 or beam search)."""
+
+    index: int
+    generated_text: str
+    token_ids: list[int]
+    finish_reason: str
+    generated_tokens: int
+    cumulative_logprob: Optional[float] = None
+    score: Optional[float] = None
+    logprobs: Optional[list[TokenInfo]] = None
+
+
+class GenerateDetails(Answer):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    prompt_tokens: int
+    generated_tokens: int
+    first_token_time: Optional[float] = Field(description="Seconds from arrival to the first token.")
+    res_time: float = Field(description="Seconds from arrival to the end.")
+    logprobs: Optional[list[TokenInfo]] = None
+    sequences: Optional[list[SequenceDetails]] = None
+
+
+class GenerateResponse(Answer):
+    """The answer without `stream`."""
+
+    generated_text: str
+    details: GenerateDetails
+
+
+class GenerateStreamEvent(Answer):
+    """One server-sent event of a streamed generate: a token, or (last) the whole text with details."""
+
+    index: Optional[int] = Field(None, description="Which of the n sequences the token extends.")
+    token: Optional[TokenInfo] = None
+    generated_text: Optional[str] = None
+    details: Optional[GenerateDetails] = None
+
+
+class NativeError(Answer):
+    """Errors of the /models/... routes."""
+
+    error: str
+    error_type: str
+
+
+class HealthResponse(Answer):
+    status: Literal["ok", "unhealthy"]
+    reason: Optional[str] = None
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv_blocks_total: int
+    kv_blocks_free: int

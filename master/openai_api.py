@@ -9,12 +9,13 @@ import time
 import uuid
 from typing import AsyncIterator, Optional, Union
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from common.errors import ModelNotFound, RequestError
 from common.sampling import ParamNames, SamplingParams
 from master.api_errors import error_response
+from master.api_schema import stream_response
 from master.chat_template import ChatTemplate
 from master.engine import Engine, RequestHandle, TokenEvent
 from master.openai_models import (
@@ -41,29 +42,6 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404
 DONE = "data: [DONE]\n\n"
 
 
-def _streamed_as(chunk: type, answer: type) -> dict:
-    """OpenAPI: the JSON answer, or with `stream: true` server-sent events of `chunk`."""
-    events = {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}
-    description = f"{answer.__name__}; with `stream: true`, `data: {{{chunk.__name__}}}` events, then `data: [DONE]`"
-    return {200: {"model": answer, "description": description, "content": {"text/event-stream": events}}, **ERROR_RESPONSES}
-
-
-def add_stream_schemas(app: FastAPI) -> None:
-    """Put the stream chunk models, which no route returns as JSON, into the app's OpenAPI components."""
-    build_schema = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schemas = build_schema()["components"]["schemas"]
-            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
-            for name, schema in chunk.pop("$defs", {}).items():
-                schemas.setdefault(name, schema)
-            schemas.setdefault(ChatCompletionChunk.__name__, chunk)
-        return app.openapi_schema
-
-    app.openapi = openapi
-
-
 def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
     """The routes, bound to one engine and the chat template it uses."""
     router = APIRouter(tags=["openai"])
@@ -84,7 +62,10 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         check_model(model)
         return JSONResponse(card.model_dump())
 
-    @router.post("/v1/completions", response_model=CompletionResponse, responses=_streamed_as(CompletionResponse, CompletionResponse))
+    @router.post(
+        "/v1/completions", response_model=CompletionResponse,
+        responses=stream_response(CompletionResponse, CompletionResponse, ERROR_RESPONSES),
+    )
     async def completions(body: CompletionRequest, request: Request):
         """Text completion of one prompt or a batch (strings or token ids)."""
         check_model(body.model)
@@ -100,7 +81,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
 
     @router.post(
         "/v1/chat/completions", response_model=ChatCompletionResponse,
-        responses=_streamed_as(ChatCompletionChunk, ChatCompletionResponse),
+        responses=stream_response(ChatCompletionResponse, ChatCompletionChunk, ERROR_RESPONSES),
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """The assistant's reply to `messages`, rendered with the model's chat template."""

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import RequestError
 from common.sampling import ParamNames, SamplingParams
+from master.api_schema import Answer
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -172,13 +173,13 @@ class ChatCompletionRequest(SamplingFields):
 # ---------------------------------------------------------------- responses
 
 
-class Usage(BaseModel):
+class Usage(Answer):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(Answer):
     tokens: list[str]
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]]
@@ -188,14 +189,14 @@ class CompletionLogprobs(BaseModel):
 FinishReasonField = Optional[Literal["stop", "length"]]
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(Answer):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: FinishReasonField = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(Answer):
     """The answer of /v1/completions; streamed, each chunk has this shape with the new text only."""
 
     id: str
@@ -206,7 +207,7 @@ class CompletionResponse(BaseModel):
     usage: Optional[Usage] = None
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(Answer):
     token: str
     logprob: float
     bytes: Optional[list[int]] = None
@@ -216,25 +217,25 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(BaseModel):
+class ChatLogprobs(Answer):
     content: Optional[list[TokenLogprob]] = None
     refusal: Optional[list[TokenLogprob]] = None
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(Answer):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(Answer):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReasonField = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(Answer):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -243,19 +244,19 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class Delta(BaseModel):
+class Delta(Answer):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(Answer):
     index: int
     delta: Delta
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReasonField = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(Answer):
     """One server-sent event of a streamed chat completion."""
 
     id: str
@@ -266,7 +267,7 @@ class ChatCompletionChunk(BaseModel):
     usage: Optional[Usage] = None
 
 
-class ModelCard(BaseModel):
+class ModelCard(Answer):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -274,19 +275,19 @@ class ModelCard(BaseModel):
     max_model_len: int
 
 
-class ModelList(BaseModel):
+class ModelList(Answer):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(Answer):
     message: str
     type: str
     param: Optional[str] = None
     code: Optional[str] = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(Answer):
     """Every error of the OpenAI-compatible endpoints (and 401s), in OpenAI's shape."""
 
     error: ErrorDetail
@@ -312,7 +313,7 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = Field(False, description="Also return each token's text.")
 
 
-class TokenizeResponse(BaseModel):
+class TokenizeResponse(Answer):
     count: int
     max_model_len: int
     tokens: list[int]
@@ -328,9 +329,9 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeResponse(BaseModel):
+class DetokenizeResponse(Answer):
     prompt: str
 
 
-class VersionResponse(BaseModel):
+class VersionResponse(Answer):
     version: str

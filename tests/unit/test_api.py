@@ -182,3 +182,22 @@ def test_client_disconnect_aborts_a_non_streaming_request_and_returns_its_blocks
     assert busy["num_running"] == 1 and busy["kv_blocks_free"] < busy["kv_blocks_total"]
     assert is_freed and after["num_running"] == 0 and after["num_waiting"] == 0
     assert handle.seq.finish_reason is FinishReason.ABORT and handle.seq.num_output_tokens < 100
+
+
+def test_answers_match_the_models_the_openapi_schema_publishes():
+    from master.api_models import GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
+
+    async def go(client, engine):
+        params = {"max_new_tokens": 4, "do_sample": True, "n": 2, "logprobs": 2, "seed": 1}
+        plain = await client.post(URL, json={"inputs": "Hello", "parameters": params})
+        streamed = await client.post(URL, json={"inputs": "Hello", "parameters": {**params, "n": 1}, "stream": True})
+        bad = await client.post(URL, json={"inputs": "Hello", "parameters": {"top_p": 7.0}})
+        return plain, streamed, bad, await client.get("/health")
+
+    plain, streamed, bad, health = call(go)
+    details = GenerateResponse.model_validate(plain.json()).details
+    assert len(details.sequences) == 2 and len(details.logprobs) == 4
+    events = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert [GenerateStreamEvent.model_validate(event).token is not None for event in events] == [True] * 4 + [False]
+    assert NativeError.model_validate(bad.json()).error_type == "request_error"
+    assert HealthResponse.model_validate(health.json()).status == "ok"

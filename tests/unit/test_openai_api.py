@@ -348,5 +348,9 @@ def test_openapi_schema_describes_every_route_with_its_bodies_and_errors():
     components = schema["components"]["schemas"]
     assert {"ChatCompletionChunk", "CompletionRequest", "ErrorResponse", "Usage"} <= set(components)
     assert "top_k" in components["CompletionRequest"]["properties"]
-    for path in ("/v1/models", "/health", "/version", "/metrics", "/models/{name}/generate"):
+    for path in ("/v1/models", "/health", "/version", "/metrics"):
         assert path in paths
+    native = paths["/models/{name}/generate"]["post"]["responses"]
+    assert native["200"]["content"]["text/event-stream"]["schema"]["$ref"].endswith("/GenerateStreamEvent")
+    assert native["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/NativeError")
+    assert "GenerateStreamEvent" in components
