@@ -102,13 +102,13 @@ class SamplingParams:
 
     def validate(self, limits: SamplingLimits, names: ParamNames = ParamNames()) -> None:
         """Raise RequestError("<parameter>: <problem>") for the first invalid value, spelled by `names`."""
-        for name, ok, problem in self._checks(limits):
+        for name, ok, problem in self._checks(limits, names):
             if not ok:
                 raise RequestError(f"{names(name)}: {problem}", param=names(name))
 
-    def _checks(self, limits: SamplingLimits):
+    def _checks(self, limits: SamplingLimits, names: ParamNames):
         yield "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"
-        yield "min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "must be between 0 and max_new_tokens"
+        yield "min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, f"must be between 0 and {names('max_new_tokens')}"
         yield "temperature", self.temperature >= 0.0, "must be >= 0"
         yield "top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be between 0 (all tokens) and {MAX_TOP_K}"
         yield "top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"
@@ -126,17 +126,17 @@ class SamplingParams:
         yield "stop_token_ids", all(i >= 0 for i in self.stop_token_ids), "ids must be >= 0"
         yield "n", 1 <= self.n <= limits.max_n, f"must be between 1 and {limits.max_n}"
         best_of = self.n if self.best_of is None else self.best_of
-        yield "best_of", self.n <= best_of <= limits.max_n, f"must be between n and {limits.max_n}"
+        yield "best_of", self.n <= best_of <= limits.max_n, f"must be between {names('n')} and {limits.max_n}"
         yield "best_of", best_of == self.n or not self.is_greedy or self.is_beam_search, (
-            "greedy decoding gives the same output every time; set do_sample with best_of > n"
+            f"greedy decoding gives the same output every time; sample (do_sample, temperature > 0) with best_of > {names('n')}"
         )
         yield "logprobs", self.logprobs is None or 0 <= self.logprobs <= limits.max_logprobs, (
             f"must be between 0 and {limits.max_logprobs}"
         )
         yield "num_beams", 1 <= self.num_beams <= limits.max_num_beams, f"must be between 1 and {limits.max_num_beams}"
-        yield "num_beams", not (self.is_beam_search and self.do_sample), "beam search here is deterministic; unset do_sample"
-        yield "n", not self.is_beam_search or self.n <= self.num_beams, "must be <= num_beams with beam search"
+        yield "num_beams", not (self.is_beam_search and self.do_sample), "beam search here is deterministic; do not sample with it"
+        yield "n", not self.is_beam_search or self.n <= self.num_beams, f"must be <= {names('num_beams')} with beam search"
         yield "best_of", not (self.is_beam_search and self.best_of is not None), "does not apply to beam search"
-        yield "stop", not (self.is_beam_search and self.stop), "stop strings do not apply to beam search; use stop_token_ids"
+        yield "stop", not (self.is_beam_search and self.stop), f"stop strings do not apply to beam search; use {names('stop_token_ids')}"
         yield "length_penalty", self.length_penalty == self.length_penalty, "must be a number"
         yield "early_stopping", self.early_stopping in (True, False, "never"), "must be true, false or \"never\""

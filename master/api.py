@@ -6,21 +6,21 @@ from importlib import metadata
 from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from common.errors import ModelNotFound
 from common.sampling import ParamNames
-from master.api_errors import ApiKeyMiddleware, error_response, install_error_handlers
-from master.api_schema import add_stream_schemas, stream_response
+from master.api_errors import NATIVE_PREFIX, ApiKeyMiddleware, error_response, install_error_handlers
+from master.api_schema import finish_openapi, stream_response
 from master.api_models import GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
 from master.chat_template import ChatTemplate, load_chat_template
 from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
 from master.openai_api import openai_router
-from master.openai_models import ChatCompletionChunk, VersionResponse
+from master.openai_models import ChatCompletionChunk, ErrorResponse, VersionResponse
 from master.outputs import GenerationOutput
 from master.sequence import TokenLogprobs
-from master.streams import SSE_HEADERS, abort_all, sse, wait_finished
+from master.streams import RequestStream, sse, wait_finished
 from master.tokenizer import encode
 
 NATIVE_NAMES = ParamNames(prefix="parameters.")
@@ -47,7 +47,8 @@ def create_app(engine: Engine, chat_template: Optional[ChatTemplate] = None) -> 
     app.include_router(openai_router(engine, chat_template or load_chat_template(engine.config.model_config)))
     _add_server_routes(app, engine)
     _add_generate_route(app, engine)
-    add_stream_schemas(app, (ChatCompletionChunk, GenerateStreamEvent))
+    key_error = (lambda path: NativeError if path.startswith(NATIVE_PREFIX) else ErrorResponse) if api_key else None
+    finish_openapi(app, (ChatCompletionChunk, GenerateStreamEvent), key_error)
     return app
 
 
@@ -76,7 +77,7 @@ def _add_server_routes(app: FastAPI, engine: Engine) -> None:
 def _add_generate_route(app: FastAPI, engine: Engine) -> None:
     model_name = engine.config.model_config.model_name
 
-    errors = {status: {"model": NativeError} for status in (400, 401, 404, 503)}
+    errors = {status: {"model": NativeError} for status in (400, 404, 503)}
 
     @app.post("/models/{name}/generate", tags=["llmserve"], response_model=GenerateResponse,
               responses=stream_response(GenerateResponse, GenerateStreamEvent, errors))
@@ -89,7 +90,7 @@ def _add_generate_route(app: FastAPI, engine: Engine) -> None:
         params = body.parameters.sampling_params()
         handle = engine.submit(request_id, prompt_ids, params, stream=body.stream, names=NATIVE_NAMES)
         if body.stream:
-            return StreamingResponse(_sse_events(engine, handle, body), media_type="text/event-stream", headers=SSE_HEADERS)
+            return RequestStream(_sse_events(engine, handle, body), engine, [handle])
         return await _complete(engine, handle, body, request)
 
 
@@ -106,21 +107,21 @@ async def _complete(engine: Engine, handle: RequestHandle, body: GenerateRequest
 
 
 async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> AsyncIterator[str]:
-    """Server-sent events: one per token (with the output's index), then a final one with the whole text and details."""
-    try:
-        async for event in handle.stream():
-            if isinstance(event, TokenEvent):
-                token = {"id": event.token_id, "text": event.text}
-                if event.logprobs is not None:
-                    token.update(_logprob_entry(engine, event.token_id, event.logprobs))
-                yield sse({"index": event.index, "token": token, "generated_text": None, "details": None})
-            elif event.error:
-                yield sse({"error": event.error, "error_type": "generation_failed"})
-            else:
-                text = _generated_text(engine, handle, body)
-                yield sse({"token": None, "generated_text": text, "details": _details(engine, handle, event)})
-    finally:
-        abort_all(engine, [handle])  # no-op when finished; frees the blocks when the client went away
+    """Server-sent events: one per token (with the output's index), then a final one with the whole text and details.
+
+    RequestStream aborts the request when the client leaves first.
+    """
+    async for event in handle.stream():
+        if isinstance(event, TokenEvent):
+            token = {"id": event.token_id, "text": event.text}
+            if event.logprobs is not None:
+                token.update(_logprob_entry(engine, event.token_id, event.logprobs))
+            yield sse({"index": event.index, "token": token, "generated_text": None, "details": None})
+        elif event.error:
+            yield sse({"error": event.error, "error_type": "generation_failed"})
+        else:
+            text = _generated_text(engine, handle, body)
+            yield sse({"token": None, "generated_text": text, "details": _details(engine, handle, event)})
 
 
 def _generated_text(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> str:

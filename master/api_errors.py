@@ -17,11 +17,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.errors import LLMServeError, RequestError
+from master.api_schema import OPEN_PATHS
 
 NATIVE_PREFIX = "/models/"
-OPEN_PATHS = ("/health",)
-STATUS_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-                499: "client_disconnected", 503: "unavailable"}
+STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 
 def error_response(path: str, status: int, code: str, message: str, param: Optional[str] = None) -> JSONResponse:
@@ -50,6 +49,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "http_error")
         return error_response(request.url.path, exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer; the client still gets the route's error shape.
+        return error_response(request.url.path, 500, "internal_error", f"internal error: {type(exc).__name__}: {exc}")
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:

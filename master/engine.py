@@ -212,8 +212,7 @@ class Engine:
                 names.prompt,
             )
         blocks = self.block_manager
-        needed = blocks.blocks_for(total) + (params.num_samples - 1) * (blocks.blocks_for(params.max_new_tokens) + 1)
-        if needed > blocks.num_blocks:
+        if params.max_new_tokens > self.room_for_output(len(prompt_ids), params.num_samples):
             raise RequestError(
                 f"{names.prompt}: {total} tokens x {params.num_samples} sequences need more KV blocks than the whole "
                 f"cache holds ({blocks.num_blocks} blocks of {blocks.block_size})", names.prompt,
@@ -234,6 +233,30 @@ class Engine:
         for seq in handle.seqs:
             self.scheduler.abort(seq)
         self._finish(handle, FinishReason.ABORT)
+
+    def withdraw(self, handle: RequestHandle) -> None:
+        """Take back a request whose client was refused after all (another prompt of its batch failed).
+
+        Frees what abort frees, but counts and logs nothing: for the client it never existed.
+        """
+        for seq in handle.seqs:
+            self.scheduler.abort(seq)
+            self.handles.pop(seq.seq_id, None)
+        handle.end_time = time.monotonic()
+
+    def room_for_output(self, num_prompt_tokens: int, num_samples: int) -> int:
+        """The most new tokens a request may ask for: within the context, and within the whole KV cache."""
+        blocks = self.block_manager
+
+        def fits(num_new: int) -> bool:
+            needed = blocks.blocks_for(num_prompt_tokens + num_new) + (num_samples - 1) * (blocks.blocks_for(num_new) + 1)
+            return needed <= blocks.num_blocks
+
+        low, high = 0, self.model.max_seq_len - num_prompt_tokens
+        while low < high:  # the largest num_new that fits; fits() only turns false as num_new grows
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        return low
 
     async def _run(self) -> None:
         try:

@@ -5,12 +5,13 @@ choices numbered prompt-major (`prompt_index * n + sample_index`) as OpenAI does
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import AsyncIterator, Optional, Union
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from common.errors import ModelNotFound, RequestError
 from common.sampling import ParamNames, SamplingParams
@@ -34,11 +35,11 @@ from master.openai_models import (
 )
 from master.outputs import GenerationOutput
 from master.sequence import TokenLogprobs
-from master.streams import SSE_HEADERS, abort_all, events_of, sse, wait_finished
-from master.tokenizer import decode, encode
+from master.streams import RequestStream, events_of, sse, wait_finished
+from master.tokenizer import decode, encode, token_bytes
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
 DONE = "data: [DONE]\n\n"
 
 
@@ -57,7 +58,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         """The served model."""
         return JSONResponse({"object": "list", "data": [card.model_dump()]})
 
-    @router.get("/v1/models/{model}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    @router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model: str) -> JSONResponse:
         check_model(model)
         return JSONResponse(card.model_dump())
@@ -75,8 +76,10 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
             raise RequestError("logprobs: log-probabilities of the prompt (echo with logprobs) are not supported", "logprobs")
         prompts = _prompts(engine, body.prompt)
         params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
-        job = CompletionJob(engine, request, body, served, [text for _, text in prompts])
+        job = CompletionJob(engine, request, body, served)
         job.submit([ids for ids, _ in prompts], params, body.param_names())
+        if body.echo:  # token-id prompts are decoded only now that the engine has checked their ids
+            job.prompt_texts = [decode(engine.tokenizer, ids) if text is None else text for ids, text in prompts]
         return await job.answer(request)
 
     @router.post(
@@ -92,10 +95,11 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         )
         prompt_ids = encode(engine.tokenizer, prompt, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = body.sampling_params(1 if max_tokens is None else max_tokens, body.num_logprobs())
         if max_tokens is None:
-            max_tokens = max(engine.model.max_seq_len - len(prompt_ids), 1)
+            params = dataclasses.replace(params, max_new_tokens=_room_for_answer(engine, prompt_ids, params))
         job = ChatJob(engine, request, body, served)
-        job.submit([prompt_ids], body.sampling_params(max_tokens, body.num_logprobs()), body.param_names())
+        job.submit([prompt_ids], params, body.param_names())
         return await job.answer(request)
 
     @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
@@ -129,18 +133,26 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
     return router
 
 
-def _prompts(engine: Engine, prompt: Union[str, list]) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt of a completion request."""
+def _room_for_answer(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> int:
+    """Chat without max tokens: as many as the context and the KV cache leave for every sample."""
+    room = engine.room_for_output(len(prompt_ids), params.num_samples)
+    if room < 1:
+        raise RequestError(
+            f"messages: the prompt has {len(prompt_ids)} tokens, which leaves no room for an answer within the "
+            f"model's {engine.model.max_seq_len} tokens and the KV cache", "messages",
+        )
+    return room
+
+
+def _prompts(engine: Engine, prompt: Union[str, list]) -> list[tuple[list[int], Optional[str]]]:
+    """(token ids, text or None for token-id prompts) of each prompt of a completion request."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     if not prompt:
         raise RequestError("prompt: must not be empty", "prompt")
-    return [
-        (encode(engine.tokenizer, p), p) if isinstance(p, str) else (p, decode(engine.tokenizer, p))
-        for p in prompt
-    ]
+    return [(encode(engine.tokenizer, p), p) if isinstance(p, str) else (p, None) for p in prompt]
 
 
 class OpenAIJob:
@@ -166,12 +178,13 @@ class OpenAIJob:
                 request_id = self.request_id if len(prompts) == 1 else f"{self.request_id}-{i}"
                 self.handles.append(self.engine.submit(request_id, prompt_ids, params, self.body.stream, names))
         except Exception:
-            abort_all(self.engine, self.handles)
+            for handle in self.handles:
+                self.engine.withdraw(handle)
             raise
 
     async def answer(self, request: Request):
         if self.body.stream:
-            return StreamingResponse(self.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return RequestStream(self.stream(), self.engine, self.handles)
         path = request.url.path
         finished = await wait_finished(self.engine, self.handles, request)
         if finished is None:
@@ -184,24 +197,24 @@ class OpenAIJob:
                              "choices": choices, "usage": self.usage()})
 
     async def stream(self) -> AsyncIterator[str]:
-        """The chunks, an error event if the model failed, the usage chunk when asked for, then [DONE]."""
-        try:
-            for choice in self.opening_choices():
-                yield sse(self.chunk(choice))
-            async for handle_index, event in events_of(self.handles):
-                if isinstance(event, TokenEvent):
-                    choice = self.token_choice(handle_index * self.body.n + event.index, event)
-                    if choice is not None:
-                        yield sse(self.chunk(choice))
-                elif event.error:
-                    yield sse({"error": {"message": event.error, "type": "server_error", "param": None, "code": "generation_failed"}})
-                    break
-            else:
-                if self.body.include_usage:
-                    yield sse({**self.chunk(None), "choices": [], "usage": self.usage()})
-            yield DONE
-        finally:
-            abort_all(self.engine, self.handles)  # no-op when finished; frees the blocks when the client went away
+        """The chunks, an error event if the model failed, the usage chunk when asked for, then [DONE].
+
+        RequestStream aborts the requests when the client leaves first.
+        """
+        for choice in self.opening_choices():
+            yield sse(self.chunk(choice))
+        async for handle_index, event in events_of(self.handles):
+            if isinstance(event, TokenEvent):
+                choice = self.token_choice(handle_index * self.body.n + event.index, event)
+                if choice is not None:
+                    yield sse(self.chunk(choice))
+            elif event.error:
+                yield sse({"error": {"message": event.error, "type": "server_error", "param": None, "code": "generation_failed"}})
+                break
+        else:
+            if self.body.include_usage:
+                yield sse({**self.chunk(None), "choices": [], "usage": self.usage()})
+        yield DONE
 
     def chunk(self, choice: Optional[dict]) -> dict:
         chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -229,9 +242,9 @@ class CompletionJob(OpenAIJob):
     object_name = chunk_object = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, engine: Engine, request: Request, body: CompletionRequest, model: str, prompt_texts: list[str]):
+    def __init__(self, engine: Engine, request: Request, body: CompletionRequest, model: str):
         super().__init__(engine, request, body, model)
-        self.prompt_texts = prompt_texts
+        self.prompt_texts: list[str] = []  # set with echo
         self.offsets: dict[int, int] = {}  # choice -> characters of token text so far (logprobs' text_offset)
 
     def choice(self, index: int, handle_index: int, output: GenerationOutput) -> dict:
@@ -292,7 +305,7 @@ class ChatJob(OpenAIJob):
 
 def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[TokenLogprobs], offset: int) -> dict:
     """The legacy completions format: parallel lists, top alternatives as {token text: logprob}."""
-    tokens = [engine.token_text(t) for t in token_ids]
+    tokens = [token_string(engine, t)[0] for t in token_ids]
     offsets = []
     for token in tokens:
         offsets.append(offset)
@@ -301,7 +314,7 @@ def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[To
     for entry in logprobs:
         top: dict[str, float] = {}
         for token_id, logprob in entry.top:
-            top.setdefault(engine.token_text(token_id), logprob)  # tokens with the same text keep the likeliest
+            top.setdefault(token_string(engine, token_id)[0], logprob)  # tokens with the same text keep the likeliest
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in logprobs], "top_logprobs": tops,
             "text_offset": offsets}
@@ -314,5 +327,14 @@ def _chat_logprob(engine: Engine, token_id: int, logprobs: TokenLogprobs) -> dic
 
 
 def _token_logprob(engine: Engine, token_id: int, logprob: float) -> dict:
-    text = engine.token_text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    text, raw = token_string(engine, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+
+def token_string(engine: Engine, token_id: int) -> tuple[str, bytes]:
+    """A token's text and bytes; a token holding part of a character reads `bytes:\\xNN...`, as in vLLM."""
+    raw = token_bytes(engine.tokenizer, token_id)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw

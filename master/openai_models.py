@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.errors import RequestError
 from common.sampling import ParamNames, SamplingParams
@@ -23,14 +23,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send one last chunk with `usage` (and empty `choices`) before [DONE].")
 
 
-class SamplingFields(BaseModel):
-    """Fields both endpoints share: OpenAI's, then the extras vLLM users know."""
+class OpenAIRequest(BaseModel):
+    """A request body in which, as in OpenAI's API, null for any field means its default."""
 
     model_config = STRICT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
+        return data
+
+
+class SamplingFields(OpenAIRequest):
+    """Fields both endpoints share: OpenAI's, then the extras vLLM users know."""
+
     model: Optional[str] = Field(None, description="The served model's name (GET /v1/models); defaults to it.")
-    n: int = Field(1, description="Choices to return for each prompt.")
-    stream: bool = Field(False, description="Stream server-sent events `data: {chunk}`, ending with `data: [DONE]`.")
+    n: Optional[int] = Field(1, description="Choices to return for each prompt.")
+    stream: Optional[bool] = Field(False, description="Stream server-sent events `data: {chunk}`, ending with `data: [DONE]`.")
     stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(None, description="Sampling temperature (default 1); 0 means greedy.")
     top_p: Optional[float] = Field(None, description="Nucleus sampling mass, in (0, 1].")
@@ -98,7 +109,7 @@ class CompletionRequest(SamplingFields):
         description="A prompt, a batch of prompts, or the same as token ids."
     )
     max_tokens: Optional[int] = Field(16, description="Tokens to generate at most per choice.")
-    echo: bool = Field(False, description="Put the prompt before each choice's text.")
+    echo: Optional[bool] = Field(False, description="Put the prompt before each choice's text.")
     logprobs: Optional[int] = Field(None, description="Return the chosen token's and this many top log-probabilities.")
     suffix: Optional[str] = Field(None, description="Not supported: must be absent.")
 
@@ -135,7 +146,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(description="The conversation, rendered with the model's chat template.")
     max_completion_tokens: Optional[int] = Field(None, description="Tokens to generate at most; default: up to the context.")
     max_tokens: Optional[int] = Field(None, description="Older name of max_completion_tokens.")
-    logprobs: bool = Field(False, description="Return each content token's log-probability.")
+    logprobs: Optional[bool] = Field(False, description="Return each content token's log-probability.")
     top_logprobs: Optional[int] = Field(None, description="With logprobs: this many most likely tokens per position.")
     response_format: Optional[ResponseFormat] = Field(None, description="Only {\"type\": \"text\"}.")
     tools: Optional[list[dict[str, Any]]] = Field(None, description="Not supported: must be absent or empty.")
@@ -296,10 +307,8 @@ class ErrorResponse(Answer):
 # ---------------------------------------------------------------- tokenize
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(OpenAIRequest):
     """Body of POST /tokenize: a `prompt`, or chat `messages` rendered with the chat template first."""
-
-    model_config = STRICT
 
     model: Optional[str] = None
     prompt: Optional[str] = Field(None, description="Text to tokenize (give this or messages).")
@@ -320,10 +329,8 @@ class TokenizeResponse(Answer):
     token_strs: Optional[list[str]] = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(OpenAIRequest):
     """Body of POST /detokenize."""
-
-    model_config = STRICT
 
     model: Optional[str] = None
     tokens: list[int]

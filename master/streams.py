@@ -6,6 +6,8 @@ import json
 from typing import AsyncIterator, Optional
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
 
@@ -21,6 +23,7 @@ async def wait_finished(engine: Engine, handles: list[RequestHandle], request: R
     finally:
         outputs.cancel()
         watcher.cancel()
+        await asyncio.gather(outputs, watcher, return_exceptions=True)  # collect the cancellations: no stray warnings
         abort_all(engine, handles)  # no-op for finished requests; frees the blocks when the client went away
     return outputs.result() if outputs in done else None
 
@@ -60,6 +63,21 @@ async def events_of(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, To
     finally:
         for task in tasks:
             task.cancel()
+
+
+class RequestStream(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends, even before the first event."""
+
+    def __init__(self, content: AsyncIterator[str], engine: Engine, handles: list[RequestHandle]):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.engine = engine
+        self.handles = handles
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            abort_all(self.engine, self.handles)  # no-op for finished requests
 
 
 def abort_all(engine: Engine, handles: list[RequestHandle]) -> None:

@@ -1,7 +1,9 @@
 """Text <-> token ids for the master: Hugging Face `tokenizers`, plus incremental detokenization."""
 from __future__ import annotations
 
+import functools
 import os
+import re
 from typing import Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -75,6 +77,34 @@ def decode(tokenizer: Tokenizer, token_ids: list[int]) -> str:
 def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids of `text`; a rendered chat template already holds its special tokens (add_special_tokens=False)."""
     return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for, even when they are only part of a UTF-8 character."""
+    piece = tokenizer.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if isinstance(tokenizer.decoder, decoders.ByteLevel):
+        table = _byte_level_table()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    byte = BYTE_FALLBACK.fullmatch(piece)
+    if byte:
+        return bytes([int(byte.group(1), 16)])
+    return piece.replace("\u2581", " ").encode()  # sentencepiece's word marker is a space
+
+
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2's scheme)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
 
 
 def special_token_id(tokenizer: Tokenizer, token: str) -> Optional[int]:

@@ -6,7 +6,7 @@ import openai
 import pytest
 import torch
 
-from master.tokenizer import build_builtin_tokenizer
+from master.tokenizer import build_builtin_tokenizer, token_bytes
 from tests.e2e.server import running_server, write_config
 
 transformers = pytest.importorskip("transformers")
@@ -60,6 +60,6 @@ def test_chat_uses_the_checkpoint_template_and_generates_what_transformers_does(
     tokenized = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}, timeout=10).json()
     assert tokenized["tokens"] == list(prompt_ids)
     assert answer.usage.prompt_tokens == len(prompt_ids)
-    generated = [entry.token for entry in answer.choices[0].logprobs.content]
-    assert generated == [tokenizer.decode([t]) for t in reference]
+    generated = [bytes(entry.bytes) for entry in answer.choices[0].logprobs.content]
+    assert generated == [token_bytes(tokenizer.backend_tokenizer, t) for t in reference]
     assert answer.choices[0].message.content == tokenizer.decode(reference, skip_special_tokens=True)

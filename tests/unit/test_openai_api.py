@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from common.sampling import SamplingParams
 from master.api import create_app
 from master.openai_models import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse
 from master.tokenizer import decode, encode
@@ -189,6 +190,9 @@ def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason():
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
         ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs", "prompt"),
         ("/v1/completions", {"prompt": [5000]}, 400, "prompt", "not a token id"),
+        ("/v1/completions", {"prompt": [-1]}, 400, "prompt", "not a token id"),
+        ("/v1/completions", {"prompt": [[3, 4], [2**40]], "echo": True}, 400, "prompt", "not a token id"),
+        ("/v1/completions", {"prompt": "x", "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens", "and max_tokens"),
         ("/v1/completions", {"prompt": []}, 400, "prompt", "must not be empty"),
         ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
         ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, None, "does not exist"),
@@ -223,11 +227,41 @@ def test_invalid_json_and_unknown_routes_answer_in_openai_shape():
     assert missing.status_code == 404 and ErrorResponse.model_validate(missing.json()).error.code == "not_found"
 
 
-def test_refused_batch_leaves_nothing_queued():
+def test_a_batch_refused_at_its_second_prompt_leaves_nothing_queued_and_counts_nothing():
     engine = fake_engine()
-    response = post("/v1/completions", {"prompt": ["fine", [5000]], "max_tokens": 2}, engine)
-    assert response.status_code == 400
+    response = post("/v1/completions", {"prompt": ["fine", "word " * 200], "max_tokens": 2}, engine)
+    assert response.status_code == 400 and "exceed the model's maximum" in response.json()["error"]["message"]
     assert engine.stats()["num_waiting"] == 0 and engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+    assert not engine.handles
+    assert "llmserve_requests_total{finish_reason=\"abort\"} 0.0" in engine.metrics.render().decode()
+
+
+def test_null_means_the_default_as_in_openai():
+    body = {"prompt": "Hello there", "max_tokens": 3, "temperature": 0, "n": None, "stream": None, "echo": None,
+            "logprobs": None, "top_k": None, "stop": None, "seed": None}
+    response = post("/v1/completions", body)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["text"] == following_text(encode(TOKENIZER, "Hello there"), 3)
+
+
+def test_chat_without_max_tokens_leaves_every_sample_room_in_the_kv_cache():
+    engine = fake_engine(max_seq_len=128)  # 64 blocks of 4 tokens: 256 tokens of cache, less than 3 x 128
+    body = {"messages": [{"role": "user", "content": "Hi!"}], "n": 3, "temperature": 1.0, "ignore_eos": True}
+    answer = post("/v1/chat/completions", body, engine).json()
+    lengths = {choice["finish_reason"] for choice in answer["choices"]}
+    assert lengths == {"length"} and answer["usage"]["completion_tokens"] % 3 == 0
+    assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+
+
+def test_tokens_holding_part_of_a_character_show_their_bytes_not_a_replacement_character():
+    from master.openai_api import token_string
+
+    engine = fake_engine()
+    first, second = encode(TOKENIZER, "é", add_special_tokens=False)  # byte tokens 0xc3 and 0xa9
+    assert token_string(engine, first) == ("bytes:\\xc3", b"\xc3")
+    assert token_string(engine, second) == ("bytes:\\xa9", b"\xa9")
+    (word,) = encode(TOKENIZER, " the", add_special_tokens=False)
+    assert token_string(engine, word) == (" the", b" the")
 
 
 def test_client_disconnect_aborts_a_streaming_completion_and_returns_its_blocks():
@@ -329,6 +363,60 @@ def test_api_key_is_required_everywhere_but_health():
     assert answers["no key"].headers["www-authenticate"] == "Bearer"
 
 
+def test_with_a_key_the_schema_declares_the_bearer_scheme_and_401_on_every_guarded_route():
+    async def go(client, engine):
+        return (await client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"})).json()
+
+    schema = call(go, keyed_engine())
+    assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            guarded = path != "/health"
+            assert ("401" in operation["responses"]) == guarded, path
+            assert ("security" in operation) == guarded, path
+    native_401 = schema["paths"]["/models/{name}/generate"]["post"]["responses"]["401"]
+    assert native_401["content"]["application/json"]["schema"]["$ref"].endswith("/NativeError")
+
+
+def test_models_with_a_slash_in_their_name_are_found():
+    from common.config import config_from_dict
+
+    config = config_from_dict({
+        "model_config": {"model_name": "meta-llama/Llama-3-8B", "load_format": "dummy",
+                         "dummy_config": {"vocab_size": 1024}, "tokenizer_path": "builtin"},
+        "pa_config": {"num_blocks": 64, "block_size": 4},
+    })
+
+    async def go(client, engine):
+        return await client.get("/v1/models/meta-llama/Llama-3-8B")
+
+    response = call(go, fake_engine(config))
+    assert response.status_code == 200 and response.json()["id"] == "meta-llama/Llama-3-8B"
+
+
+def test_a_stream_aborts_its_requests_when_the_client_leaves_at_once():
+    from master.streams import RequestStream
+
+    async def go(client, engine):
+        handle = engine.submit("early", encode(TOKENIZER, "story"), SamplingParams(max_new_tokens=100, ignore_eos=True))
+
+        async def never_started():
+            yield "data: {}\n\n"
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        await RequestStream(never_started(), engine, [handle])(scope, receive, send)
+        return handle, engine.stats()
+
+    handle, stats = call(go)
+    assert handle.is_finished and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
 # ---------------------------------------------------------------- schema
 
 
@@ -341,7 +429,8 @@ def test_openapi_schema_describes_every_route_with_its_bodies_and_errors():
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         operation = paths[path]["post"]
         assert "$ref" in operation["requestBody"]["content"]["application/json"]["schema"], path
-        assert {"200", "400", "401", "404"} <= set(operation["responses"]), path
+        assert {"200", "400", "404"} <= set(operation["responses"]), path
+        assert "422" not in operation["responses"] and "401" not in operation["responses"], path
     chat = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert chat["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunk")
     assert chat["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
