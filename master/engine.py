@@ -212,7 +212,7 @@ class Engine:
                 names.prompt,
             )
         blocks = self.block_manager
-        if params.max_new_tokens > self.room_for_output(len(prompt_ids), params.num_samples):
+        if not self._fits_in_cache(len(prompt_ids), params.max_new_tokens, params.num_samples):
             raise RequestError(
                 f"{names.prompt}: {total} tokens x {params.num_samples} sequences need more KV blocks than the whole "
                 f"cache holds ({blocks.num_blocks} blocks of {blocks.block_size})", names.prompt,
@@ -244,18 +244,18 @@ class Engine:
             self.handles.pop(seq.seq_id, None)
         handle.end_time = time.monotonic()
 
+    def _fits_in_cache(self, num_prompt_tokens: int, num_new: int, num_samples: int) -> bool:
+        """The request's samples, grown to `num_new` tokens each, fit in the whole KV cache (sharing the prompt)."""
+        blocks = self.block_manager
+        needed = blocks.blocks_for(num_prompt_tokens + num_new) + (num_samples - 1) * (blocks.blocks_for(num_new) + 1)
+        return needed <= blocks.num_blocks
+
     def room_for_output(self, num_prompt_tokens: int, num_samples: int) -> int:
         """The most new tokens a request may ask for: within the context, and within the whole KV cache."""
-        blocks = self.block_manager
-
-        def fits(num_new: int) -> bool:
-            needed = blocks.blocks_for(num_prompt_tokens + num_new) + (num_samples - 1) * (blocks.blocks_for(num_new) + 1)
-            return needed <= blocks.num_blocks
-
         low, high = 0, self.model.max_seq_len - num_prompt_tokens
-        while low < high:  # the largest num_new that fits; fits() only turns false as num_new grows
+        while low < high:  # the largest that fits; fitting only turns false as the count grows
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+            low, high = (middle, high) if self._fits_in_cache(num_prompt_tokens, middle, num_samples) else (low, middle - 1)
         return low
 
     async def _run(self) -> None:

@@ -90,10 +90,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         """The assistant's reply to `messages`, rendered with the model's chat template."""
         check_model(body.model)
         body.check_supported()
-        prompt = chat_template.render(
-            body.message_dicts(), body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
-        )
-        prompt_ids = encode(engine.tokenizer, prompt, add_special_tokens=False)
+        prompt_ids = encode(engine.tokenizer, _render(chat_template, body), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(1 if max_tokens is None else max_tokens, body.num_logprobs())
         if max_tokens is None:
@@ -108,11 +105,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("prompt: give either prompt or messages", "prompt")
-        if body.messages is not None:
-            messages = [message.model_dump(exclude_unset=True) for message in body.messages]
-            text = chat_template.render(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
-        else:
-            text = body.prompt
+        text = body.prompt if body.messages is None else _render(chat_template, body)
         add_special = body.add_special_tokens if body.add_special_tokens is not None else body.messages is None
         ids = encode(engine.tokenizer, text, add_special_tokens=add_special)
         answer = {"count": len(ids), "max_model_len": engine.model.max_seq_len, "tokens": ids}
@@ -131,6 +124,12 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
     return router
+
+
+def _render(chat_template: ChatTemplate, body: Union[ChatCompletionRequest, TokenizeRequest]) -> str:
+    """The prompt text of the body's messages (fields the client did not send are left out, as in its JSON)."""
+    messages = [message.model_dump(exclude_unset=True) for message in body.messages]
+    return chat_template.render(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
 
 
 def _room_for_answer(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> int:

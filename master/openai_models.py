@@ -177,9 +177,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.response_format is not None and self.response_format.type != "text":
             raise RequestError("response_format: only {\"type\": \"text\"} is supported", "response_format")
 
-    def message_dicts(self) -> list[dict]:
-        return [message.model_dump(exclude_unset=True) for message in self.messages]
-
 
 # ---------------------------------------------------------------- responses
 
