@@ -12,6 +12,7 @@ from torch import nn
 
 from agent.layers.norm import RMSNorm
 from agent.models import model_class
+from agent.tensor_parallel import Shard, local_config, shard_weight
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 COMPUTED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -24,17 +25,23 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     seed: int = 0,
+    shard: Shard = Shard(),
 ) -> nn.Module:
-    """The model in eval mode on `device` with `dtype`, its weights from `model_path` or random ("dummy")."""
+    """The model in eval mode on `device` with `dtype`, its weights from `model_path` or random ("dummy").
+
+    With tensor parallelism the model is this rank's share (`shard`), cut from the same full weights.
+    """
     with torch.device("meta"):  # shapes only: every parameter is replaced below, so none is initialised twice
-        model = model_class(hf_config)(hf_config)
+        model = model_class(hf_config)(local_config(hf_config, shard))
+        full_model = model_class(hf_config)(hf_config) if shard.world > 1 else model
     if load_format == "dummy":
-        weights = _dummy_weights(model, hf_config.get("initializer_range", 0.02), seed)
+        weights = _dummy_weights(full_model, hf_config.get("initializer_range", 0.02), seed)
     elif load_format in ("auto", "safetensors"):
         weights = _safetensors_weights(_checkpoint_files(model_path))
     else:
         raise ValueError(f"load_format {load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'")
-    _assign_weights(model, weights, dtype, torch.device(device))
+    shares = ((name, shard_weight(name, tensor, hf_config, shard)) for name, tensor in weights)
+    _assign_weights(model, shares, dtype, torch.device(device))
     return model.to(device).eval()
 
 

@@ -10,6 +10,7 @@ import torch
 from agent.kv_cache import allocate_kv_cache, copy_blocks
 from agent.layers.attention import AttentionMetadataBuilder
 from agent.loader import load_model
+from agent.tensor_parallel import Shard
 
 if TYPE_CHECKING:
     from common.timers import StageTimer
@@ -30,12 +31,13 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         seed: int = 0,
+        shard: Shard = Shard(),
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed)
+        self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard)
         config = self.model.config
         self.kv_caches = allocate_kv_cache(
             config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
@@ -63,9 +65,10 @@ class ModelRunner:
         logits_indices: np.ndarray,
         timer: Optional[StageTimer] = None,
         block_copies: Optional[np.ndarray] = None,
-    ) -> torch.Tensor:
+        needs_logits: bool = True,
+    ) -> Optional[torch.Tensor]:
         """Copy the shared blocks about to be written, write the step's K/V and return float32 logits
-        [len(logits_indices), vocab_size] of the rows asked for (an index may repeat)."""
+        [len(logits_indices), vocab_size] of the rows asked for (an index may repeat), when `needs_logits`."""
         with torch.inference_mode():
             with _stage(timer, "preprocess"):
                 if block_copies is not None and len(block_copies):
@@ -82,7 +85,7 @@ class ModelRunner:
                 )
             with _stage(timer, "predict"):
                 hidden = self.model(input_ids_t, positions_t, self.kv_caches, metadata)
-                return self.model.compute_logits(hidden[logits_indices_t]).float()
+                return self.model.compute_logits(hidden[logits_indices_t]).float() if needs_logits else None
 
 
 def _stage(timer: Optional[StageTimer], name: str) -> ContextManager:

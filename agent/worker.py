@@ -15,11 +15,14 @@ import zmq
 
 from agent.model_runner import ModelRunner
 from agent.sampler import Sampler, SamplerOutput
+from agent.tensor_parallel import AllReduceTimer, Shard, add_all_reduces, init_group
 from common.config import Config
 from common.model_info import read_hf_config
 from common.protocol import EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
 from common.shm import SharedArrays
-from common.step_arrays import StepCapacity, input_layout, output_layout, step_inputs
+from common.step_arrays import (
+    StepCapacity, input_layout, output_layout, output_lengths, pack_arrays, step_inputs, unpack_arrays,
+)
 from common.timers import StageTimer
 
 logger = logging.getLogger("llmserve.agent")
@@ -35,6 +38,11 @@ class Worker:
         self.rank = rank
         serving = config.serving_config
         self.device = torch.device("cpu" if serving.device == "cpu" else f"cuda:{serving.start_device_id + rank}")
+        self.shard = Shard(rank, serving.world_size)
+        self.all_reduce_timer = AllReduceTimer()
+        if self.shard.world > 1:
+            backend = "gloo" if serving.device == "cpu" else "nccl"
+            init_group(backend, serving.dist_ip, serving.dist_port, self.shard, serving.agent_start_timeout)
         self.runner = ModelRunner(
             hf_config=read_hf_config(config.model_config),
             model_path=config.model_config.model_path,
@@ -44,23 +52,34 @@ class Worker:
             num_blocks=config.pa_config.num_blocks,
             block_size=config.pa_config.block_size,
             seed=config.model_config.seed,
+            shard=self.shard,
         )
+        if self.shard.world > 1:
+            add_all_reduces(self.runner.model, self.all_reduce_timer)
         self.sampler = Sampler(self.device, seed=config.model_config.seed + 1)
         self.capacity: Optional[StepCapacity] = None
-        self.inputs: Optional[SharedArrays] = None
+        self.inputs: Optional[SharedArrays] = None  # the master's segments, with the shared-memory transport
         self.outputs: Optional[SharedArrays] = None
+        self.input_arrays: dict[str, np.ndarray] = {}  # the segments' arrays, or each step's inline arrays
+        self.output_arrays: dict[str, np.ndarray] = {}
         self.timer = StageTimer()
+        self.is_inline = False
         self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
         if self.logits_dump_dir is not None:
             os.makedirs(self.logits_dump_dir, exist_ok=True)
 
     def attach(self, init: InitAgent) -> AgentReady:
-        """Map the master's step arrays and say what this agent holds."""
+        """Map the master's step arrays (or expect them inline) and say what this agent holds."""
+        self.is_inline = not init.input_shm
         capacity = StepCapacity(**{f.name: getattr(init, f.name) for f in dataclasses.fields(StepCapacity)})
         self.capacity = capacity
         self.close()
-        self.inputs = SharedArrays.attach(init.input_shm, input_layout(capacity))
-        self.outputs = SharedArrays.attach(init.output_shm, output_layout(capacity))
+        if self.is_inline:
+            self.output_arrays = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
+        else:
+            self.inputs = SharedArrays.attach(init.input_shm, input_layout(capacity))
+            self.outputs = SharedArrays.attach(init.output_shm, output_layout(capacity))
+            self.input_arrays, self.output_arrays = self.inputs.arrays, self.outputs.arrays
         return AgentReady(
             rank=self.rank,
             pid=os.getpid(),
@@ -76,7 +95,7 @@ class Worker:
         """Run one step; the sampled ids land in the output arrays."""
         timer = self.timer
         with timer.stage("deserialize"):
-            batch = step_inputs(self.inputs.arrays, header, self.capacity.suppress_width)
+            batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
         logits = self.runner.execute(
             batch.input_ids,
             batch.positions,
@@ -87,7 +106,12 @@ class Worker:
             batch.logits_indices,
             timer=timer,
             block_copies=batch.block_copies,
+            needs_logits=self.rank == 0,
         )
+        if self.shard.world > 1:
+            timer.add("all_reduce", self.all_reduce_timer.take())  # part of predict
+        if logits is None:  # only rank 0 samples and answers with tokens
+            return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
         if header.dump_names is not None and self.logits_dump_dir is not None:
             with timer.stage("dump"):
                 self.dump_logits(logits, header.dump_names)
@@ -98,7 +122,7 @@ class Worker:
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
 
     def write_back(self, output: SamplerOutput, num_rows: int) -> None:
-        arrays = self.outputs.arrays
+        arrays = self.output_arrays
         arrays["sampled_ids"][:num_rows] = output.sampled_ids.cpu().numpy()
         if output.sampled_logprobs is not None:
             arrays["sampled_logprobs"][:num_rows] = output.sampled_logprobs.cpu().numpy()
@@ -115,11 +139,20 @@ class Worker:
         for name, row in zip(names, rows, strict=True):
             np.save(os.path.join(self.logits_dump_dir, name), row)
 
+    def output_frames(self, result: StepResult, num_rows: int) -> list:
+        """With the inline transport, rank 0 sends the sampled rows back in the reply."""
+        if not self.is_inline or self.rank != 0 or result.error:
+            return []
+        lengths = output_lengths(num_rows, self.capacity.topk_width)
+        return pack_arrays(self.output_arrays, output_layout(self.capacity), lengths)
+
     def close(self) -> None:
+        """Unmap the master's arrays (the master owns and unlinks them)."""
         for segment in (self.inputs, self.outputs):
             if segment is not None:
                 segment.close()
         self.inputs = self.outputs = None
+        self.input_arrays, self.output_arrays = {}, {}
 
 
 def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None) -> int:
@@ -155,22 +188,28 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
     try:
         while True:
             try:
-                identity, payload = socket.recv_multipart()
+                identity, payload, *frames = socket.recv_multipart(copy=False)
                 received_at = time.perf_counter()
             except zmq.Again:  # nothing for PARENT_CHECK_MS: is the master still there?
                 if parent_pid is not None and os.getppid() != parent_pid:
                     logger.error("agent %d: the master (pid %d) is gone; exiting", worker.rank, parent_pid)
                     return EXIT_MASTER_GONE
                 continue
-            message = decode(payload)
+            message = decode(payload.bytes)
             if isinstance(message, Shutdown):
                 return 0
+            if frames:  # the inline transport: this step's arrays came with it
+                worker.input_arrays = unpack_arrays([frame.buffer for frame in frames], input_layout(worker.capacity))
             reply = _handle(worker, message)
+            extra = []
             if isinstance(reply, StepResult):
+                extra = worker.output_frames(reply, message.num_sample)
                 reply.received_at, reply.replied_at = received_at, time.perf_counter()
-            socket.send_multipart([identity, encode(reply)])
+            socket.send_multipart([identity, encode(reply), *extra])
     finally:
         worker.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _handle(worker: Worker, message) -> AgentReady | StepResult | AgentFailed:

@@ -56,6 +56,10 @@ class ServingConfig:
     server_port: int = 8835
     agent_ip: str = "127.0.0.1"
     agent_ports: list = field(default_factory=lambda: [8836])
+    tensor_parallel_size: Optional[int] = None
+    dist_ip: str = "127.0.0.1"
+    dist_port: int = 8837
+    transport: Literal["shm", "inline"] = "shm"
     start_device_id: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
     num_threads: Optional[int] = None
@@ -69,6 +73,17 @@ class ServingConfig:
     max_num_beams: int = 8
     max_n: int = 16
     api_key: Optional[str] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # tensor_parallel_size W with one port: the W agents listen on W consecutive ports from it
+        size, ports = self.tensor_parallel_size, self.agent_ports
+        if size is not None and size > 1 and isinstance(ports, list) and len(ports) == 1 and _is_int(ports[0]):
+            object.__setattr__(self, "agent_ports", [ports[0] + i for i in range(size)])
+
+    @property
+    def world_size(self) -> int:
+        """Agents (tensor-parallel ranks)."""
+        return len(self.agent_ports)
 
     @property
     def sampling_limits(self) -> SamplingLimits:
@@ -95,13 +110,21 @@ class ServingConfig:
     def _validate_ports(self) -> None:
         if not self.agent_ports:
             raise ValueError("agent_ports: list at least one port")
-        if len(self.agent_ports) != 1:
-            raise ValueError("agent_ports: tensor parallelism (more than one agent) is not supported yet")
-        for name, port in [("server_port", self.server_port), *(("agent_ports", p) for p in self.agent_ports)]:
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size != len(self.agent_ports):
+            raise ValueError(
+                f"tensor_parallel_size: {self.tensor_parallel_size} ranks but {len(self.agent_ports)} agent_ports; "
+                "list one port per rank, or a single first port"
+            )
+        ports = [("server_port", self.server_port), ("dist_port", self.dist_port), *(("agent_ports", p) for p in self.agent_ports)]
+        for name, port in ports:
             if not _is_int(port) or not 0 <= port < 65536:
                 raise ValueError(f"{name}: {port!r} is not a TCP port")
+        if len(set(self.agent_ports)) != len(self.agent_ports):
+            raise ValueError(f"agent_ports: {self.agent_ports} lists a port twice")
         if self.server_port in self.agent_ports:
             raise ValueError(f"server_port: {self.server_port} is also in agent_ports; the HTTP server needs its own port")
+        if self.world_size > 1 and self.dist_port in (self.server_port, *self.agent_ports):
+            raise ValueError(f"dist_port: {self.dist_port} is also the server's or an agent's port")
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,16 @@ def _generation_config(model_config: ModelConfig) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def check_tensor_parallel(hf_config: dict, world: int) -> None:
+    """Raise ValueError when the model cannot be split `world` ways (heads, KV heads, MLP)."""
+    heads = hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    intermediate = hf_config["intermediate_size"]
+    if heads % world:
+        raise ValueError(f"{world} ranks do not divide the {heads} attention heads")
+    if kv_heads % world and world % kv_heads:
+        raise ValueError(f"{world} ranks neither divide the {kv_heads} KV heads nor are a multiple of them")
+    if intermediate % world:
+        raise ValueError(f"{world} ranks do not divide the MLP's intermediate size {intermediate}")

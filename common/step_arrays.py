@@ -203,3 +203,36 @@ def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_wid
         logits_indices=arrays["logits_indices"][:n],
         sampling=sampling_rows(arrays, n, suppress_width),
     )
+
+
+# ---------------------------------------------------------------- the inline transport (agents on other hosts)
+
+
+def input_lengths(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> dict[str, int]:
+    """How many leading elements of each input array one step uses."""
+    t, s, n = header.num_tokens, header.num_seqs, header.num_sample
+    lengths = {
+        "input_ids": t, "positions": t, "slot_mapping": t, "query_lens": s, "context_lens": s,
+        "block_tables": s * header.block_table_width, "block_copies": 2 * header.num_block_copies,
+        "logits_indices": n, "suppress_ids": n * suppress_width,
+    }
+    lengths.update((name, n) for name, _ in SAMPLING_ROW_FIELDS)
+    ends = arrays["history_starts"][:n] + arrays["history_lens"][:n]
+    lengths["history"] = int(ends.max()) if n else 0
+    return lengths
+
+
+def output_lengths(num_rows: int, topk_width: int) -> dict[str, int]:
+    """How many leading elements of each output array a step with `num_rows` sampled rows fills."""
+    return {"sampled_ids": num_rows, "sampled_logprobs": num_rows, "topk_ids": num_rows * topk_width,
+            "topk_logprobs": num_rows * topk_width}
+
+
+def pack_arrays(arrays: dict[str, np.ndarray], layout: list, lengths: dict[str, int]) -> list[memoryview]:
+    """One message frame per array of `layout`: its used elements, not copied."""
+    return [memoryview(arrays[name][: lengths[name]]) for name, _, _ in layout]
+
+
+def unpack_arrays(frames: list, layout: list) -> dict[str, np.ndarray]:
+    """The arrays of `pack_arrays`' frames (read-only views of the message)."""
+    return {name: np.frombuffer(frame, dtype) for (name, dtype, _), frame in zip(layout, frames, strict=True)}

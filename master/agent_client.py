@@ -23,7 +23,9 @@ from zmq.utils.monitor import recv_monitor_message
 from common.errors import AgentFailure
 from common.protocol import AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
 from common.shm import SharedArrays
-from common.step_arrays import StepCapacity, input_layout, output_layout
+from common.step_arrays import (
+    StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays,
+)
 
 logger = logging.getLogger("llmserve.master")
 
@@ -63,22 +65,33 @@ class AgentEndpoint:
 
 
 class ZmqShmTransport(Transport):
-    """ZeroMQ DEALER sockets to each agent's ROUTER; arrays in shared memory this master owns."""
+    """ZeroMQ DEALER sockets to each agent's ROUTER; arrays in shared memory this master owns.
 
-    def __init__(self, endpoints: list[AgentEndpoint], capacity: StepCapacity, step_timeout: float):
+    With `inline` (agents on other hosts) there is no shared memory: each step
+    message carries the used rows of the input arrays as extra frames, and rank
+    0's reply carries the sampled rows back. Same messages otherwise.
+    """
+
+    def __init__(self, endpoints: list[AgentEndpoint], capacity: StepCapacity, step_timeout: float, inline: bool = False):
         self.endpoints = endpoints
         self.capacity = capacity
         self.step_timeout = step_timeout
+        self.inline = inline
         self.context = zmq.asyncio.Context()
         self.sync_context = zmq.Context.shadow(self.context.underlying)  # for the monitors, read without awaiting
         self.sockets: list[zmq.asyncio.Socket] = []
         self.monitors: list[zmq.Socket] = []
         self.was_connected = [False] * len(endpoints)
         self._failure: Optional[str] = None
-        self.input_segment = SharedArrays.create("in", input_layout(capacity))
-        self.output_segment = SharedArrays.create("out", output_layout(capacity))
-        self.inputs = self.input_segment.arrays
-        self.outputs = self.output_segment.arrays
+        self.input_segment = self.output_segment = None
+        if inline:
+            self.inputs = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)}
+            self.outputs = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
+        else:
+            self.input_segment = SharedArrays.create("in", input_layout(capacity))
+            self.output_segment = SharedArrays.create("out", output_layout(capacity))
+            self.inputs = self.input_segment.arrays
+            self.outputs = self.output_segment.arrays
         for endpoint in endpoints:
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
@@ -96,15 +109,15 @@ class ZmqShmTransport(Transport):
 
     async def start(self, timeout: float) -> list[AgentReady]:
         init = InitAgent(
-            input_shm=self.input_segment.name,
-            output_shm=self.output_segment.name,
+            input_shm="" if self.inline else self.input_segment.name,
+            output_shm="" if self.inline else self.output_segment.name,
             **dataclasses.asdict(self.capacity),
         )
         readies = []
         deadline = time.monotonic() + timeout
         for endpoint, socket in zip(self.endpoints, self.sockets):
             await socket.send(encode(init))
-            reply = await self._receive(endpoint, socket, deadline, what="to start")
+            reply, _ = await self._receive(endpoint, socket, deadline, what="to start")
             if isinstance(reply, AgentFailed):
                 raise AgentFailure(f"agent {reply.rank} failed to start: {reply.reason}")
             if not isinstance(reply, AgentReady):
@@ -113,11 +126,17 @@ class ZmqShmTransport(Transport):
         return readies
 
     async def step(self, header: StepRequest) -> StepResult:
-        payload = encode(header)
+        message = [encode(header)]
+        if self.inline:
+            lengths = input_lengths(self.inputs, header, self.capacity.suppress_width)
+            message += pack_arrays(self.inputs, input_layout(self.capacity), lengths)
         for socket in self.sockets:
-            await socket.send(payload)
+            await socket.send_multipart(message, copy=False)
         deadline = time.monotonic() + self.step_timeout
-        results = [await self._receive(e, s, deadline, what="to run a step") for e, s in zip(self.endpoints, self.sockets)]
+        replies = [await self._receive(e, s, deadline, what="to run a step") for e, s in zip(self.endpoints, self.sockets)]
+        results = [result for result, _ in replies]
+        if self.inline and replies[0][1]:
+            self._copy_outputs(replies[0][1])
         for result in results:
             if not isinstance(result, StepResult) or result.step_id != header.step_id:
                 self._fail(f"agent answered {result!r} to step {header.step_id}")
@@ -127,13 +146,19 @@ class ZmqShmTransport(Transport):
             header.step_id, first.rank, _merge_timings(results), errors[0] if errors else None, first.received_at, first.replied_at
         )
 
+    def _copy_outputs(self, frames: list[bytes]) -> None:
+        for name, values in unpack_arrays(frames, output_layout(self.capacity)).items():
+            self.outputs[name][: len(values)] = values
+
     async def _receive(self, endpoint: AgentEndpoint, socket: zmq.asyncio.Socket, deadline: float, what: str):
-        reply = socket.recv()
+        """The agent's next message and the array frames after it (inline transport)."""
+        reply = socket.recv_multipart()
         while not (await asyncio.wait([reply], timeout=POLL_S))[0]:
             if self.failure() is not None or time.monotonic() > deadline:
                 reply.cancel()
                 self._fail(self._failure or f"agent {endpoint.rank} at {endpoint.address} took too long {what}")
-        return decode(reply.result())
+        payload, *frames = reply.result()
+        return decode(payload), frames
 
     def failure(self) -> Optional[str]:
         if self._failure is None:
@@ -171,13 +196,17 @@ class ZmqShmTransport(Transport):
             monitor.close(0)
             socket.close(0)
         self.context.term()
-        self.input_segment.close()
-        self.output_segment.close()
+        for segment in (self.input_segment, self.output_segment):
+            if segment is not None:
+                segment.close()
 
 
 def _merge_timings(results: list[StepResult]) -> dict:
-    """Rank 0's stage timings (the ranks run the same stages in lock-step)."""
-    return dict(results[0].timings_ms)
+    """Rank 0's stage timings as they are, the other ranks' as `rank<r>.<stage>`."""
+    timings = dict(results[0].timings_ms)
+    for result in results[1:]:
+        timings.update((f"rank{result.rank}.{stage}", ms) for stage, ms in result.timings_ms.items())
+    return timings
 
 
 StepFunction = Callable[[StepRequest, dict[str, np.ndarray], dict[str, np.ndarray]], StepResult]

@@ -14,7 +14,7 @@ import uvicorn
 
 from common.config import Config
 from common.errors import AgentFailure, ConfigError
-from common.model_info import model_info, read_hf_config
+from common.model_info import check_tensor_parallel, model_info, read_hf_config
 from common.step_arrays import StepCapacity
 from master.agent_client import AgentEndpoint, ZmqShmTransport
 from master.api import create_app
@@ -33,7 +33,9 @@ def serve(config: Config) -> int:
     try:
         _check_port_free(serving.server_ip, serving.server_port)
         tokenizer = load_tokenizer(config.model_config)
-        info = model_info(config.model_config, read_hf_config(config.model_config))
+        hf_config = read_hf_config(config.model_config)
+        info = model_info(config.model_config, hf_config)
+        _check_world_size(hf_config, serving.world_size)
         chat_template = load_chat_template(config.model_config)
     except (ConfigError, OSError) as exc:
         logger.error("%s", exc)
@@ -73,7 +75,8 @@ def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEn
 
 async def _serve(config: Config, tokenizer, info, chat_template: ChatTemplate, processes: list[subprocess.Popen]) -> int:
     serving = config.serving_config
-    transport = ZmqShmTransport(endpoints(config, processes), step_capacity(config, info.max_seq_len, len(info.eos_token_ids)), serving.step_timeout)
+    capacity = step_capacity(config, info.max_seq_len, len(info.eos_token_ids))
+    transport = ZmqShmTransport(endpoints(config, processes), capacity, serving.step_timeout, serving.transport == "inline")
     engine = Engine(config, tokenizer, info, transport)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,6 +152,13 @@ def stop_agents(processes: list[subprocess.Popen]) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _check_world_size(hf_config: dict, world: int) -> None:
+    try:
+        check_tensor_parallel(hf_config, world)
+    except ValueError as exc:
+        raise ConfigError(f"serving_config.agent_ports: {exc}") from exc
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -1,0 +1,120 @@
+"""Two tensor-parallel ranks (gloo on CPU) through the live server: the outputs of one rank, both transports, faults."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from master.tokenizer import build_builtin_tokenizer
+from tests.e2e.server import _cmdline, free_port, running_server, stream_tokens, write_config
+from tests.e2e.test_faults import SLOW_DECODE, next_event, open_stream, run_serve
+from tests.e2e.test_precision import stream_with_id
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["I love Beijing, because", "def add(a, b):\n    return a + b", "Good morning!"]
+
+
+def save_checkpoint(path, num_kv_heads: int):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        attention_bias=True,  # a row-parallel bias (o_proj) must be added once, not once per rank
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    build_builtin_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """GQA with KV heads split across the ranks (2 KV heads), and one KV head replicated on both ranks."""
+    return {kv: save_checkpoint(tmp_path_factory.mktemp(f"kv{kv}"), kv) for kv in (2, 1)}
+
+
+def tp_config(tmp_path, model_path, world: int, **serving) -> str:
+    agents = {"agent_ports": [free_port() for _ in range(world)], "dist_port": free_port(), **serving}
+    return write_config(tmp_path, {"model_path": str(model_path)}, serving_config=agents)
+
+
+def greedy_run(config_path: str) -> tuple[list[list[int]], int]:
+    """Greedy tokens of the prompts sent together (batched steps), and the master's pid."""
+    with running_server(config_path) as server, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        runs = pool.map(lambda i: stream_with_id(server.url, f"prompt{i}", PROMPTS[i], 10), range(len(PROMPTS)))
+        return list(runs), server.process.pid
+
+
+def dumped_logits(dump_dir: str) -> np.ndarray:
+    files = sorted(os.listdir(dump_dir))
+    return np.stack([np.load(os.path.join(dump_dir, name)) for name in files])
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+def test_two_ranks_give_the_tokens_and_logits_of_one(checkpoints, tmp_path, num_kv_heads):
+    model_path = checkpoints[num_kv_heads]
+    dumps = {world: str(tmp_path / f"dump{world}") for world in (1, 2)}
+    one, _ = greedy_run(tp_config(tmp_path, model_path, 1, logits_dump_dir=dumps[1]))
+    two, _ = greedy_run(tp_config(tmp_path, model_path, 2, logits_dump_dir=dumps[2]))
+    assert two == one
+    logits_one, logits_two = dumped_logits(dumps[1]), dumped_logits(dumps[2])
+    assert logits_one.shape == logits_two.shape == (len(PROMPTS) * 10, 1024)
+    np.testing.assert_allclose(logits_two, logits_one, atol=1e-4, rtol=0)
+
+
+def test_inline_transport_gives_the_outputs_of_shared_memory_without_any_segment(checkpoints, tmp_path):
+    shared, _ = greedy_run(tp_config(tmp_path, checkpoints[2], 2))
+    config = tp_config(tmp_path, checkpoints[2], 2, transport="inline")
+    with running_server(config) as server:
+        inline = [stream_tokens(server.url, p, max_new_tokens=10, ignore_eos=True)[0] for p in PROMPTS]
+        segments = glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*")
+    assert inline == shared and segments == []
+
+
+def rank_pids(server) -> dict[int, int]:
+    pids = {}
+    for pid in server.agent_pids():
+        words = _cmdline(pid).split()
+        pids[int(words[words.index("--rank") + 1])] = pid
+    return pids
+
+
+def test_killing_one_of_two_ranks_fails_in_flight_requests_promptly_and_leaves_no_shared_memory(checkpoints, tmp_path):
+    config = tp_config(tmp_path, checkpoints[2], 2)
+    with running_server(write_config_with(config, scheduler_config=SLOW_DECODE)) as server:
+        client, _, lines = open_stream(server.url)
+        next_event(lines)
+        started = time.monotonic()
+        os.kill(rank_pids(server)[1], signal.SIGKILL)
+        event = next_event(lines)
+        while "token" in event:
+            event = next_event(lines)
+        assert "agent" in event["error"] and time.monotonic() - started < 10
+        client.close()
+        assert server.health().status_code == 503
+        pid = server.process.pid
+    assert glob.glob(f"/dev/shm/llmserve_{pid}_*") == []
+
+
+def write_config_with(path: str, **sections) -> str:
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
+
+
+def test_ranks_that_do_not_divide_the_heads_stop_the_start_with_a_clear_error(checkpoints, tmp_path):
+    result = run_serve(tp_config(tmp_path, checkpoints[2], 3))
+    assert result.returncode == 2
+    assert "3 ranks do not divide the 4 attention heads" in result.stderr + result.stdout
