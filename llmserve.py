@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     agent = commands.add_parser("agent", help="start one agent (rank R) by hand")
     agent.add_argument("--config", required=True, help="YAML config file (the same one the master uses)")
     agent.add_argument("--rank", type=int, default=0, help="which agent_ports entry to listen on")
+    agent.add_argument("--master-addr", help="override serving_config.dist_ip: rank 0's host, where the ranks meet")
+    agent.add_argument("--bind", help="address to listen on (default: this rank's agent host); 0.0.0.0 on another host")
     agent.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -36,6 +38,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from common.log import setup_logging
 
     overrides = {}
+    if args.command == "agent":
+        overrides = {"serving_config": {k: v for k, v in (("dist_ip", args.master_addr),) if v is not None}}
     if args.command == "serve":
         serving = {"server_ip": args.host, "server_port": args.port, "api_key": args.api_key}
         overrides = {"serving_config": {k: v for k, v in serving.items() if v is not None}}
@@ -57,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     from agent.worker import main as agent_main
 
-    agent_main(config, args.rank, args.parent_pid)
+    agent_main(config, args.rank, args.parent_pid, args.bind)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import zmq
 
 from agent.model_runner import ModelRunner
 from agent.sampler import Sampler, SamplerOutput
-from agent.tensor_parallel import AllReduceTimer, Shard, add_all_reduces, init_group
+from agent.tensor_parallel import (
+    AllReduceTimer, Shard, SharedMemoryAllReduce, add_all_reduces, can_share_memory, init_group,
+)
 from common.config import Config
 from common.model_info import read_hf_config
 from common.protocol import EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
@@ -54,8 +56,9 @@ class Worker:
             seed=config.model_config.seed,
             shard=self.shard,
         )
+        self.shared_all_reduce = None
         if self.shard.world > 1:
-            add_all_reduces(self.runner.model, self.all_reduce_timer)
+            add_all_reduces(self.runner.model, self.all_reduce_timer, self._all_reduce_function(config))
         self.sampler = Sampler(self.device, seed=config.model_config.seed + 1)
         self.capacity: Optional[StepCapacity] = None
         self.inputs: Optional[SharedArrays] = None  # the master's segments, with the shared-memory transport
@@ -67,6 +70,15 @@ class Worker:
         self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
         if self.logits_dump_dir is not None:
             os.makedirs(self.logits_dump_dir, exist_ok=True)
+
+    def _all_reduce_function(self, config: Config):
+        """Shared memory between the ranks of one host's CPUs, else torch.distributed (gloo or NCCL)."""
+        serving = config.serving_config
+        if not can_share_memory(serving.device, serving.transport):
+            return torch.distributed.all_reduce
+        max_elements = config.scheduler_config.max_num_batched_tokens * self.runner.model.config.hidden_size
+        self.shared_all_reduce = SharedMemoryAllReduce(self.shard, max_elements, self.runner.dtype, serving.step_timeout)
+        return self.shared_all_reduce
 
     def attach(self, init: InitAgent) -> AgentReady:
         """Map the master's step arrays (or expect them inline) and say what this agent holds."""
@@ -155,7 +167,7 @@ class Worker:
         self.input_arrays, self.output_arrays = {}, {}
 
 
-def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None) -> int:
+def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None, bind: Optional[str] = None) -> int:
     """Bind the agent's port, load the model, then answer the master until told to stop."""
     serving = config.serving_config
     if serving.num_threads:
@@ -163,7 +175,7 @@ def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None) -> 
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 1000)
-    address = f"tcp://{serving.agent_ip}:{serving.agent_ports[rank]}"
+    address = f"tcp://{bind or serving.agent_host(rank)}:{serving.agent_ports[rank]}"
     try:
         socket.bind(address)
     except zmq.ZMQError as exc:
@@ -235,5 +247,5 @@ def _report_load_failure(socket: zmq.Socket, rank: int, reason: str) -> None:
         socket.send_multipart([identity, encode(AgentFailed(rank, reason))])
 
 
-def main(config: Config, rank: int, parent_pid: Optional[int]) -> None:
-    sys.exit(serve_agent(config, rank, parent_pid))
+def main(config: Config, rank: int, parent_pid: Optional[int], bind: Optional[str] = None) -> None:
+    sys.exit(serve_agent(config, rank, parent_pid, bind))

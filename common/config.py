@@ -56,6 +56,7 @@ class ServingConfig:
     server_port: int = 8835
     agent_ip: str = "127.0.0.1"
     agent_ports: list = field(default_factory=lambda: [8836])
+    agent_hosts: Optional[list] = None  # one host per rank when the agents are on several machines
     tensor_parallel_size: Optional[int] = None
     dist_ip: str = "127.0.0.1"
     dist_port: int = 8837
@@ -79,6 +80,10 @@ class ServingConfig:
         size, ports = self.tensor_parallel_size, self.agent_ports
         if size is not None and size > 1 and isinstance(ports, list) and len(ports) == 1 and _is_int(ports[0]):
             object.__setattr__(self, "agent_ports", [ports[0] + i for i in range(size)])
+
+    def agent_host(self, rank: int) -> str:
+        """Where rank `rank` listens: its agent_hosts entry, else agent_ip."""
+        return self.agent_hosts[rank] if self.agent_hosts else self.agent_ip
 
     @property
     def world_size(self) -> int:
@@ -119,7 +124,10 @@ class ServingConfig:
         for name, port in ports:
             if not _is_int(port) or not 0 <= port < 65536:
                 raise ValueError(f"{name}: {port!r} is not a TCP port")
-        if len(set(self.agent_ports)) != len(self.agent_ports):
+        if self.agent_hosts is not None and len(self.agent_hosts) != len(self.agent_ports):
+            raise ValueError(f"agent_hosts: {len(self.agent_hosts)} hosts for {len(self.agent_ports)} agent_ports; list one per rank")
+        hosts_ports = [(self.agent_host(r), p) for r, p in enumerate(self.agent_ports)]
+        if len(set(hosts_ports)) != len(hosts_ports):
             raise ValueError(f"agent_ports: {self.agent_ports} lists a port twice")
         if self.server_port in self.agent_ports:
             raise ValueError(f"server_port: {self.server_port} is also in agent_ports; the HTTP server needs its own port")

@@ -55,6 +55,12 @@ class SharedArrays:
     def name(self) -> str:
         return self.segment.name
 
+    def unlink(self) -> None:
+        """Remove the name now; the mappings stay until each process closes them (or exits)."""
+        if self.owner:
+            self.segment.unlink()
+            self.owner = False
+
     def close(self) -> None:
         """Drop this process's mapping; the owner also unlinks the segment."""
         self.arrays.clear()

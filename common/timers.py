@@ -29,3 +29,16 @@ class StageTimer:
         """Return the timings so far and start again."""
         timings, self.timings_ms = self.timings_ms, {}
         return timings
+
+
+SUB_STAGES = ("all_reduce",)  # timed inside another stage (predict), so never added to the total
+
+
+def is_own_stage(name: str) -> bool:
+    """A top-level stage of the process that reported it: not part of another stage, not another rank's."""
+    return "." not in name and name not in SUB_STAGES
+
+
+def own_ms(timings_ms: dict[str, float]) -> float:
+    """The milliseconds of the top-level stages, which do not overlap."""
+    return sum(ms for name, ms in timings_ms.items() if is_own_stage(name))

@@ -17,7 +17,7 @@ from common.errors import AgentFailure, Overloaded, RequestError
 from common.model_info import ModelInfo
 from common.protocol import StepRequest, StepResult
 from common.sampling import ParamNames, SamplingParams
-from common.timers import StageTimer
+from common.timers import StageTimer, own_ms
 from master.agent_client import Transport
 from master.block_manager import BlockManager
 from master.metrics import Metrics
@@ -474,10 +474,10 @@ def _add_ipc_times(timer: StageTimer, sent_at: float, answered_at: float, result
     back_ms = (answered_at - result.replied_at) * 1e3
     if result.received_at and out_ms >= 0 and back_ms >= 0:
         timer.add("ipc_out", out_ms)
-        timer.add("agent_loop", (result.replied_at - result.received_at) * 1e3 - sum(result.timings_ms.values()))
+        timer.add("agent_loop", (result.replied_at - result.received_at) * 1e3 - own_ms(result.timings_ms))
         timer.add("ipc_back", back_ms)
     else:  # an in-process agent, or one on another host whose clock differs
-        timer.add("ipc", (answered_at - sent_at) * 1e3 - sum(result.timings_ms.values()))
+        timer.add("ipc", (answered_at - sent_at) * 1e3 - own_ms(result.timings_ms))
 
 
 def time_per_output_token(handle: RequestHandle) -> Optional[float]:

@@ -68,7 +68,7 @@ MAX_HISTORY_TOKENS = 1 << 24  # 64 MiB of token ids for the rows that need penal
 def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEndpoint]:
     serving = config.serving_config
     return [
-        AgentEndpoint(rank, f"tcp://{serving.agent_ip}:{port}", processes[rank] if processes else None)
+        AgentEndpoint(rank, f"tcp://{serving.agent_host(rank)}:{port}", processes[rank] if processes else None)
         for rank, port in enumerate(serving.agent_ports)
     ]
 

@@ -27,11 +27,14 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.local_config import write_local_config  # noqa: E402
+from tools.local_config import free_port, write_local_config  # noqa: E402
 
 
-def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None,
+                 world: int = 1) -> tuple[subprocess.Popen, str]:
     serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {})}
+    if world > 1:
+        serving.update(agent_ports=[free_port() for _ in range(world)], dist_port=free_port())
     path = write_local_config(config_path, workdir, serving_config=serving)
     with open(path) as f:
         port = yaml.safe_load(f)["serving_config"]["server_port"]
@@ -65,6 +68,7 @@ def summarize(records: list[dict], batch: int) -> dict:
         raise SystemExit(f"no decode steps at batch {batch} in the trace")
     step_ms = statistics.median(r["step_ms"] for r in steps)
     predict_ms = statistics.median(r["agent_ms"].get("predict", 0.0) for r in steps)
+    all_reduce_ms = statistics.median(r["agent_ms"].get("all_reduce", 0.0) for r in steps)
     stages = sorted({k for r in steps for k in r["master_ms"]} | {k for r in steps for k in r["agent_ms"]})
     medians = {k: statistics.median(r["master_ms"].get(k, r["agent_ms"].get(k, 0.0)) for r in steps) for k in stages}
     return {
@@ -75,6 +79,8 @@ def summarize(records: list[dict], batch: int) -> dict:
         "tokens_per_s": round(batch * 1e3 / step_ms, 1),
         "predict_ms": round(predict_ms, 3),
         "outside_forward_share": round((step_ms - predict_ms) / step_ms, 4),
+        "all_reduce_ms": round(all_reduce_ms, 3),
+        "all_reduce_share": round(all_reduce_ms / step_ms, 4),
         "stage_medians_ms": {k: round(v, 4) for k, v in medians.items()},
     }
 
@@ -85,12 +91,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads of the agent")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads of each agent")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="agents (tensor-parallel ranks) to serve with")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_decode.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         trace_path = os.path.join(workdir, "trace.jsonl")
-        process, url = start_server(args.config, trace_path, workdir, args.num_threads)
+        process, url = start_server(args.config, trace_path, workdir, args.num_threads, args.tensor_parallel)
         try:
             run_batch(url, 2, args.prompt_len, 8)  # warm-up
             results = []
@@ -105,7 +112,8 @@ def main() -> None:
     for r in results:
         print(
             f"batch {r['batch']:3d}: step {r['step_ms']:.3f} ms  forward {r['predict_ms']:.3f} ms  "
-            f"outside forward {100 * r['outside_forward_share']:.1f}%  {r['tokens_per_s']:.0f} tok/s"
+            f"outside forward {100 * r['outside_forward_share']:.1f}%  {r['tokens_per_s']:.0f} tok/s  "
+            f"all-reduce {r['all_reduce_ms']:.3f} ms ({100 * r['all_reduce_share']:.1f}% of the step)"
         )
         print("           stages (median ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stage_medians_ms"].items()))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

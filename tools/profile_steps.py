@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.timers import is_own_stage  # noqa: E402
+
 ORDER = [("master", "schedule"), ("master", "build"), ("master", "ipc_out"), ("agent", "deserialize"),
-         ("agent", "preprocess"), ("agent", "predict"), ("agent", "sample"), ("agent", "write_back"),
+         ("agent", "preprocess"), ("agent", "predict"), ("agent", "all_reduce"), ("agent", "sample"), ("agent", "write_back"),
          ("master", "agent_loop"), ("master", "ipc_back"), ("master", "update"), ("master", "detokenize")]
 
 
@@ -38,7 +44,8 @@ class Breakdown:
 
     @property
     def unaccounted_ms(self) -> float:
-        return self.step_ms - sum(self.stage_ms.values())
+        own = (ms for name, ms in self.stage_ms.items() if is_own_stage(name.split(" ", 1)[1]))
+        return self.step_ms - sum(own)
 
 
 def read_trace(path: str) -> list[dict]:
@@ -88,6 +95,8 @@ def format_breakdown(title: str, b: Breakdown) -> str:
     for name in names:
         ms = b.stage_ms.get(name, 0.0)
         lines.append(f"  {name:<22}{ms / b.num_steps:>10.3f}{ms / per_token:>10.3f}{ms / b.step_ms:>8.1%}")
+    if any("all_reduce" in name for name in b.stage_ms):
+        lines.append("  (all_reduce is part of predict; rankN.* are the other ranks' own stages, in parallel)")
     lines.append(f"  {'(unaccounted)':<22}{b.unaccounted_ms / b.num_steps:>10.3f}{b.unaccounted_ms / per_token:>10.3f}"
                  f"{b.unaccounted_ms / b.step_ms:>8.1%}")
     lines.append(f"  {'step wall':<22}{b.step_ms / b.num_steps:>10.3f}{b.step_ms / per_token:>10.3f}{1:>8.1%}")
