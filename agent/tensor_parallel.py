@@ -112,6 +112,9 @@ def can_share_memory(device: str, transport: str) -> bool:
     return device == "cpu" and transport == "shm" and platform.machine().lower() in ("x86_64", "amd64")
 
 
+SLOW_PEER_SLEEP_S = 1e-4
+
+
 class SharedMemoryAllReduce:
     """All-reduce of the ranks of one host through one shared segment: a few microseconds instead of gloo's socket
     round trips (each a context switch on a busy CPU).
@@ -144,14 +147,19 @@ class SharedMemoryAllReduce:
         torch.sum(slots, dim=0, out=flat)
 
     def _wait_for_all(self) -> None:
-        spins, deadline = 0, None
+        spins, started = 0, None
         while self.flags.min() < self.generation:
             spins += 1
-            if spins > 64:  # let the other rank have the core
+            if spins <= 64:
+                continue
+            started = started or time.monotonic()
+            waited = time.monotonic() - started
+            if waited > self.timeout_s:
+                raise RuntimeError(f"rank {self.rank}: another rank did not reach the all-reduce in {self.timeout_s} s")
+            if waited > 1e-3:  # a rank stalled this long is not worth a spinning core
+                time.sleep(SLOW_PEER_SLEEP_S)
+            else:  # let the other rank have the core
                 os.sched_yield()
-                deadline = deadline or time.monotonic() + self.timeout_s
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rank {self.rank}: another rank did not reach the all-reduce in {self.timeout_s} s")
 
     def close(self) -> None:
         self.data = None
