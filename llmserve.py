@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--rank", type=int, default=0, help="which agent_ports entry to listen on")
     agent.add_argument("--master-addr", help="override serving_config.dist_ip: rank 0's host, where the ranks meet")
     agent.add_argument("--bind", help="address to listen on (default: this rank's agent host); 0.0.0.0 on another host")
+    agent.add_argument("--device-id", type=int, help="CUDA device on this host (default: start_device_id + rank)")
     agent.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -61,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     from agent.worker import main as agent_main
 
-    agent_main(config, args.rank, args.parent_pid, args.bind)
+    agent_main(config, args.rank, args.parent_pid, args.bind, args.device_id)
 
 
 if __name__ == "__main__":

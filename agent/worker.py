@@ -35,11 +35,12 @@ PARENT_CHECK_MS = 1000
 class Worker:
     """Runs steps: reads the step arrays, runs the model, samples, writes the tokens back."""
 
-    def __init__(self, config: Config, rank: int):
+    def __init__(self, config: Config, rank: int, device_id: Optional[int] = None):
         self.config = config
         self.rank = rank
         serving = config.serving_config
-        self.device = torch.device("cpu" if serving.device == "cpu" else f"cuda:{serving.start_device_id + rank}")
+        index = serving.start_device_id + rank if device_id is None else device_id
+        self.device = torch.device("cpu" if serving.device == "cpu" else f"cuda:{index}")
         self.shard = Shard(rank, serving.world_size)
         self.all_reduce_timer = AllReduceTimer()
         if self.shard.world > 1:
@@ -167,7 +168,9 @@ class Worker:
         self.input_arrays, self.output_arrays = {}, {}
 
 
-def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None, bind: Optional[str] = None) -> int:
+def serve_agent(
+    config: Config, rank: int, parent_pid: Optional[int] = None, bind: Optional[str] = None, device_id: Optional[int] = None
+) -> int:
     """Bind the agent's port, load the model, then answer the master until told to stop."""
     serving = config.serving_config
     if serving.num_threads:
@@ -184,7 +187,7 @@ def serve_agent(config: Config, rank: int, parent_pid: Optional[int] = None, bin
         return EXIT_BAD_PORT
     try:
         try:
-            worker = Worker(config, rank)
+            worker = Worker(config, rank, device_id)
         except Exception as exc:  # any load failure is reported to the master, then we exit
             logger.error("agent %d failed to load the model: %s", rank, exc)
             _report_load_failure(socket, rank, f"{type(exc).__name__}: {exc}")
@@ -230,6 +233,7 @@ def _handle(worker: Worker, message) -> AgentReady | StepResult | AgentFailed:
             return worker.step(message)
         except Exception:  # the step fails, the agent lives on; the master fails that step's requests
             worker.timer.reset()
+            worker.all_reduce_timer.take()
             logger.exception("agent %d: step %d failed", worker.rank, message.step_id)
             return StepResult(message.step_id, worker.rank, error=traceback.format_exc(limit=3))
     if isinstance(message, InitAgent):
@@ -247,5 +251,7 @@ def _report_load_failure(socket: zmq.Socket, rank: int, reason: str) -> None:
         socket.send_multipart([identity, encode(AgentFailed(rank, reason))])
 
 
-def main(config: Config, rank: int, parent_pid: Optional[int], bind: Optional[str] = None) -> None:
-    sys.exit(serve_agent(config, rank, parent_pid, bind))
+def main(
+    config: Config, rank: int, parent_pid: Optional[int], bind: Optional[str] = None, device_id: Optional[int] = None
+) -> None:
+    sys.exit(serve_agent(config, rank, parent_pid, bind, device_id))

@@ -59,7 +59,7 @@ class ServingConfig:
     agent_hosts: Optional[list] = None  # one host per rank when the agents are on several machines
     tensor_parallel_size: Optional[int] = None
     dist_ip: str = "127.0.0.1"
-    dist_port: int = 8837
+    dist_port: int = 29500  # torch.distributed's usual port, away from the agents' consecutive ones
     transport: Literal["shm", "inline"] = "shm"
     start_device_id: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
@@ -127,6 +127,13 @@ class ServingConfig:
         if self.agent_hosts is not None and len(self.agent_hosts) != len(self.agent_ports):
             raise ValueError(f"agent_hosts: {len(self.agent_hosts)} hosts for {len(self.agent_ports)} agent_ports; list one per rank")
         hosts_ports = [(self.agent_host(r), p) for r, p in enumerate(self.agent_ports)]
+        if self.agent_hosts is not None and not all(isinstance(h, str) and h for h in self.agent_hosts):
+            raise ValueError(f"agent_hosts: {self.agent_hosts} must list host names or addresses")
+        if self.agent_hosts is not None and len(set(self.agent_hosts)) > 1 and (self.transport != "inline" or self.launch_agents):
+            raise ValueError(
+                "agent_hosts: agents on several hosts need transport: inline and launch_agents: false "
+                "(start each rank on its host with `llmserve agent`)"
+            )
         if len(set(hosts_ports)) != len(hosts_ports):
             raise ValueError(f"agent_ports: {self.agent_ports} lists a port twice")
         if self.server_port in self.agent_ports:

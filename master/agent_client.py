@@ -113,17 +113,24 @@ class ZmqShmTransport(Transport):
             output_shm="" if self.inline else self.output_segment.name,
             **dataclasses.asdict(self.capacity),
         )
-        readies = []
         deadline = time.monotonic() + timeout
-        for endpoint, socket in zip(self.endpoints, self.sockets):
+        for socket in self.sockets:  # all at once: ranks wait for each other while they load
             await socket.send(encode(init))
-            reply, _ = await self._receive(endpoint, socket, deadline, what="to start")
-            if isinstance(reply, AgentFailed):
-                raise AgentFailure(f"agent {reply.rank} failed to start: {reply.reason}")
-            if not isinstance(reply, AgentReady):
-                raise AgentFailure(f"agent {endpoint.rank} answered {type(reply).__name__} instead of ready")
-            readies.append(reply)
-        return readies
+        replies = await asyncio.gather(
+            *(self._receive(e, s, deadline, what="to start") for e, s in zip(self.endpoints, self.sockets)),
+            return_exceptions=True,
+        )
+        answers = [reply[0] for reply in replies if not isinstance(reply, BaseException)]
+        failed = next((answer for answer in answers if isinstance(answer, AgentFailed)), None)
+        if failed is not None:  # the reason a rank gave beats "another rank went away"
+            raise AgentFailure(f"agent {failed.rank} failed to start: {failed.reason}")
+        errors = [reply for reply in replies if isinstance(reply, BaseException)]
+        if errors:
+            raise errors[0]
+        for endpoint, answer in zip(self.endpoints, answers):
+            if not isinstance(answer, AgentReady):
+                raise AgentFailure(f"agent {endpoint.rank} answered {type(answer).__name__} instead of ready")
+        return answers
 
     async def step(self, header: StepRequest) -> StepResult:
         message = [encode(header)]
@@ -141,6 +148,8 @@ class ZmqShmTransport(Transport):
             if not isinstance(result, StepResult) or result.step_id != header.step_id:
                 self._fail(f"agent answered {result!r} to step {header.step_id}")
         errors = [r.error for r in results if r.error]
+        if errors and len(results) > 1:  # the ranks are out of step (one skipped its all-reduces): nothing can run now
+            self._fail(f"a step failed on agent {next(r.rank for r in results if r.error)}, so the ranks are out of step: {errors[0]}")
         first = results[0]
         return StepResult(
             header.step_id, first.rank, _merge_timings(results), errors[0] if errors else None, first.received_at, first.replied_at

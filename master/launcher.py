@@ -158,7 +158,7 @@ def _check_world_size(hf_config: dict, world: int) -> None:
     try:
         check_tensor_parallel(hf_config, world)
     except ValueError as exc:
-        raise ConfigError(f"serving_config.agent_ports: {exc}") from exc
+        raise ConfigError(f"serving_config.agent_ports / tensor_parallel_size: {exc}") from exc
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -28,7 +28,12 @@ def save_checkpoint(path, num_kv_heads: int):
         num_key_value_heads=num_kv_heads, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
         attention_bias=True,  # a row-parallel bias (o_proj) must be added once, not once per rank
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):  # transformers starts biases at zero, which would hide a bias added twice
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
     build_builtin_tokenizer().save(str(path / "tokenizer.json"))
     return path
 
@@ -90,16 +95,17 @@ def test_killing_one_of_two_ranks_fails_in_flight_requests_promptly_and_leaves_n
     with running_server(write_config_with(config, scheduler_config=SLOW_DECODE)) as server:
         client, _, lines = open_stream(server.url)
         next_event(lines)
+        ranks = rank_pids(server)
         started = time.monotonic()
-        os.kill(rank_pids(server)[1], signal.SIGKILL)
+        os.kill(ranks[1], signal.SIGKILL)
         event = next_event(lines)
         while "token" in event:
             event = next_event(lines)
         assert "agent" in event["error"] and time.monotonic() - started < 10
         client.close()
         assert server.health().status_code == 503
-        pid = server.process.pid
-    assert glob.glob(f"/dev/shm/llmserve_{pid}_*") == []
+        creators = (server.process.pid, ranks[0])  # the master's step arrays, rank 0's all-reduce segment
+    assert [path for pid in creators for path in glob.glob(f"/dev/shm/llmserve_{pid}_*")] == []
 
 
 def write_config_with(path: str, **sections) -> str:

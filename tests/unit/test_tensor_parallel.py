@@ -65,6 +65,14 @@ def serving(**values):
 
 def test_tensor_parallel_size_with_one_port_uses_consecutive_ports():
     assert serving(tensor_parallel_size=3, agent_ports=[9000], server_port=8000).agent_ports == [9000, 9001, 9002]
+    assert serving(tensor_parallel_size=2).agent_ports == [8836, 8837]  # the defaults do not collide with dist_port
+
+
+def test_agents_on_several_hosts_need_the_inline_transport_and_hand_started_agents():
+    hosts = {"agent_ports": [9000, 9000], "agent_hosts": ["10.0.0.1", "10.0.0.2"]}
+    with pytest.raises(ConfigError, match="transport: inline and launch_agents: false"):
+        serving(**hosts)
+    assert serving(**hosts, transport="inline", launch_agents=False).agent_host(1) == "10.0.0.2"
 
 
 @pytest.mark.parametrize(
@@ -74,6 +82,8 @@ def test_tensor_parallel_size_with_one_port_uses_consecutive_ports():
         ({"agent_ports": [9000, 9000]}, "twice"),
         ({"agent_ports": [9000, 9001], "dist_port": 9001}, "dist_port"),
         ({"transport": "carrier-pigeon"}, "transport"),
+        ({"agent_ports": [9000, 9001], "agent_hosts": [1, 2]}, "host names"),
+        ({"agent_ports": [9000, 9001], "agent_hosts": ["a"]}, "one per rank"),
     ],
 )
 def test_bad_tensor_parallel_settings_name_the_key(values, problem):
