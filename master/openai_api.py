@@ -234,6 +234,13 @@ class OpenAIJob:
         raise NotImplementedError
 
     def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
+        """The chunk choice of one token event; None when it carries no text, finish or logprobs."""
+        finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
+        if not event.text and finish is None and event.logprobs is None:
+            return None
+        return self.token_delta(index, event, finish)
+
+    def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
         raise NotImplementedError
 
 
@@ -262,10 +269,7 @@ class CompletionJob(OpenAIJob):
             for i, text in enumerate(self.prompt_texts) for j in range(self.body.n)
         ]
 
-    def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
-        finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
-        if not event.text and finish is None and event.logprobs is None:
-            return None
+    def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
         logprobs = None
         if event.logprobs is not None:
             start = self.offsets.get(index, 0)
@@ -291,10 +295,7 @@ class ChatJob(OpenAIJob):
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(self.body.n)]
 
-    def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
-        finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
-        if not event.text and finish is None and event.logprobs is None:
-            return None
+    def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
         logprobs = None
         if event.logprobs is not None:
             logprobs = {"content": [_chat_logprob(self.engine, event.token_id, event.logprobs)], "refusal": None}
