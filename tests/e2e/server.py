@@ -34,6 +34,31 @@ TINY_LLAMA = {
 }
 
 
+TINY_LLAMA_CHECKPOINT = dict(
+    vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def save_tiny_llama(path, bias_std: float = 0.0, **config):
+    """A random tiny Llama checkpoint (seed 0) beside the builtin tokenizer's tokenizer.json; `config` overrides
+    LlamaConfig fields. transformers starts biases at zero; `bias_std` > 0 draws them, so a bias added twice shows."""
+    import torch
+    import transformers
+
+    from master.tokenizer import build_builtin_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA_CHECKPOINT, **config})).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if bias_std > 0 and name.endswith(".bias"):
+                param.normal_(0.0, bias_std)
+    model.save_pretrained(path, safe_serialization=True)
+    build_builtin_tokenizer().save(str(path / "tokenizer.json"))
+    return model
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

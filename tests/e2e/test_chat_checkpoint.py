@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from master.tokenizer import build_builtin_tokenizer, token_bytes
-from tests.e2e.server import running_server, write_config
+from tests.e2e.server import running_server, save_tiny_llama, write_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,13 +26,7 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
+    model = save_tiny_llama(path)
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=build_builtin_tokenizer(), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from master.tokenizer import build_builtin_tokenizer, encode
-from tests.e2e.server import running_server, stream_tokens, write_config
+from tests.e2e.server import running_server, save_tiny_llama, stream_tokens, write_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,15 +19,7 @@ TOKENIZER = build_builtin_tokenizer()
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    TOKENIZER.save(str(path / "tokenizer.json"))
-    return path, model
+    return path, save_tiny_llama(path)
 
 
 @pytest.fixture(scope="module")

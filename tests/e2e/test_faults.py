@@ -32,6 +32,14 @@ def next_event(lines) -> dict:
     raise AssertionError("the stream ended")
 
 
+def error_event(lines) -> dict:
+    """The first event of the stream that is not a token: the error that ended it."""
+    event = next_event(lines)
+    while "token" in event:
+        event = next_event(lines)
+    return event
+
+
 def wait_for(predicate, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,10 +70,7 @@ def test_killed_agent_fails_in_flight_requests_promptly_and_health_turns_503(tmp
         (agent_pid,) = server.agent_pids()
         started = time.monotonic()
         os.kill(agent_pid, signal.SIGKILL)
-        event = next_event(lines)
-        while "token" in event:
-            event = next_event(lines)
-        assert "agent" in event["error"] and time.monotonic() - started < 10
+        assert "agent" in error_event(lines)["error"] and time.monotonic() - started < 10
         client.close()
         assert server.health().status_code == 503
         refused = httpx.post(f"{server.url}/models/llama/generate", json={"inputs": "x"}, timeout=10)

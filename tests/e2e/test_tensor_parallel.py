@@ -9,11 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
-from master.tokenizer import build_builtin_tokenizer
-from tests.e2e.server import _cmdline, free_port, running_server, stream_tokens, write_config
-from tests.e2e.test_faults import SLOW_DECODE, next_event, open_stream, run_serve
+from tests.e2e.server import _cmdline, free_port, running_server, save_tiny_llama, stream_tokens, write_config
+from tests.e2e.test_faults import SLOW_DECODE, error_event, next_event, open_stream, run_serve
 from tests.e2e.test_precision import stream_with_id
 
 transformers = pytest.importorskip("transformers")
@@ -21,32 +19,19 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = ["I love Beijing, because", "def add(a, b):\n    return a + b", "Good morning!"]
 
 
-def save_checkpoint(path, num_kv_heads: int):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-        attention_bias=True,  # a row-parallel bias (o_proj) must be added once, not once per rank
-    )
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):  # transformers starts biases at zero, which would hide a bias added twice
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(path, safe_serialization=True)
-    build_builtin_tokenizer().save(str(path / "tokenizer.json"))
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """GQA with KV heads split across the ranks (2 KV heads), and one KV head replicated on both ranks."""
-    return {kv: save_checkpoint(tmp_path_factory.mktemp(f"kv{kv}"), kv) for kv in (2, 1)}
+    """GQA with KV heads split across the ranks (2 KV heads), and one KV head replicated on both ranks; random
+    biases, since a row-parallel bias (o_proj) must be added once, not once per rank."""
+    paths = {kv: tmp_path_factory.mktemp(f"kv{kv}") for kv in (2, 1)}
+    for kv, path in paths.items():
+        save_tiny_llama(path, bias_std=0.5, num_key_value_heads=kv, attention_bias=True)
+    return paths
 
 
-def tp_config(tmp_path, model_path, world: int, **serving) -> str:
+def tp_config(tmp_path, model_path, world: int, scheduler: dict | None = None, **serving) -> str:
     agents = {"agent_ports": [free_port() for _ in range(world)], "dist_port": free_port(), **serving}
-    return write_config(tmp_path, {"model_path": str(model_path)}, serving_config=agents)
+    return write_config(tmp_path, {"model_path": str(model_path)}, serving_config=agents, scheduler_config=scheduler or {})
 
 
 def greedy_run(config_path: str) -> tuple[list[list[int]], int]:
@@ -91,33 +76,17 @@ def rank_pids(server) -> dict[int, int]:
 
 
 def test_killing_one_of_two_ranks_fails_in_flight_requests_promptly_and_leaves_no_shared_memory(checkpoints, tmp_path):
-    config = tp_config(tmp_path, checkpoints[2], 2)
-    with running_server(write_config_with(config, scheduler_config=SLOW_DECODE)) as server:
+    with running_server(tp_config(tmp_path, checkpoints[2], 2, scheduler=SLOW_DECODE)) as server:
         client, _, lines = open_stream(server.url)
         next_event(lines)
         ranks = rank_pids(server)
         started = time.monotonic()
         os.kill(ranks[1], signal.SIGKILL)
-        event = next_event(lines)
-        while "token" in event:
-            event = next_event(lines)
-        assert "agent" in event["error"] and time.monotonic() - started < 10
+        assert "agent" in error_event(lines)["error"] and time.monotonic() - started < 10
         client.close()
         assert server.health().status_code == 503
         creators = (server.process.pid, ranks[0])  # the master's step arrays, rank 0's all-reduce segment
     assert [path for pid in creators for path in glob.glob(f"/dev/shm/llmserve_{pid}_*")] == []
-
-
-def write_config_with(path: str, **sections) -> str:
-    import yaml
-
-    with open(path) as f:
-        config = yaml.safe_load(f)
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    return path
 
 
 def test_ranks_that_do_not_divide_the_heads_stop_the_start_with_a_clear_error(checkpoints, tmp_path):

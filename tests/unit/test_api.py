@@ -57,6 +57,16 @@ async def serving_on_loopback(engine: Engine) -> AsyncIterator[int]:
         sock.close()
 
 
+async def send_raw(port: int, path: str, body: dict) -> asyncio.StreamWriter:
+    """POST `body` over a plain socket, so the test can drop the connection mid-answer; the writer closes it."""
+    payload = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode() + payload)
+    await writer.drain()
+    return writer
+
+
 async def wait_until(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -162,14 +172,11 @@ def test_health_is_200_while_the_agent_lives_and_503_after_it_dies():
 
 def test_client_disconnect_aborts_a_non_streaming_request_and_returns_its_blocks():
     slow = fake_engine(fake_config(decode_batch_waiting_time=0.05, decode_batch_size=8))  # ~20 tokens/s: 100 take 5 s
-    body = json.dumps({"inputs": "a long story", "parameters": {"max_new_tokens": 100, "ignore_eos": True}}).encode()
-    head = f"POST {URL} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    body = {"inputs": "a long story", "parameters": {"max_new_tokens": 100, "ignore_eos": True}}
 
     async def go(client, engine):
         async with serving_on_loopback(engine) as port:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(head.encode() + body)
-            await writer.drain()
+            writer = await send_raw(port, URL, body)
             assert await wait_until(lambda: any(h.seq.num_output_tokens >= 2 for h in engine.handles.values()), timeout=5)
             (handle,) = engine.handles.values()
             busy = engine.stats()

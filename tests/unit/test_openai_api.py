@@ -5,17 +5,15 @@ OpenAPI schema publishes, so the schema cannot drift from what is sent.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 
 from common.sampling import SamplingParams
-from master.api import create_app
 from master.openai_models import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse
 from master.tokenizer import decode, encode
 from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
-from tests.unit.test_api import call, serving_on_loopback, wait_until
+from tests.unit.test_api import call, send_raw, serving_on_loopback, wait_until
 
 
 def following_text(prompt_ids: list[int], n: int) -> str:
@@ -266,14 +264,11 @@ def test_tokens_holding_part_of_a_character_show_their_bytes_not_a_replacement_c
 
 def test_client_disconnect_aborts_a_streaming_completion_and_returns_its_blocks():
     slow = fake_engine(fake_config(decode_batch_waiting_time=0.05, decode_batch_size=8))
-    body = json.dumps({"prompt": "a long story", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode()
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    body = {"prompt": "a long story", "max_tokens": 100, "ignore_eos": True, "stream": True}
 
     async def go(client, engine):
         async with serving_on_loopback(engine) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(head.encode() + body)
-            await writer.drain()
+            writer = await send_raw(port, "/v1/completions", body)
             assert await wait_until(lambda: any(h.seq.num_output_tokens >= 2 for h in engine.handles.values()), timeout=5)
             (handle,) = engine.handles.values()
             writer.close()
