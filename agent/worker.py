@@ -7,7 +7,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,12 +18,18 @@ from agent.sampler import Sampler, SamplerOutput
 from agent.tensor_parallel import (
     AllReduceTimer, Shard, SharedMemoryAllReduce, add_all_reduces, can_share_memory, init_group,
 )
+from common.agent_keys import ChannelKeys, secure_server
 from common.config import Config
 from common.model_info import read_hf_config
-from common.protocol import EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
+from agent.step_check import PoolShape, check_header, check_inputs
+from common.protocol import (
+    EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, ProtocolError,
+    Shutdown, StepRequest, StepResult, decode, encode,
+)
 from common.shm import SharedArrays
 from common.step_arrays import (
-    StepCapacity, input_layout, output_layout, output_lengths, pack_arrays, step_inputs, unpack_arrays,
+    StepCapacity, StepInputs, input_layout, output_layout, output_lengths, pack_arrays, row_lengths, step_inputs,
+    unpack_arrays,
 )
 from common.timers import StageTimer
 
@@ -68,6 +74,8 @@ class Worker:
         self.output_arrays: dict[str, np.ndarray] = {}
         self.timer = StageTimer()
         self.is_inline = False
+        self.last_step_id = -1
+        self.pool = PoolShape(config.pa_config.num_blocks, config.pa_config.block_size, self.runner.vocab_size)
         self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
         if self.logits_dump_dir is not None:
             os.makedirs(self.logits_dump_dir, exist_ok=True)
@@ -86,6 +94,7 @@ class Worker:
         self.is_inline = not init.input_shm
         capacity = StepCapacity(**{f.name: getattr(init, f.name) for f in dataclasses.fields(StepCapacity)})
         self.capacity = capacity
+        self.last_step_id = -1  # a new master counts from 0 again
         self.close()
         if self.is_inline:
             self.output_arrays = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
@@ -104,11 +113,14 @@ class Worker:
             device=str(self.device),
         )
 
-    def step(self, header: StepRequest) -> StepResult:
-        """Run one step; the sampled ids land in the output arrays."""
+    def step(self, header: StepRequest, frames: Sequence[zmq.Frame] = ()) -> StepResult:
+        """Run one step (its arrays came as `frames` with the inline transport); the sampled ids land in the output arrays.
+
+        Raises ProtocolError, before touching the model, for a step that does not fit.
+        """
         timer = self.timer
         with timer.stage("deserialize"):
-            batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
+            batch = self.accept(header, frames)
         logits = self.runner.execute(
             batch.input_ids,
             batch.positions,
@@ -133,6 +145,32 @@ class Worker:
         with timer.stage("write_back"):
             self.write_back(output, header.num_sample)
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
+
+    def accept(self, header: StepRequest, frames: Sequence[zmq.Frame]) -> StepInputs:
+        """The step's rows, once its id, counts, arrays and indices are checked."""
+        if self.capacity is None:
+            raise ProtocolError("a step before InitAgent")
+        if header.step_id <= self.last_step_id:
+            raise ProtocolError(f"step id {header.step_id} is not after the last step, {self.last_step_id}")
+        check_header(header, self.capacity)
+        if self.is_inline:
+            self.input_arrays = self._inline_arrays(frames, header)
+        elif frames:
+            raise ProtocolError("array frames came with a step, but the arrays are in shared memory")
+        batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
+        check_inputs(batch, self.pool, header.num_tokens)
+        self.last_step_id = header.step_id
+        return batch
+
+    def _inline_arrays(self, frames: Sequence[zmq.Frame], header: StepRequest) -> dict[str, np.ndarray]:
+        try:
+            arrays = unpack_arrays([frame.buffer for frame in frames], input_layout(self.capacity))
+        except ValueError as exc:  # a frame too many or too few, or a length that is not whole elements
+            raise ProtocolError(f"the step's array frames do not fit the layout: {exc}") from None
+        for name, length in row_lengths(header, self.capacity.suppress_width).items():
+            if len(arrays[name]) < length:
+                raise ProtocolError(f"{name}: {len(arrays[name])} values where the header needs {length}")
+        return arrays
 
     def write_back(self, output: SamplerOutput, num_rows: int) -> None:
         arrays = self.output_arrays
@@ -169,20 +207,24 @@ class Worker:
 
 
 def serve_agent(
-    config: Config, rank: int, parent_pid: Optional[int] = None, bind: Optional[str] = None, device_id: Optional[int] = None
+    config: Config, rank: int, keys: ChannelKeys, parent_pid: Optional[int] = None, bind: Optional[str] = None,
+    device_id: Optional[int] = None,
 ) -> int:
-    """Bind the agent's port, load the model, then answer the master until told to stop."""
+    """Bind the agent's port (CURVE: only the master holding `keys.peer_public` gets in), load the model,
+    then answer the master until told to stop."""
     serving = config.serving_config
     if serving.num_threads:
         torch.set_num_threads(serving.num_threads)
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 1000)
+    authenticator = secure_server(context, socket, keys)
     address = f"tcp://{bind or serving.agent_host(rank)}:{serving.agent_ports[rank]}"
     try:
         socket.bind(address)
     except zmq.ZMQError as exc:
         logger.error("agent %d cannot listen on %s: %s", rank, address, exc)
+        authenticator.stop()
         context.destroy(linger=0)
         return EXIT_BAD_PORT
     try:
@@ -196,10 +238,12 @@ def serve_agent(
         socket.setsockopt(zmq.RCVTIMEO, PARENT_CHECK_MS)
         return _serve_loop(socket, worker, parent_pid)
     finally:
+        authenticator.stop()
         context.destroy(linger=1000)
 
 
 def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -> int:
+    """Answer messages until Shutdown; anything that is not a well-formed message is logged and dropped."""
     try:
         while True:
             try:
@@ -210,12 +254,18 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
                     logger.error("agent %d: the master (pid %d) is gone; exiting", worker.rank, parent_pid)
                     return EXIT_MASTER_GONE
                 continue
-            message = decode(payload.bytes)
+            except ValueError:  # a message of one frame: the peer's identity and nothing else
+                continue
+            try:
+                message = decode(payload.bytes)
+            except ProtocolError as exc:
+                logger.warning("agent %d: dropped a message that does not decode: %s", worker.rank, exc)
+                continue
             if isinstance(message, Shutdown):
                 return 0
-            if frames:  # the inline transport: this step's arrays came with it
-                worker.input_arrays = unpack_arrays([frame.buffer for frame in frames], input_layout(worker.capacity))
-            reply = _handle(worker, message)
+            reply = _handle(worker, message, frames)
+            if reply is None:
+                continue
             extra = []
             if isinstance(reply, StepResult):
                 extra = worker.output_frames(reply, message.num_sample)
@@ -227,10 +277,15 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
             torch.distributed.destroy_process_group()
 
 
-def _handle(worker: Worker, message) -> AgentReady | StepResult | AgentFailed:
+def _handle(worker: Worker, message, frames: list) -> Optional[AgentReady | StepResult | AgentFailed]:
+    """The reply to one message, or None when it is dropped."""
     if isinstance(message, StepRequest):
         try:
-            return worker.step(message)
+            return worker.step(message, frames)
+        except ProtocolError as exc:
+            worker.timer.reset()
+            logger.warning("agent %d: refused step %d: %s", worker.rank, message.step_id, exc)
+            return StepResult(message.step_id, worker.rank, error=f"the agent refused the step: {exc}")
         except Exception:  # the step fails, the agent lives on; the master fails that step's requests
             worker.timer.reset()
             worker.all_reduce_timer.take()
@@ -239,19 +294,21 @@ def _handle(worker: Worker, message) -> AgentReady | StepResult | AgentFailed:
     if isinstance(message, InitAgent):
         try:
             return worker.attach(message)
-        except (OSError, ValueError) as exc:
-            return AgentFailed(worker.rank, f"cannot attach shared memory: {exc}")
-    return AgentFailed(worker.rank, f"unexpected message {type(message).__name__}")
+        except (OSError, ValueError, MemoryError) as exc:  # no such segment, or sizes that cannot be
+            return AgentFailed(worker.rank, f"cannot attach the step arrays: {type(exc).__name__}: {exc}")
+    logger.warning("agent %d: dropped a %s message, which agents do not take", worker.rank, type(message).__name__)
+    return None
 
 
 def _report_load_failure(socket: zmq.Socket, rank: int, reason: str) -> None:
     """Answer the master's InitAgent (if it arrives soon) with the reason, so it need not guess."""
     if socket.poll(5000):
-        identity, _ = socket.recv_multipart()
+        identity = socket.recv_multipart()[0]
         socket.send_multipart([identity, encode(AgentFailed(rank, reason))])
 
 
 def main(
-    config: Config, rank: int, parent_pid: Optional[int], bind: Optional[str] = None, device_id: Optional[int] = None
+    config: Config, rank: int, keys: ChannelKeys, parent_pid: Optional[int], bind: Optional[str] = None,
+    device_id: Optional[int] = None,
 ) -> None:
-    sys.exit(serve_agent(config, rank, parent_pid, bind, device_id))
+    sys.exit(serve_agent(config, rank, keys, parent_pid, bind, device_id))

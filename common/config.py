@@ -74,6 +74,10 @@ class ServingConfig:
     max_num_beams: int = 8
     max_n: int = 16
     api_key: Optional[str] = field(default=None, repr=False)
+    agent_keys_dir: Optional[str] = None  # CURVE keys from `llmserve keys DIR`; launched agents get fresh ones without it
+    agent_restart_limit: int = 5  # restarts of dead agents allowed within agent_restart_window; 0: never restart
+    agent_restart_window: float = 600.0
+    agent_restart_backoff: float = 1.0  # seconds before a restart, doubled for each earlier one in the window
 
     def __post_init__(self) -> None:
         # tensor_parallel_size W with one port: the W agents listen on W consecutive ports from it
@@ -101,7 +105,7 @@ class ServingConfig:
                 raise ValueError(f"{name}: must be at least 1")
         if self.max_logprobs < 0:
             raise ValueError("max_logprobs: must be >= 0")
-        for name in ("agent_start_timeout", "step_timeout", "num_threads"):
+        for name in ("agent_start_timeout", "step_timeout", "num_threads", "agent_restart_window"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: must be positive, got {value!r}")
@@ -109,6 +113,14 @@ class ServingConfig:
             raise ValueError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.logits_dump_dir == "":
             raise ValueError("logits_dump_dir: must be a directory path, or left out")
+        for name in ("agent_restart_limit", "agent_restart_backoff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative, got {getattr(self, name)!r}")
+        if not self.launch_agents and self.agent_keys_dir is None:
+            raise ValueError(
+                "agent_keys_dir: agents started by hand need the channel's keys; make them with `llmserve keys DIR` "
+                "and set agent_keys_dir: DIR (see README, Security)"
+            )
         if self.api_key == "":
             raise ValueError("api_key: must not be empty; leave it out to serve without a key")
 
@@ -302,6 +314,9 @@ def _check_paths(config: Config, source: str) -> None:
     path = config.model_config.model_path
     if path is not None and not os.path.isdir(path):
         raise ConfigError(f"{source}: key 'model_config.model_path': {path} is not a directory")
+    keys_dir = config.serving_config.agent_keys_dir
+    if keys_dir is not None and not os.path.isdir(keys_dir):
+        raise ConfigError(f"{source}: key 'serving_config.agent_keys_dir': {keys_dir} is not a directory")
     template = config.model_config.chat_template
     if template is not None and not os.path.isfile(template):
         raise ConfigError(f"{source}: key 'model_config.chat_template': {template} is not a file")

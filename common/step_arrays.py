@@ -210,6 +210,13 @@ def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_wid
 
 def input_lengths(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> dict[str, int]:
     """How many leading elements of each input array one step uses."""
+    n = header.num_sample
+    ends = arrays["history_starts"][:n] + arrays["history_lens"][:n]
+    return {**row_lengths(header, suppress_width), "history": int(ends.max()) if n else 0}
+
+
+def row_lengths(header: StepRequest, suppress_width: int) -> dict[str, int]:
+    """`input_lengths` of every array but `history`: they follow from the header alone."""
     t, s, n = header.num_tokens, header.num_seqs, header.num_sample
     lengths = {
         "input_ids": t, "positions": t, "slot_mapping": t, "query_lens": s, "context_lens": s,
@@ -217,8 +224,6 @@ def input_lengths(arrays: dict[str, np.ndarray], header: StepRequest, suppress_w
         "logits_indices": n, "suppress_ids": n * suppress_width,
     }
     lengths.update((name, n) for name, _ in SAMPLING_ROW_FIELDS)
-    ends = arrays["history_starts"][:n] + arrays["history_lens"][:n]
-    lengths["history"] = int(ends.max()) if n else 0
     return lengths
 
 

@@ -20,8 +20,11 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from common.agent_keys import ChannelKeys, secure_client
 from common.errors import AgentFailure
-from common.protocol import AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
+from common.protocol import (
+    AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, ProtocolError, Shutdown, StepRequest, StepResult, decode, encode,
+)
 from common.shm import SharedArrays
 from common.step_arrays import (
     StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays,
@@ -30,6 +33,9 @@ from common.step_arrays import (
 logger = logging.getLogger("llmserve.master")
 
 POLL_S = 0.1  # how often a wait for an agent checks that the agents still live
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class Transport(abc.ABC):
@@ -72,7 +78,10 @@ class ZmqShmTransport(Transport):
     0's reply carries the sampled rows back. Same messages otherwise.
     """
 
-    def __init__(self, endpoints: list[AgentEndpoint], capacity: StepCapacity, step_timeout: float, inline: bool = False):
+    def __init__(
+        self, endpoints: list[AgentEndpoint], capacity: StepCapacity, step_timeout: float, keys: ChannelKeys,
+        inline: bool = False,
+    ):
         self.endpoints = endpoints
         self.capacity = capacity
         self.step_timeout = step_timeout
@@ -95,14 +104,15 @@ class ZmqShmTransport(Transport):
         for endpoint in endpoints:
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
+            secure_client(socket, keys)
             self.monitors.append(self._monitor(socket, endpoint.rank))
             socket.connect(endpoint.address)
             self.sockets.append(socket)
 
     def _monitor(self, socket: zmq.asyncio.Socket, rank: int) -> zmq.Socket:
-        """A PAIR socket that receives `socket`'s connect and disconnect events."""
+        """A PAIR socket that receives `socket`'s handshake and disconnect events."""
         address = f"inproc://llmserve-monitor-{id(self)}-{rank}"
-        socket.monitor(address, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        socket.monitor(address, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURES)
         monitor = self.sync_context.socket(zmq.PAIR)
         monitor.connect(address)
         return monitor
@@ -167,7 +177,10 @@ class ZmqShmTransport(Transport):
                 reply.cancel()
                 self._fail(self._failure or f"agent {endpoint.rank} at {endpoint.address} took too long {what}")
         payload, *frames = reply.result()
-        return decode(payload), frames
+        try:
+            return decode(payload), frames
+        except ProtocolError as exc:  # an agent of another version, or a bug: it cannot serve this master
+            self._fail(f"agent {endpoint.rank} at {endpoint.address} sent a message this master cannot read: {exc}")
 
     def failure(self) -> Optional[str]:
         if self._failure is None:
@@ -183,10 +196,16 @@ class ZmqShmTransport(Transport):
                 return
             while self.monitors[i].poll(0):
                 event = recv_monitor_message(self.monitors[i])["event"]
-                if event == zmq.EVENT_CONNECTED:
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.was_connected[i] = True
                 elif event == zmq.EVENT_DISCONNECTED and self.was_connected[i]:
                     self._failure = f"agent {endpoint.rank} at {endpoint.address} closed its connection"
+                    return
+                elif event & HANDSHAKE_FAILURES:
+                    self._failure = (
+                        f"agent {endpoint.rank} at {endpoint.address} refused this master's CURVE key, or holds another "
+                        "agent key: both sides need keys of one `llmserve keys` directory (serving_config.agent_keys_dir)"
+                    )
                     return
 
     def _fail(self, reason: str) -> None:
@@ -194,6 +213,8 @@ class ZmqShmTransport(Transport):
         raise AgentFailure(self._failure)
 
     async def close(self) -> None:
+        if self.context.closed:
+            return
         for socket in self.sockets:
             try:
                 await socket.send(encode(Shutdown()), flags=zmq.NOBLOCK)

@@ -131,3 +131,4 @@ class HealthResponse(Answer):
     num_preemptions: int
     kv_blocks_total: int
     kv_blocks_free: int
+    agent_restarts: int = Field(description="Times dead agents were replaced (serving_config.agent_restart_limit).")

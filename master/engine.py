@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -19,6 +19,7 @@ from common.protocol import StepRequest, StepResult
 from common.sampling import ParamNames, SamplingParams
 from common.timers import StageTimer, own_ms
 from master.agent_client import Transport
+from master.agent_group import RestartPolicy
 from master.block_manager import BlockManager
 from master.metrics import Metrics
 from master.beam_search import BeamSearch
@@ -90,7 +91,11 @@ class RequestHandle:
 class Engine:
     """Owns the scheduler and the transport; the API submits requests and reads their events."""
 
-    def __init__(self, config: Config, tokenizer: Tokenizer, model: ModelInfo, transport: Transport):
+    def __init__(
+        self, config: Config, tokenizer: Tokenizer, model: ModelInfo, transport: Transport,
+        restart: Optional[Callable[[Transport], Awaitable[Transport]]] = None,
+    ):
+        """`restart` replaces the transport of dead agents with one to fresh agents; without it a death is final."""
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
@@ -110,6 +115,11 @@ class Engine:
         self.watch_task: Optional[asyncio.Task] = None
         self.failure: Optional[str] = None
         self.is_stopped = False
+        serving = config.serving_config
+        self.restart = restart
+        self.restart_policy = RestartPolicy(serving.agent_restart_limit, serving.agent_restart_window, serving.agent_restart_backoff)
+        self.recovery_task: Optional[asyncio.Task] = None
+        self.num_agent_restarts = 0
         self.trace_file = None  # opened in start(), so a bad path fails where stop() cleans up
         self.request_id_of = self._request_id_of if config.serving_config.logits_dump_dir else None
 
@@ -119,6 +129,9 @@ class Engine:
         if trace_path:
             self.trace_file = open(trace_path, "a", buffering=1)
         await self.transport.start(self.config.serving_config.agent_start_timeout)
+        self._start_loops()
+
+    def _start_loops(self) -> None:
         self.loop_task = asyncio.create_task(self._run(), name="llmserve-step-loop")
         self.watch_task = asyncio.create_task(self._watch_agents(), name="llmserve-agent-watch")
 
@@ -396,14 +409,41 @@ class Engine:
         logger.info(json.dumps(request_record(handle, reason)))
 
     def _fail_everything(self, reason: str) -> None:
+        """The agents cannot serve: fail every request now, then restart the agents if we may."""
         if self.failure is not None:
             return
         self.failure = reason
         logger.error("agents failed, failing %d requests: %s", self.scheduler.num_unfinished, reason)
+        for task in (self.loop_task, self.watch_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         for seq in self.scheduler.fail_all():
             handle = self.handles.get(seq.seq_id)
             if handle and not handle.is_finished:
                 self._finish(handle, FinishReason.ERROR, f"the model agent failed: {reason}")
+        if self.restart is not None and not self.is_stopped:
+            self.recovery_task = asyncio.create_task(self._recover(reason), name="llmserve-agent-restart")
+
+    async def _recover(self, reason: str) -> None:
+        """Replace the dead agents, within the restart budget, and serve again; /health says what happens meanwhile."""
+        while (delay := self.restart_policy.next_delay(time.monotonic())) is not None:
+            self.failure = f"restarting the agents (in {delay:g} s) after: {reason}"
+            logger.warning("%s", self.failure)
+            await asyncio.sleep(delay)
+            try:
+                self.transport = await self.restart(self.transport)
+                await self.transport.start(self.config.serving_config.agent_start_timeout)
+            except (AgentFailure, OSError) as exc:
+                reason = f"a restart failed: {exc}"
+                logger.error("%s", reason)
+                continue
+            self.num_agent_restarts += 1
+            self.failure = None
+            self._start_loops()
+            logger.info("agents restarted (%d so far); serving again", self.num_agent_restarts)
+            return
+        self.failure = f"{reason}; no restart left ({self.restart_policy.describe()}): restart the server"
+        logger.error("%s", self.failure)
 
     def _record_step(self, plan: StepPlan, outcome: StepOutcome, header: StepRequest, agent_ms: dict, start: float) -> None:
         """Feed the step's stage timings to the metrics, and to the trace file when one is configured."""
@@ -433,6 +473,7 @@ class Engine:
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_blocks_total": self.block_manager.num_blocks,
             "kv_blocks_free": self.block_manager.num_free_blocks,
+            "agent_restarts": self.num_agent_restarts,
         }
 
     def _num_requests(self, seqs) -> int:
@@ -455,7 +496,7 @@ class Engine:
             return
         self.is_stopped = True
         self.failure = self.failure or "the server is shutting down"
-        tasks = [t for t in (self.loop_task, self.watch_task) if t is not None]
+        tasks = [t for t in (self.loop_task, self.watch_task, self.recovery_task) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,11 +4,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 
 import uvicorn
 
@@ -16,15 +13,13 @@ from common.config import Config
 from common.errors import AgentFailure, ConfigError
 from common.model_info import check_tensor_parallel, model_info, read_hf_config
 from common.step_arrays import StepCapacity
-from master.agent_client import AgentEndpoint, ZmqShmTransport
+from master.agent_group import AgentGroup
 from master.api import create_app
 from master.chat_template import ChatTemplate, load_chat_template
 from master.engine import Engine
 from master.tokenizer import load_tokenizer
 
 logger = logging.getLogger("llmserve.master")
-
-AGENT_STOP_TIMEOUT = 10.0
 
 
 def serve(config: Config) -> int:
@@ -37,15 +32,12 @@ def serve(config: Config) -> int:
         info = model_info(config.model_config, hf_config)
         _check_world_size(hf_config, serving.world_size)
         chat_template = load_chat_template(config.model_config)
+        agents = AgentGroup(config, step_capacity(config, info.max_seq_len, len(info.eos_token_ids)))
     except (ConfigError, OSError) as exc:
         logger.error("%s", exc)
         return 2
     logger.info("chat template: %s", chat_template.source)
-    processes = launch_agents(config) if serving.launch_agents else []
-    try:
-        return asyncio.run(_serve(config, tokenizer, info, chat_template, processes))
-    finally:
-        stop_agents(processes)
+    return asyncio.run(_serve(config, tokenizer, info, chat_template, agents))
 
 
 def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1) -> StepCapacity:
@@ -65,19 +57,9 @@ def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1) -> 
 MAX_HISTORY_TOKENS = 1 << 24  # 64 MiB of token ids for the rows that need penalties, per step
 
 
-def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEndpoint]:
+async def _serve(config: Config, tokenizer, info, chat_template: ChatTemplate, agents: AgentGroup) -> int:
     serving = config.serving_config
-    return [
-        AgentEndpoint(rank, f"tcp://{serving.agent_host(rank)}:{port}", processes[rank] if processes else None)
-        for rank, port in enumerate(serving.agent_ports)
-    ]
-
-
-async def _serve(config: Config, tokenizer, info, chat_template: ChatTemplate, processes: list[subprocess.Popen]) -> int:
-    serving = config.serving_config
-    capacity = step_capacity(config, info.max_seq_len, len(info.eos_token_ids))
-    transport = ZmqShmTransport(endpoints(config, processes), capacity, serving.step_timeout, serving.transport == "inline")
-    engine = Engine(config, tokenizer, info, transport)
+    engine = Engine(config, tokenizer, info, agents.connect(), restart=agents.restart)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -104,6 +86,7 @@ async def _serve(config: Config, tokenizer, info, chat_template: ChatTemplate, p
         return 1
     finally:
         await engine.stop()
+        await agents.stop()
 
 
 async def _first(main, stopper) -> bool:
@@ -125,33 +108,6 @@ class _QuietSignalsServer(uvicorn.Server):
 
     def capture_signals(self):
         return contextlib.nullcontext()
-
-
-def launch_agents(config: Config) -> list[subprocess.Popen]:
-    """Start one agent process per rank through the same `llmserve agent` entry point."""
-    processes = []
-    for rank in range(len(config.serving_config.agent_ports)):
-        command = [
-            sys.executable, "-m", "llmserve", "agent",
-            "--config", config.path, "--rank", str(rank), "--parent-pid", str(os.getpid()),
-        ]
-        # A session of its own: Ctrl-C in the terminal reaches the master, which stops the agents in order.
-        processes.append(subprocess.Popen(command, start_new_session=True))
-    return processes
-
-
-def stop_agents(processes: list[subprocess.Popen]) -> None:
-    """Wait for agents told to shut down; terminate, then kill, the ones that linger."""
-    for process in processes:
-        try:
-            process.wait(AGENT_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            try:
-                process.wait(AGENT_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _check_world_size(hf_config: dict, world: int) -> None:

@@ -39,6 +39,7 @@ class _EngineState(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_requests_preempted", "Sequences preempted (blocks freed, recomputed later).", stats["num_preemptions"]
         )
+        yield CounterMetricFamily(f"{PREFIX}_agent_restarts", "Times dead agents were replaced and served again.", stats["agent_restarts"])
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

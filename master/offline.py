@@ -9,9 +9,9 @@ from common.config import Config
 from common.errors import AgentFailure
 from common.model_info import model_info, read_hf_config
 from common.sampling import SamplingParams
-from master.agent_client import ZmqShmTransport
+from master.agent_group import AgentGroup
 from master.engine import Engine, FinishEvent, RequestHandle
-from master.launcher import endpoints, launch_agents, step_capacity, stop_agents
+from master.launcher import step_capacity
 from master.tokenizer import load_tokenizer
 
 
@@ -30,16 +30,14 @@ class OfflineEngine:
 
     def __init__(self, config: Config):
         self.config = config
-        self.processes = []
+        self.agents: Optional[AgentGroup] = None
         self.engine: Optional[Engine] = None
 
     async def __aenter__(self) -> "OfflineEngine":
         config = self.config
         info = model_info(config.model_config, read_hf_config(config.model_config))
-        self.processes = launch_agents(config) if config.serving_config.launch_agents else []
-        capacity = step_capacity(config, info.max_seq_len, len(info.eos_token_ids))
-        transport = ZmqShmTransport(endpoints(config, self.processes), capacity, config.serving_config.step_timeout)
-        self.engine = Engine(config, load_tokenizer(config.model_config), info, transport)
+        self.agents = AgentGroup(config, step_capacity(config, info.max_seq_len, len(info.eos_token_ids)))
+        self.engine = Engine(config, load_tokenizer(config.model_config), info, self.agents.connect())
         try:
             await self.engine.start()
         except BaseException:
@@ -50,7 +48,8 @@ class OfflineEngine:
     async def __aexit__(self, *exc_info) -> None:
         if self.engine is not None:
             await self.engine.stop()
-        await asyncio.to_thread(stop_agents, self.processes)
+        if self.agents is not None:
+            await self.agents.stop()
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[OfflineOutput]:
         """Submit every prompt at once and wait for all of them."""

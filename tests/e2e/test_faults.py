@@ -143,19 +143,72 @@ def test_server_port_in_use_fails_start_with_a_clear_error(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
-def test_agent_started_by_hand_serves_and_its_death_turns_health_503(tmp_path):
-    config = write_config(tmp_path, serving_config={"launch_agents": False})
-    agent = subprocess.Popen([sys.executable, "-m", "llmserve", "agent", "--config", config, "--rank", "0"], cwd=ROOT)
+def start_agent_by_hand(config: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmserve", "agent", "--config", config, "--rank", "0"], cwd=ROOT)
+
+
+def test_agent_started_by_hand_serves_and_the_master_waits_for_it_to_come_back(tmp_path):
+    keys_dir = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "llmserve", "keys", str(keys_dir)], cwd=ROOT, check=True, capture_output=True)
+    config = write_config(
+        tmp_path, serving_config={"launch_agents": False, "agent_keys_dir": str(keys_dir), "agent_restart_backoff": 0.1}
+    )
+    agent = start_agent_by_hand(config)
+    body = {"inputs": "by hand", "parameters": {"max_new_tokens": 4, "ignore_eos": True}}
     try:
         with running_server(config) as server:
-            body = {"inputs": "by hand", "parameters": {"max_new_tokens": 4, "ignore_eos": True}}
             response = httpx.post(f"{server.url}/models/llama/generate", json=body, timeout=60)
             assert response.json()["details"]["generated_tokens"] == 4
             agent.kill()
             agent.wait()
             assert wait_for(lambda: server.health().status_code == 503)
             assert "closed its connection" in server.health().json()["reason"]
+            agent = start_agent_by_hand(config)
+            assert wait_for(lambda: server.health().status_code == 200, timeout=60)
+            response = httpx.post(f"{server.url}/models/llama/generate", json=body, timeout=60)
+            assert response.json()["details"]["generated_tokens"] == 4
+            assert server.health().json()["agent_restarts"] == 1
     finally:
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+
+
+def test_agent_started_by_hand_needs_the_channel_keys(tmp_path):
+    config = write_config(tmp_path)  # launch_agents: true, so the file itself is valid
+    result = subprocess.run(
+        [sys.executable, "-m", "llmserve", "agent", "--config", config, "--rank", "0"], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "llmserve keys DIR" in result.stderr
+
+
+def test_killed_agent_is_restarted_until_the_restart_budget_is_spent(tmp_path):
+    """Under load: each death fails the requests in flight at once, then a fresh agent serves; the third death is final."""
+    serving = {"agent_restart_backoff": 0.1, "agent_restart_limit": 2}
+    with running_server(write_config(tmp_path, serving_config=serving, scheduler_config=SLOW_DECODE)) as server:
+        for restarts in (1, 2):
+            streams = [open_stream(server.url) for _ in range(3)]
+            for _, _, lines in streams:
+                next_event(lines)
+            (agent_pid,) = server.agent_pids()
+            os.kill(agent_pid, signal.SIGKILL)
+            for client, _, lines in streams:
+                assert "agent" in error_event(lines)["error"]
+                client.close()
+            assert wait_for(lambda: server.health().status_code == 200, timeout=60)
+            health = server.health().json()
+            assert health["agent_restarts"] == restarts and health["kv_blocks_free"] == health["kv_blocks_total"]
+            short = {"inputs": "again", "parameters": {"max_new_tokens": 3, "ignore_eos": True}}
+            assert httpx.post(f"{server.url}/models/llama/generate", json=short, timeout=60).status_code == 200
+            assert f"llmserve_agent_restarts_total {restarts}.0" in httpx.get(f"{server.url}/metrics").text
+        segments = glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*")
+        assert len(segments) == 2  # the live transport's input and output arrays, nothing of the dead ones
+        (agent_pid,) = server.agent_pids()
+        os.kill(agent_pid, signal.SIGKILL)
+        assert wait_for(lambda: "no restart left" in (server.health().json().get("reason") or ""))
+        assert server.health().status_code == 503
+        agent_pids = server.agent_pids()
+        assert stop(server) == 0
+    assert glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*") == []
+    assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in agent_pids)

@@ -1,6 +1,7 @@
 """Every message survives encode/decode unchanged."""
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from common.protocol import (
@@ -11,8 +12,11 @@ from common.protocol import (
     Shutdown,
     StepRequest,
     StepResult,
+    PROTOCOL_VERSION,
+    ProtocolError,
     decode,
     encode,
+    is_safe_file_name,
     logits_file_name,
 )
 
@@ -43,8 +47,37 @@ def test_logits_file_names_are_safe_and_sort_by_position():
     assert sorted(logits_file_name("r", p) for p in (10, 2, 1)) == ["r_00001.npy", "r_00002.npy", "r_00010.npy"]
 
 
-def test_unknown_tag_is_rejected():
-    import msgpack
+NOT_MESSAGES = {
+    "empty": b"",
+    "not msgpack": b"\xc1",
+    "truncated": encode(StepRequest(1, 1, 1, 1, 1, True))[:-2],
+    "extra data": encode(Shutdown()) + b"\x00",
+    "a map": msgpack.packb({"tag": 3}),
+    "the unversioned protocol": msgpack.packb([3, 1, 1, 1, 1, 1, True]),
+    "another version": msgpack.packb([PROTOCOL_VERSION + 1, Shutdown.TAG]),
+    "unknown tag": msgpack.packb([PROTOCOL_VERSION, 99]),
+    "a string tag": msgpack.packb([PROTOCOL_VERSION, "3"]),
+    "too few fields": msgpack.packb([PROTOCOL_VERSION, StepRequest.TAG, 1, 2]),
+    "too many fields": msgpack.packb([PROTOCOL_VERSION, Shutdown.TAG, 1]),
+    "a string for an int": msgpack.packb([PROTOCOL_VERSION, StepRequest.TAG, "1", 1, 1, 1, 1, True]),
+    "a bool for an int": msgpack.packb([PROTOCOL_VERSION, StepRequest.TAG, True, 1, 1, 1, 1, True]),
+    "ints for names": msgpack.packb([PROTOCOL_VERSION, StepRequest.TAG, 1, 1, 1, 1, 1, True, 0, [1, 2]]),
+    "a list for timings": msgpack.packb([PROTOCOL_VERSION, StepResult.TAG, 1, 0, [1.0]]),
+    "deeply nested": b"\x91" * 100_000 + b"\x00",
+}
 
-    with pytest.raises(ValueError, match="unknown message tag"):
-        decode(msgpack.packb([99]))
+
+@pytest.mark.parametrize("data", NOT_MESSAGES.values(), ids=NOT_MESSAGES.keys())
+def test_bytes_that_are_not_a_message_raise_protocol_error_only(data):
+    with pytest.raises(ProtocolError):
+        decode(data)
+
+
+def test_ints_are_accepted_where_floats_are_declared():
+    data = msgpack.packb([PROTOCOL_VERSION, StepResult.TAG, 1, 0, {"predict": 3}, None, 5, 6])
+    assert decode(data) == StepResult(1, 0, {"predict": 3}, None, 5, 6)
+
+
+def test_safe_file_names_have_no_path():
+    assert is_safe_file_name(logits_file_name("../../etc/passwd", 3))
+    assert not any(map(is_safe_file_name, ["../x.npy", "a/b.npy", "..", ".", "", "x" * 300]))

@@ -1,0 +1,67 @@
+"""Checks that a step fits the arrays and the KV pool before the agent runs it.
+
+A step that fails here is answered with an error for that step; the agent keeps
+serving. The header is checked against the capacity in Python; of the arrays,
+only what numpy and torch would not refuse on their own (a few reductions,
+~15 us): negative indices wrap around silently, and a write through a wrapped
+slot would corrupt another sequence's KV blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.protocol import ProtocolError, StepRequest, is_safe_file_name
+from common.step_arrays import StepCapacity, StepInputs
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """What the indices of a step may address on this agent."""
+
+    num_blocks: int
+    block_size: int
+    vocab_size: int
+
+
+def check_header(header: StepRequest, capacity: StepCapacity) -> None:
+    """Raise ProtocolError when the header's counts do not fit the step arrays."""
+    counts = (
+        ("num_tokens", header.num_tokens, capacity.max_num_tokens),
+        ("num_seqs", header.num_seqs, capacity.max_num_seqs),
+        ("num_sample", header.num_sample, capacity.max_num_seqs),
+        ("block_table_width", header.block_table_width, capacity.max_blocks_per_seq),
+        ("num_block_copies", header.num_block_copies, capacity.max_num_seqs),
+    )
+    for name, value, most in counts:
+        if not 0 <= value <= most:
+            raise ProtocolError(f"step {header.step_id}: {name} {value} is outside 0..{most}")
+    if header.num_seqs == 0 or header.num_tokens < header.num_seqs:
+        raise ProtocolError(f"step {header.step_id}: {header.num_tokens} tokens for {header.num_seqs} sequences")
+    names = header.dump_names
+    if names is not None and (len(names) != header.num_sample or not all(map(is_safe_file_name, names))):
+        raise ProtocolError(f"step {header.step_id}: dump_names must be one plain file name per sampled row")
+
+
+def check_inputs(batch: StepInputs, pool: PoolShape, num_tokens: int) -> None:
+    """Raise ProtocolError when the step's rows do not add up, or its block indices point outside the KV pool.
+
+    torch refuses other out-of-range indices by itself (token ids, logits rows); what it takes silently
+    is a negative index, which wraps: through the slot mapping, the block copies and the block tables a
+    step would write or read another sequence's KV blocks.
+    """
+    if int(batch.query_lens.sum()) != num_tokens:
+        raise ProtocolError(f"query_lens must sum to the step's {num_tokens} tokens")
+    _within("slot_mapping", batch.slot_mapping, pool.num_blocks * pool.block_size - 1)
+    _within("block_tables", batch.block_tables, pool.num_blocks - 1)
+    _within("block_copies", batch.block_copies, pool.num_blocks - 1)
+
+
+def _within(name: str, values: np.ndarray, high: int) -> None:
+    # One reduction: as unsigned integers, negative values are huge.
+    if values.size and values.view(UNSIGNED[values.dtype.itemsize]).max() > high:
+        raise ProtocolError(f"{name}: values from {int(values.min())} to {int(values.max())} are outside 0..{high}")
+
+
+UNSIGNED = {4: np.uint32, 8: np.uint64}

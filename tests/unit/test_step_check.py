@@ -1,0 +1,78 @@
+"""A step whose counts or indices do not fit is refused before it reaches the model; a real step passes."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from agent.step_check import PoolShape, check_header, check_inputs
+from common.protocol import ProtocolError, StepRequest
+from common.sampling import SamplingParams
+from common.step_arrays import SampleRow, StepCapacity, input_layout, step_inputs, write_sampling_rows
+
+CAPACITY = StepCapacity(max_num_tokens=16, max_num_seqs=4, max_blocks_per_seq=4, history_capacity=32, topk_width=2, suppress_width=2)
+POOL = PoolShape(num_blocks=8, block_size=4, vocab_size=100)
+HEADER = StepRequest(step_id=3, num_tokens=6, num_seqs=2, num_sample=2, block_table_width=2, is_all_greedy=False)
+
+
+def two_sequence_step() -> dict[str, np.ndarray]:
+    """A 5-token prefill in blocks (3, 1) and a decode at position 2 of block 6, the second with a penalty."""
+    arrays = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(CAPACITY)}
+    arrays["input_ids"][:6] = [11, 12, 13, 14, 15, 42]
+    arrays["positions"][:6] = [0, 1, 2, 3, 4, 2]
+    arrays["slot_mapping"][:6] = [12, 13, 14, 15, 4, 26]
+    arrays["query_lens"][:2] = [5, 1]
+    arrays["context_lens"][:2] = [5, 3]
+    arrays["block_tables"][:4] = [3, 1, 6, 0]
+    rows = [
+        SampleRow(4, SamplingParams(), [11, 12, 13, 14, 15], 5),
+        SampleRow(5, SamplingParams(repetition_penalty=1.2), [7, 8, 42], 2, suppress=(2,)),
+    ]
+    write_sampling_rows(arrays, rows, CAPACITY.suppress_width)
+    return arrays
+
+
+def check(arrays: dict[str, np.ndarray], header: StepRequest = HEADER) -> None:
+    check_header(header, CAPACITY)
+    check_inputs(step_inputs(arrays, header, CAPACITY.suppress_width), POOL, header.num_tokens)
+
+
+def test_a_real_step_passes():
+    check(two_sequence_step())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_tokens", 17), ("num_seqs", 5), ("num_sample", 5), ("block_table_width", 5), ("num_block_copies", 5),
+    ("num_tokens", -1), ("num_seqs", 0), ("num_tokens", 1),
+])
+def test_counts_beyond_the_arrays_are_refused(field, value):
+    with pytest.raises(ProtocolError):
+        check_header(dataclasses.replace(HEADER, **{field: value}), CAPACITY)
+
+
+@pytest.mark.parametrize("names", [["a.npy"], ["../x.npy", "b.npy"], ["a/b.npy", "c.npy"]])
+def test_dump_names_must_be_one_plain_name_per_row(names):
+    with pytest.raises(ProtocolError, match="dump_names"):
+        check_header(dataclasses.replace(HEADER, dump_names=names), CAPACITY)
+
+
+@pytest.mark.parametrize("name, index, value", [
+    ("slot_mapping", 5, -1),  # would wrap to the pool's last slot: another sequence's KV
+    ("slot_mapping", 0, 32),
+    ("block_tables", 2, -3),
+    ("block_tables", 1, 8),
+    ("query_lens", 0, 4),  # no longer sums to the step's tokens
+])
+def test_indices_outside_the_kv_pool_are_refused(name, index, value):
+    arrays = two_sequence_step()
+    arrays[name][index] = value
+    with pytest.raises(ProtocolError, match=name):
+        check(arrays)
+
+
+def test_block_copies_stay_in_the_pool():
+    arrays = two_sequence_step()
+    arrays["block_copies"][:2] = [1, -1]
+    with pytest.raises(ProtocolError, match="block_copies"):
+        check(arrays, dataclasses.replace(HEADER, num_block_copies=1))
