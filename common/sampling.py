@@ -10,8 +10,10 @@ from typing import Mapping, Optional, Union
 
 from common.errors import RequestError
 
-MAX_SEED = 2**63 - 1
-MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**53 - 1  # JSON's exact integers (a larger one may arrive rounded as a float); seeds travel as int64
+MAX_INT32 = 2**31 - 1  # top_k, n-gram sizes, token ids and counts travel as int32
+MAX_TOP_K = MAX_INT32
+MAX_FLOAT32 = 3.4028234663852886e38  # temperature, top_p, penalties travel as float32: larger values would be inf
 
 
 @dataclass(frozen=True)
@@ -107,23 +109,29 @@ class SamplingParams:
                 raise RequestError(f"{names(name)}: {problem}", param=names(name))
 
     def _checks(self, limits: SamplingLimits, names: ParamNames):
-        yield "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"
+        yield "max_new_tokens", 1 <= self.max_new_tokens <= MAX_INT32, f"must be between 1 and {MAX_INT32}"
         yield "min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, f"must be between 0 and {names('max_new_tokens')}"
-        yield "temperature", self.temperature >= 0.0, "must be >= 0"
+        yield "temperature", 0.0 <= self.temperature <= MAX_FLOAT32, f"must be between 0 and {MAX_FLOAT32:g} (float32)"
         yield "top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be between 0 (all tokens) and {MAX_TOP_K}"
         yield "top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"
         yield "min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"
         yield "typical_p", 0.0 < self.typical_p <= 1.0, "must be in (0, 1]"
-        yield "repetition_penalty", self.repetition_penalty > 0.0, "must be > 0 (1 means none)"
+        yield "repetition_penalty", 0.0 < self.repetition_penalty <= MAX_FLOAT32, (
+            f"must be > 0 (1 means none) and at most {MAX_FLOAT32:g} (float32)"
+        )
         yield "presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be between -2 and 2"
         yield "frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be between -2 and 2"
-        yield "no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must be >= 0 (0 means off)"
+        yield "no_repeat_ngram_size", 0 <= self.no_repeat_ngram_size <= MAX_INT32, (
+            f"must be between 0 (off) and {MAX_INT32}"
+        )
         yield "seed", self.seed is None or 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"
         yield "stop", all(self.stop), "stop strings must not be empty"
         yield "stop_token_ids", len(self.stop_token_ids) <= limits.max_stop_token_ids, (
             f"at most {limits.max_stop_token_ids} ids"
         )
-        yield "stop_token_ids", all(i >= 0 for i in self.stop_token_ids), "ids must be >= 0"
+        yield "stop_token_ids", all(0 <= i <= MAX_INT32 for i in self.stop_token_ids), (
+            f"ids must be between 0 and {MAX_INT32}"
+        )
         yield "n", 1 <= self.n <= limits.max_n, f"must be between 1 and {limits.max_n}"
         best_of = self.n if self.best_of is None else self.best_of
         yield "best_of", self.n <= best_of <= limits.max_n, f"must be between {names('n')} and {limits.max_n}"
@@ -138,5 +146,7 @@ class SamplingParams:
         yield "n", not self.is_beam_search or self.n <= self.num_beams, f"must be <= {names('num_beams')} with beam search"
         yield "best_of", not (self.is_beam_search and self.best_of is not None), "does not apply to beam search"
         yield "stop", not (self.is_beam_search and self.stop), f"stop strings do not apply to beam search; use {names('stop_token_ids')}"
-        yield "length_penalty", self.length_penalty == self.length_penalty, "must be a number"
+        yield "length_penalty", -MAX_FLOAT32 <= self.length_penalty <= MAX_FLOAT32, (
+            f"must be a number between -{MAX_FLOAT32:g} and {MAX_FLOAT32:g} (float32)"
+        )
         yield "early_stopping", self.early_stopping in (True, False, "never"), "must be true, false or \"never\""

@@ -48,8 +48,26 @@ def create_app(engine: Engine, chat_template: Optional[ChatTemplate] = None) -> 
     _add_server_routes(app, engine)
     _add_generate_route(app, engine)
     key_error = (lambda path: NativeError if path.startswith(NATIVE_PREFIX) else ErrorResponse) if api_key else None
-    finish_openapi(app, (ChatCompletionChunk, GenerateStreamEvent), key_error)
+    finish_openapi(app, (ChatCompletionChunk, GenerateStreamEvent), key_error, request_limits(engine))
     return app
+
+
+def request_limits(engine: Engine) -> dict[str, dict[str, dict]]:
+    """Bounds on request fields from the config and the model, for the schema; the engine checks the same."""
+    limits = engine.limits
+    batch = engine.config.scheduler_config.decode_batch_size  # every sample or beam of a request decodes at once
+    samples, beams, logprobs = min(limits.max_n, batch), min(limits.max_num_beams, batch), limits.max_logprobs
+    last_id = engine.model.vocab_size - 1
+    sampling = {
+        "n": {"maximum": samples}, "best_of": {"maximum": samples}, "num_beams": {"maximum": beams},
+        "stop_token_ids": {"maximum": last_id, "max_items": limits.max_stop_token_ids},
+    }
+    return {
+        "GenerateParameters": {**sampling, "logprobs": {"maximum": logprobs}},
+        "CompletionRequest": {**sampling, "logprobs": {"maximum": logprobs}, "prompt": {"maximum": last_id}},
+        "ChatCompletionRequest": {**sampling, "top_logprobs": {"maximum": logprobs}},
+        "DetokenizeRequest": {"tokens": {"maximum": engine.tokenizer.get_vocab_size(with_added_tokens=True) - 1}},
+    }
 
 
 def _add_server_routes(app: FastAPI, engine: Engine) -> None:

@@ -48,7 +48,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "http_error")
-        return error_response(request.url.path, exc.status_code, code, str(exc.detail))
+        response = error_response(request.url.path, exc.status_code, code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -66,9 +68,29 @@ def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]
         elif error["type"] == "extra_forbidden":
             problems.setdefault(location, f"{location}: unknown parameter")
         else:
-            problems.setdefault(location, f"{location or 'body'}: {error['msg']}")
+            problems.setdefault(location, f"{location or 'body'}: {_problem(error)}")
     first = next(iter(problems), None)
     return "; ".join(problems.values()), first or None
+
+
+BOUNDS = {  # pydantic's error type -> its context key and our sign
+    "greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"), "less_than_equal": ("le", "<="),
+}
+
+
+def _problem(error: dict) -> str:
+    """pydantic's message, shorter for ranges (`must be <= 3.40282e+38`, not 39 digits) and empty or always-empty lists."""
+    if error["type"] == "too_long" and error["ctx"].get("max_length") == 0:
+        return "not supported by this server; leave it out (or empty)"
+    if error["type"] == "too_short" and error["ctx"].get("min_length") == 1:
+        return "must not be empty"
+    bound = BOUNDS.get(error["type"])
+    if bound is None:
+        return error["msg"]
+    key, sign = bound
+    value = error["ctx"][key]
+    return f"must be {sign} {value if isinstance(value, int) else format(value, 'g')}"
 
 
 def _is_union_member(part: object) -> bool:

@@ -1,42 +1,77 @@
 """Request bodies of the HTTP API, validated by pydantic (strict types, unknown fields rejected)."""
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.sampling import SamplingParams
-from master.api_schema import Answer
+from common.sampling import MAX_FLOAT32, MAX_TOP_K, SamplingParams
+from master.api_schema import (
+    ABSENT, BEAM_SEARCH, INTEGRAL, NOT_TRUE, AtLeastOne, Answer, Count, NonNegative, PositiveCount, Seed, StopString,
+    TokenId, fields, when,
+)
+
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K), INTEGRAL]  # 0 means all
 
 
 class GenerateParameters(BaseModel):
-    """The `parameters` object of a generate request. Ranges are checked by SamplingParams.validate."""
+    """The `parameters` object of a generate request.
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    The schema states each field's range; SamplingParams.validate checks them again with the
+    cross-field rules and the server's limits (max_n, max_num_beams, max_logprobs, ...).
+    """
 
-    max_new_tokens: int = Field(16, description="Tokens to generate at most (>= 1).")
-    min_new_tokens: int = Field(0, description="End tokens and stop strings are ignored before this many tokens.")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=when(
+        BEAM_SEARCH, fields(do_sample=NOT_TRUE, best_of=ABSENT, stop={"maxItems": 0})
+    ))
+
+    max_new_tokens: PositiveCount = Field(16, description="Tokens to generate at most.")
+    min_new_tokens: Count = Field(0, description="End tokens and stop strings are ignored before this many tokens.")
     do_sample: bool = Field(False, description="Sample instead of taking the most likely token.")
-    temperature: float = Field(1.0, description="Softmax temperature when sampling (>= 0); 0 means greedy.")
-    top_k: int = Field(0, description="Sample among the k most likely tokens; 0 means all.")
-    top_p: float = Field(1.0, description="Sample among the smallest set with this much probability, in (0, 1].")
-    min_p: float = Field(0.0, description="Drop tokens less likely than min_p x the most likely one, in [0, 1].")
-    typical_p: float = Field(1.0, description="Locally typical sampling mass, in (0, 1]; 1 means off.")
-    repetition_penalty: float = Field(
-        1.0, description="Divide positive / multiply negative logits of tokens already in prompt or output (> 0)."
+    temperature: float = Field(
+        1.0, ge=0.0, le=MAX_FLOAT32, allow_inf_nan=False, description="Softmax temperature when sampling; 0 means greedy."
     )
-    presence_penalty: float = Field(0.0, description="Subtracted once from tokens already generated, in [-2, 2].")
-    frequency_penalty: float = Field(0.0, description="Subtracted per occurrence in the output, in [-2, 2].")
-    no_repeat_ngram_size: int = Field(0, description="Never repeat an n-gram of this size; 0 means off.")
-    seed: Optional[int] = Field(None, description="Same seed and parameters give the same output, in [0, 2^63 - 1].")
+    top_k: TopK = Field(0, description="Sample among the k most likely tokens; 0 means all.")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Sample among the smallest set with this much probability."
+    )
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Drop tokens less likely than min_p x the most likely one."
+    )
+    typical_p: float = Field(
+        1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Locally typical sampling mass; 1 means off."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=MAX_FLOAT32, allow_inf_nan=False,
+        description="Divide positive / multiply negative logits of tokens already in prompt or output; 1 means none.",
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="Subtracted once from tokens already generated."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="Subtracted per occurrence in the output."
+    )
+    no_repeat_ngram_size: Count = Field(0, description="Never repeat an n-gram of this size; 0 means off.")
+    seed: Optional[Seed] = Field(None, description="Same seed and parameters give the same output.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    stop: list[str] = Field(default_factory=list, description="Stop before any of these strings; not part of the output.")
-    stop_token_ids: list[int] = Field(default_factory=list, description="Stop after any of these tokens.")
-    n: int = Field(1, description="Sequences to return for the prompt (they share its KV blocks).")
-    best_of: Optional[int] = Field(None, description="Sample this many and return the n most likely (>= n).")
-    logprobs: Optional[int] = Field(None, description="Return each token's log-probability and this many top ones.")
-    num_beams: int = Field(1, description="Beam search with this many beams (needs do_sample false).")
-    length_penalty: float = Field(1.0, description="Beam scores are divided by length ** length_penalty.")
+    stop: list[StopString] = Field(
+        default_factory=list, description="Stop before any of these strings; not part of the output."
+    )
+    stop_token_ids: list[TokenId] = Field(
+        default_factory=list, description="Stop after any of these tokens (at most serving_config.max_stop_token_ids)."
+    )
+    n: AtLeastOne = Field(1, description="Sequences to return (they share the prompt's KV blocks); at most max_n.")
+    best_of: Optional[AtLeastOne] = Field(None, description="Sample this many (n to max_n) and return the n most likely.")
+    logprobs: Optional[NonNegative] = Field(
+        None, description="Return each token's log-probability and this many top ones (at most max_logprobs)."
+    )
+    num_beams: AtLeastOne = Field(
+        1, description="Beam search with this many beams (not with do_sample); at most max_num_beams."
+    )
+    length_penalty: float = Field(
+        1.0, ge=-MAX_FLOAT32, le=MAX_FLOAT32, allow_inf_nan=False,
+        description="Beam scores are divided by length ** length_penalty.",
+    )
     early_stopping: Union[bool, Literal["never"]] = Field(
         False, description="Beam search stops: true when num_beams are done, false by heuristic, \"never\"."
     )
@@ -52,7 +87,9 @@ class GenerateParameters(BaseModel):
 class GenerateRequest(BaseModel):
     """Body of POST /models/{name}/generate."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=when(
+        {"required": ["parameters"], "properties": {"parameters": BEAM_SEARCH}}, fields(stream=NOT_TRUE)
+    ))
 
     inputs: str = Field(description="The prompt.")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)

@@ -16,6 +16,7 @@ from typing import Sequence, Union
 import numpy as np
 
 NEG_BIG = np.float32(-1.0e9)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -78,14 +79,13 @@ class BeamSearch:
     def _add_finished(self, top, ends, totals, flat_ids, parents, beam_outputs, num_generated) -> None:
         if (self.early_stopping is True and len(self.finished) >= self.num_beams) or not self.improvement_possible:
             return
-        penalty = np.float32(num_generated) ** np.float32(self.length_penalty)
         for i, end in zip(top, ends):
             if not end:
                 continue
             token = int(flat_ids[i])
             reason = "eos_token" if token in self.end_token_ids else "length"
             output = beam_outputs[int(parents[i])] + [token]
-            self.finished.append(Hypothesis(output, float(np.float32(totals[i]) / penalty), reason))
+            self.finished.append(Hypothesis(output, self._penalised(totals[i], num_generated), reason))
         self.finished.sort(key=lambda h: -h.score)  # stable: earlier hypotheses win ties
         del self.finished[self.num_beams :]
 
@@ -96,11 +96,21 @@ class BeamSearch:
                 best_length = self.max_new_tokens
             else:
                 best_length = num_generated
-            best_possible = float(next_beams[0].score / np.float32(best_length) ** np.float32(self.length_penalty))
+            best_possible = self._penalised(next_beams[0].score, best_length)
             self.improvement_possible = self.improvement_possible and best_possible > self.finished[-1].score
         self.is_done = (
             not self.improvement_possible or (full and self.early_stopping is True) or all_end or not next_beams
         )
+
+    def _penalised(self, total: np.float32, length: int) -> float:
+        """total / length ** length_penalty in float32, as transformers scores a beam.
+
+        An extreme length_penalty makes the power overflow or vanish; the score is then clipped to
+        float32's range (NaN as its lowest), so it still ranks and answers stay valid JSON.
+        """
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            score = np.float32(total) / np.float32(length) ** np.float32(self.length_penalty)
+        return float(np.nan_to_num(score, nan=-FLOAT32_MAX, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX))
 
     def results(self, n: int) -> list[Hypothesis]:
         """The n best finished hypotheses."""

@@ -27,7 +27,7 @@ from master.outputs import GenerationOutput, TextOutput, sequence_output
 from master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
 from master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
 from master.step_builder import write_step
-from master.tokenizer import decode
+from master.tokenizer import output_text
 
 logger = logging.getLogger("llmserve.master")
 
@@ -189,6 +189,13 @@ class Engine:
 
     def _check_params(self, params: SamplingParams, stream: bool, names: ParamNames) -> None:
         params.validate(self.limits, names)
+        vocab_size = self.model.vocab_size
+        outside = [i for i in params.stop_token_ids if i >= vocab_size]
+        if outside:
+            raise RequestError(
+                f"{names('stop_token_ids')}: {outside[0]} is not a token id of this model (0 to {vocab_size - 1})",
+                names("stop_token_ids"),
+            )
         if stream and (params.is_beam_search or params.num_samples > params.n):
             raise RequestError(
                 "stream: beam search and best_of > n pick their outputs at the end; they cannot stream", "stream"
@@ -370,14 +377,14 @@ class Engine:
                 elif text.stopped:
                     seq.finish_reason = FinishReason.STOP
                 if handle.wants_tokens:
-                    if seq.is_finished and not text.stopped:
-                        delta += text.flush()
                     logprobs = seq.logprobs[-1] if seq.logprobs else None
                     reason = seq.finish_reason.value if seq.is_finished else None
                     handle.events.put_nowait(TokenEvent(token_id, delta, seq.sample_index, logprobs, reason))
             for seq in finished:
                 handle = self.handles.get(seq.seq_id)
                 if handle is not None and not handle.is_finished and all(s.is_finished for s in handle.seqs):
+                    if handle.first_token_time is None:  # a beam search whose every beam ended at its first step
+                        self._first_token(handle, now)
                     handle.outputs = self._outputs(handle)
                     self._finish(handle, FinishReason(handle.outputs[0].finish_reason))
 
@@ -385,8 +392,11 @@ class Engine:
         """The n sequences returned: all samples, the best_of with the highest log-probability, or the best beams."""
         params = handle.seq.params
         if handle.seq.beam is not None:
+            prompt_ids = handle.seq.prompt_ids
             return [
-                GenerationOutput(i, h.output_ids, decode(self.tokenizer, h.output_ids), h.finish_reason, score=h.score)
+                GenerationOutput(
+                    i, h.output_ids, output_text(self.tokenizer, prompt_ids, h.output_ids), h.finish_reason, score=h.score
+                )
                 for i, h in enumerate(handle.seq.beam.search.results(params.n))
             ]
         seqs = sorted(handle.seqs, key=lambda seq: seq.sample_index)
@@ -488,7 +498,7 @@ class Engine:
         """The first output's text (cut before a stop string)."""
         if handle.outputs:
             return handle.outputs[0].text
-        return decode(self.tokenizer, handle.seq.output_ids)
+        return output_text(self.tokenizer, handle.seq.prompt_ids, handle.seq.output_ids)
 
     async def stop(self) -> None:
         """Stop the loop, fail what is left, stop the agents and free shared memory (idempotent)."""

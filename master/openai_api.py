@@ -65,13 +65,11 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
 
     @router.post(
         "/v1/completions", response_model=CompletionResponse,
-        responses=stream_response(CompletionResponse, CompletionResponse, ERROR_RESPONSES),
+        responses=stream_response(CompletionResponse, CompletionResponse, ERROR_RESPONSES, end_marker="[DONE]"),
     )
     async def completions(body: CompletionRequest, request: Request):
         """Text completion of one prompt or a batch (strings or token ids)."""
         check_model(body.model)
-        if body.suffix is not None:
-            raise RequestError("suffix: not supported by this server", "suffix")
         if body.echo and body.logprobs is not None:
             raise RequestError("logprobs: log-probabilities of the prompt (echo with logprobs) are not supported", "logprobs")
         prompts = _prompts(engine, body.prompt)
@@ -84,12 +82,11 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
 
     @router.post(
         "/v1/chat/completions", response_model=ChatCompletionResponse,
-        responses=stream_response(ChatCompletionResponse, ChatCompletionChunk, ERROR_RESPONSES),
+        responses=stream_response(ChatCompletionResponse, ChatCompletionChunk, ERROR_RESPONSES, end_marker="[DONE]"),
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """The assistant's reply to `messages`, rendered with the model's chat template."""
         check_model(body.model)
-        body.check_supported()
         prompt_ids = encode(engine.tokenizer, _render(chat_template, body), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(1 if max_tokens is None else max_tokens, body.num_logprobs())

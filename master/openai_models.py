@@ -6,15 +6,24 @@ so a typo never silently changes the output.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from common.errors import RequestError
-from common.sampling import ParamNames, SamplingParams
-from master.api_schema import Answer
+from common.sampling import MAX_FLOAT32, MAX_TOP_K, ParamNames, SamplingParams
+from master.api_schema import (
+    ABSENT, BEAM_SEARCH, INTEGRAL, NOT_TRUE, AtLeastOne, Answer, Count, NonNegative, PositiveCount, Seed, StopString,
+    TokenId, equals, fields, is_set, when,
+)
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+TopK = Annotated[int, Field(ge=-1, le=MAX_TOP_K), INTEGRAL]  # 0 and -1 mean all
+# What SamplingFields.sampling_params and SamplingParams.validate refuse, as far as JSON Schema can say it.
+SAMPLING_RULES = [
+    when(is_set("stream_options"), equals("stream", True)),
+    when(BEAM_SEARCH, fields(best_of=ABSENT, stop={"anyOf": [ABSENT, {"type": "array", "maxItems": 0}]}, stream=NOT_TRUE)),
+]
 
 
 class StreamOptions(BaseModel):
@@ -37,33 +46,63 @@ class OpenAIRequest(BaseModel):
 
 
 class SamplingFields(OpenAIRequest):
-    """Fields both endpoints share: OpenAI's, then the extras vLLM users know."""
+    """Fields both endpoints share: OpenAI's, then the extras vLLM users know.
+
+    The schema states each field's range; SamplingParams.validate checks them again with the
+    cross-field rules and the server's limits (max_n, max_num_beams, max_logprobs, ...).
+    """
 
     model: Optional[str] = Field(None, description="The served model's name (GET /v1/models); defaults to it.")
-    n: Optional[int] = Field(1, description="Choices to return for each prompt.")
+    n: Optional[AtLeastOne] = Field(1, description="Choices to return for each prompt (at most serving_config.max_n).")
     stream: Optional[bool] = Field(False, description="Stream server-sent events `data: {chunk}`, ending with `data: [DONE]`.")
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, description="Sampling temperature (default 1); 0 means greedy.")
-    top_p: Optional[float] = Field(None, description="Nucleus sampling mass, in (0, 1].")
-    stop: Union[str, list[str], None] = Field(None, description="Stop before any of these strings (not returned).")
-    seed: Optional[int] = Field(None, description="Same seed and parameters give the same output.")
-    presence_penalty: Optional[float] = Field(None, description="In [-2, 2]; subtracted once from generated tokens.")
-    frequency_penalty: Optional[float] = Field(None, description="In [-2, 2]; subtracted per occurrence.")
-    logit_bias: Optional[dict[str, float]] = Field(None, description="Not supported: must be absent or empty.")
+    stream_options: Optional[StreamOptions] = Field(None, description="Only with stream: true.")
+    temperature: Optional[float] = Field(
+        None, ge=0.0, le=MAX_FLOAT32, allow_inf_nan=False, description="Sampling temperature (default 1); 0 means greedy."
+    )
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
+    stop: Union[StopString, list[StopString], None] = Field(
+        None, description="Stop before any of these strings (not returned)."
+    )
+    seed: Optional[Seed] = Field(None, description="Same seed and parameters give the same output.")
+    presence_penalty: Optional[float] = Field(
+        None, ge=-2.0, le=2.0, allow_inf_nan=False, description="Subtracted once from generated tokens."
+    )
+    frequency_penalty: Optional[float] = Field(
+        None, ge=-2.0, le=2.0, allow_inf_nan=False, description="Subtracted per occurrence."
+    )
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0, description="Not supported: must be absent or empty.")
     user: Optional[str] = Field(None, description="Accepted and ignored.")
     # extras (not in OpenAI's API)
-    top_k: int = Field(0, description="Extra: sample among the k most likely tokens; 0 or -1 means all.")
-    min_p: float = Field(0.0, description="Extra: drop tokens less likely than min_p x the most likely one.")
-    typical_p: float = Field(1.0, description="Extra: locally typical sampling mass, in (0, 1].")
-    repetition_penalty: float = Field(1.0, description="Extra: transformers' multiplicative penalty over prompt and output.")
-    no_repeat_ngram_size: int = Field(0, description="Extra: never repeat an n-gram of this size.")
-    min_tokens: int = Field(0, description="Extra: end tokens and stop strings are ignored before this many tokens.")
-    ignore_eos: bool = Field(False, description="Extra: keep generating past the end-of-sequence token.")
-    stop_token_ids: list[int] = Field(default_factory=list, description="Extra: stop after any of these token ids.")
-    best_of: Optional[int] = Field(None, description="Sample this many per prompt and return the n most likely.")
-    num_beams: int = Field(1, description="Extra: beam search with this many beams (not streamable).")
-    length_penalty: float = Field(1.0, description="Extra: beam scores are divided by length ** length_penalty.")
-    early_stopping: Union[bool, Literal["never"]] = Field(False, description="Extra: beam search stopping rule.")
+    top_k: Optional[TopK] = Field(0, description="Extra: sample among the k most likely tokens; 0 or -1 means all.")
+    min_p: Optional[float] = Field(
+        0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Extra: drop tokens less likely than min_p x the most likely one.",
+    )
+    typical_p: Optional[float] = Field(
+        1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Extra: locally typical sampling mass; 1 means off."
+    )
+    repetition_penalty: Optional[float] = Field(
+        1.0, gt=0.0, le=MAX_FLOAT32, allow_inf_nan=False,
+        description="Extra: transformers' multiplicative penalty over prompt and output; 1 means none.",
+    )
+    no_repeat_ngram_size: Optional[Count] = Field(0, description="Extra: never repeat an n-gram of this size.")
+    min_tokens: Optional[Count] = Field(
+        0, description="Extra: end tokens and stop strings are ignored before this many tokens."
+    )
+    ignore_eos: Optional[bool] = Field(False, description="Extra: keep generating past the end-of-sequence token.")
+    stop_token_ids: Optional[list[TokenId]] = Field(
+        default_factory=list,
+        description="Extra: stop after any of these token ids of the model's vocabulary (at most max_stop_token_ids).",
+    )
+    best_of: Optional[AtLeastOne] = Field(
+        None, description="Sample this many per prompt (n to max_n); return the n most likely."
+    )
+    num_beams: Optional[AtLeastOne] = Field(1, description="Extra: beam search with this many beams (not streamable).")
+    length_penalty: Optional[float] = Field(
+        1.0, ge=-MAX_FLOAT32, le=MAX_FLOAT32, allow_inf_nan=False,
+        description="Extra: beam scores are divided by length ** length_penalty.",
+    )
+    early_stopping: Union[bool, Literal["never"], None] = Field(False, description="Extra: beam search stopping rule.")
 
     @property
     def include_usage(self) -> bool:
@@ -71,8 +110,6 @@ class SamplingFields(OpenAIRequest):
 
     def sampling_params(self, max_new_tokens: int, logprobs: Optional[int]) -> SamplingParams:
         """The engine's parameters for one prompt."""
-        if self.logit_bias:
-            raise RequestError("logit_bias: not supported by this server", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options: only allowed with stream: true", "stream_options")
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -102,60 +139,100 @@ class SamplingFields(OpenAIRequest):
         )
 
 
+def _prompt_kind(value: Any) -> str:
+    """Which form of prompt the client sent, so a bad one is reported against that form only."""
+    if not isinstance(value, list):
+        return "str"
+    first = value[0] if value else ""
+    return {str: "list[str]", list: "list[list[int]]"}.get(type(first), "list[int]")
+
+
+# A completion prompt: text, texts, token ids, or lists of token ids; never empty.
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Prompt = Annotated[
+    Union[
+        Annotated[str, Tag("str")],
+        Annotated[list[str], Field(min_length=1), Tag("list[str]")],
+        Annotated[TokenIds, Tag("list[int]")],
+        Annotated[list[TokenIds], Field(min_length=1), Tag("list[list[int]]")],
+    ],
+    Discriminator(_prompt_kind),
+]
+
+
 class CompletionRequest(SamplingFields):
     """Body of POST /v1/completions."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
-        description="A prompt, a batch of prompts, or the same as token ids."
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [*SAMPLING_RULES, when(equals("echo", True), fields(logprobs=ABSENT))]}
     )
-    max_tokens: Optional[int] = Field(16, description="Tokens to generate at most per choice.")
-    echo: Optional[bool] = Field(False, description="Put the prompt before each choice's text.")
-    logprobs: Optional[int] = Field(None, description="Return the chosen token's and this many top log-probabilities.")
-    suffix: Optional[str] = Field(None, description="Not supported: must be absent.")
+
+    prompt: Prompt = Field(description="A prompt, a batch of prompts, or the same as token ids.")
+    max_tokens: Optional[PositiveCount] = Field(16, description="Tokens to generate at most per choice.")
+    echo: Optional[bool] = Field(False, description="Put the prompt before each choice's text (not with logprobs).")
+    logprobs: Optional[NonNegative] = Field(
+        None, description="Return the chosen token's and this many top log-probabilities (at most max_logprobs)."
+    )
 
     def param_names(self) -> ParamNames:
         return ParamNames(aliases={"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}, prompt="prompt")
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
-    type: str = Field(description="Only 'text' parts are supported.")
-    text: Optional[str] = None
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: str
 
 
 class ChatMessage(BaseModel):
-    """One message; fields beyond these are passed to the chat template as they are."""
+    """One message of the conversation, handed to the chat template."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
-    role: str = Field(description="system, developer, user, assistant or tool.")
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart]] = Field(description="The text, or text parts (joined with newlines).")
+    name: Optional[str] = Field(None, description="The author's name, for templates that use it.")
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = STRICT
 
-    type: str = Field(description="Only 'text' is supported.")
+    type: Literal["text"] = Field(description="Only 'text' is supported.")
 
 
 class ChatCompletionRequest(SamplingFields):
     """Body of POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(description="The conversation, rendered with the model's chat template.")
-    max_completion_tokens: Optional[int] = Field(None, description="Tokens to generate at most; default: up to the context.")
-    max_tokens: Optional[int] = Field(None, description="Older name of max_completion_tokens.")
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        *SAMPLING_RULES,
+        when(is_set("top_logprobs"), equals("logprobs", True)),
+        when(equals("continue_final_message", True), equals("add_generation_prompt", False)),
+    ]})
+
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="The conversation, rendered with the model's chat template."
+    )
+    max_completion_tokens: Optional[PositiveCount] = Field(
+        None, description="Tokens to generate at most; default: up to the context."
+    )
+    max_tokens: Optional[PositiveCount] = Field(None, description="Older name of max_completion_tokens.")
     logprobs: Optional[bool] = Field(False, description="Return each content token's log-probability.")
-    top_logprobs: Optional[int] = Field(None, description="With logprobs: this many most likely tokens per position.")
+    top_logprobs: Optional[NonNegative] = Field(
+        None, description="With logprobs: this many most likely tokens per position (at most max_logprobs)."
+    )
     response_format: Optional[ResponseFormat] = Field(None, description="Only {\"type\": \"text\"}.")
-    tools: Optional[list[dict[str, Any]]] = Field(None, description="Not supported: must be absent or empty.")
-    tool_choice: Optional[Union[str, dict[str, Any]]] = Field(None, description="Only 'none' (tools are not supported).")
+    tools: Optional[list[dict[str, Any]]] = Field(None, max_length=0, description="Not supported: must be absent or empty.")
+    tool_choice: Optional[Literal["none"]] = Field(None, description="Only 'none' (tools are not supported).")
     parallel_tool_calls: Optional[bool] = Field(None, description="Accepted and ignored.")
     store: Optional[bool] = Field(None, description="Accepted and ignored.")
     metadata: Optional[dict[str, str]] = Field(None, description="Accepted and ignored.")
-    add_generation_prompt: bool = Field(True, description="Extra: end the prompt where the assistant's reply starts.")
-    continue_final_message: bool = Field(False, description="Extra: continue the last message instead of answering it.")
+    add_generation_prompt: Optional[bool] = Field(
+        True, description="Extra: end the prompt where the assistant's reply starts."
+    )
+    continue_final_message: Optional[bool] = Field(
+        False, description="Extra: continue the last message instead of answering it (needs add_generation_prompt false)."
+    )
     chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="Extra: more variables for the template.")
 
     def param_names(self) -> ParamNames:
@@ -167,15 +244,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def check_supported(self) -> None:
-        """Refuse, by name, the OpenAI features this server does not implement."""
-        if self.tools:
-            raise RequestError("tools: tool calling is not supported by this server", "tools")
-        if self.tool_choice not in (None, "none"):
-            raise RequestError("tool_choice: only 'none' is supported (no tool calling)", "tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise RequestError("response_format: only {\"type\": \"text\"} is supported", "response_format")
 
 
 # ---------------------------------------------------------------- responses
@@ -307,16 +375,23 @@ class ErrorResponse(Answer):
 class TokenizeRequest(OpenAIRequest):
     """Body of POST /tokenize: a `prompt`, or chat `messages` rendered with the chat template first."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"oneOf": [is_set("prompt"), is_set("messages")]},
+        when(
+            {"allOf": [equals("continue_final_message", True), is_set("messages")]}, equals("add_generation_prompt", False)
+        ),
+    ]})
+
     model: Optional[str] = None
     prompt: Optional[str] = Field(None, description="Text to tokenize (give this or messages).")
-    messages: Optional[list[ChatMessage]] = Field(None, description="A conversation to render and tokenize.")
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1, description="A conversation to render and tokenize.")
     add_special_tokens: Optional[bool] = Field(
         None, description="Add the tokenizer's special tokens (BOS); default true for prompt, false for messages."
     )
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: Optional[bool] = True
+    continue_final_message: Optional[bool] = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    return_token_strs: bool = Field(False, description="Also return each token's text.")
+    return_token_strs: Optional[bool] = Field(False, description="Also return each token's text.")
 
 
 class TokenizeResponse(Answer):
@@ -330,7 +405,7 @@ class DetokenizeRequest(OpenAIRequest):
     """Body of POST /detokenize."""
 
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: list[TokenId] = Field(description="Ids of the tokenizer's vocabulary.")
 
 
 class DetokenizeResponse(Answer):

@@ -7,7 +7,7 @@ from typing import Optional
 from tokenizers import Tokenizer
 
 from master.sequence import Sequence, TokenLogprobs
-from master.tokenizer import IncrementalDetokenizer, decode
+from master.tokenizer import IncrementalDetokenizer, output_text
 
 
 class TextOutput:
@@ -26,18 +26,18 @@ class TextOutput:
         self.num_sent = 0
         self.stopped = False
 
-    def add(self, seq: Sequence) -> Optional[str]:
-        """Take the sequence's newest token; return the text to stream now (None after a stop string)."""
+    def add(self, seq: Sequence) -> str:
+        """Take the sequence's newest token; return the text to stream now (all that is left once it is finished)."""
         searched_from = max(len(self.text) - self.hold_back, 0)
-        self.text += self.detokenizer.step(seq.token_ids)
+        self.text += self.detokenizer.step(seq.token_ids, is_last=seq.is_finished)
         if self.stop and seq.num_output_tokens >= seq.params.min_new_tokens:
             cut = _first_stop(self.text, self.stop, searched_from)
             if cut is not None:
                 self.text = self.text[:cut]
                 self.stopped = True
-        return self.flush(final=self.stopped)
+        return self._flush(final=self.stopped or seq.is_finished)
 
-    def flush(self, final: bool = True) -> str:
+    def _flush(self, final: bool) -> str:
         """The text not streamed yet; all of it when `final`."""
         end = len(self.text) if final else max(len(self.text) - self.hold_back, self.num_sent)
         delta = self.text[self.num_sent : end]
@@ -64,10 +64,11 @@ class GenerationOutput:
 
 
 def sequence_output(index: int, seq: Sequence, tokenizer: Tokenizer, text: Optional[TextOutput]) -> GenerationOutput:
+    """A finished sample; its text is the one streamed when it was (cut before a stop string), else made now."""
     return GenerationOutput(
         index=index,
         output_ids=seq.output_ids,
-        text=text.text if text is not None and text.stopped else decode(tokenizer, seq.output_ids),
+        text=text.text if text is not None else output_text(tokenizer, seq.prompt_ids, seq.output_ids),
         finish_reason=seq.finish_reason.value,
         cumulative_logprob=seq.cumulative_logprob if seq.params.agent_num_logprobs >= 0 else None,
         logprobs=seq.logprobs,

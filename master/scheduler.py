@@ -288,6 +288,7 @@ class Scheduler:
             target.block_ids = list(block_ids)
             target.num_computed = num_computed
             group.scores[target.seq_id] = chosen.score
+            outcome.new_tokens.append((target, chosen.token_id))
         for beam in beams[len(next_beams) :]:  # the search is over, or fewer beams can go on
             self.running.remove(beam)
             beam.status = SequenceStatus.FINISHED

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Optional
+from typing import Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -15,6 +15,7 @@ BUILTIN = "builtin"
 BUILTIN_VOCAB_SIZE = 1024
 BUILTIN_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: unk, bos, eos
 CORPUS_PATH = os.path.join(os.path.dirname(__file__), "data", "tokenizer_corpus.txt")
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's piece for one byte of an unknown character
 
 
 def build_builtin_tokenizer(vocab_size: int = BUILTIN_VOCAB_SIZE) -> Tokenizer:
@@ -49,28 +50,53 @@ def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
     return Tokenizer.from_file(file)
 
 
+CONTEXT_TOKENS = 5  # prompt tokens decoded before the output, so its first token reads as it does after the prompt
+
+
+def output_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> str:
+    """The text a sequence's output adds to its prompt, read with the prompt's last tokens as context.
+
+    Decoding the output alone would drop the leading space of its first token with a sentencepiece
+    (Metaspace) tokenizer; this text is what decoding prompt + output adds to decoding the prompt.
+    Every way of reading a generation (streamed or not, stop strings, beams) gives this text.
+    """
+    context = list(prompt_ids[-CONTEXT_TOKENS:])
+    return _text_after(tokenizer, context + list(output_ids), 0, len(context))
+
+
+def _text_after(tokenizer: Tokenizer, token_ids: Sequence[int], start: int, end: int) -> str:
+    """The text token_ids[end:] add after token_ids[start:end] (both decoded from `start`)."""
+    context = decode(tokenizer, token_ids[start:end])
+    return decode(tokenizer, token_ids[start:])[len(context) :]
+
+
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, holding back incomplete characters."""
+    """Turns a growing list of token ids into text deltas that add up to `output_text`.
 
-    CONTEXT_TOKENS = 5  # earlier tokens decoded alongside, so leading spaces come out right
+    Each step decodes the newest tokens after the ones decoded last time. Text that may still
+    change is held back until a later token settles it, or the sequence ends: an incomplete
+    character, and a run of byte-fallback tokens (`<0xE5>`), which sentencepiece decodes as a
+    whole, so one more byte can turn a character already complete into replacement characters.
+    """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_len: int):
+    def __init__(self, tokenizer: Tokenizer, num_prompt_tokens: int):
         self.tokenizer = tokenizer
-        self.prefix_offset = max(prompt_len - self.CONTEXT_TOKENS, 0)
-        self.read_offset = prompt_len
+        self.prefix_offset = max(num_prompt_tokens - CONTEXT_TOKENS, 0)
+        self.read_offset = num_prompt_tokens
 
-    def step(self, token_ids: list[int]) -> str:
-        """Text added by the tokens after the last call (may be empty while a character is incomplete)."""
-        decode = self.tokenizer.decode
-        prefix_text = decode(token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full_text = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+    def step(self, token_ids: Sequence[int], is_last: bool = False) -> str:
+        """Text added by the tokens after the last call; with `is_last` (the sequence's end), all of it."""
+        text = _text_after(self.tokenizer, token_ids, self.prefix_offset, self.read_offset)
+        if not text or (not is_last and (text.endswith("\ufffd") or self._is_byte(token_ids[-1]))):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
-        return full_text[len(prefix_text) :]
+        return text
+
+    def _is_byte(self, token_id: int) -> bool:
+        return BYTE_FALLBACK.fullmatch(self.tokenizer.id_to_token(token_id) or "") is not None
 
 
-def decode(tokenizer: Tokenizer, token_ids: list[int]) -> str:
+def decode(tokenizer: Tokenizer, token_ids: Sequence[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
@@ -92,9 +118,6 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     if byte:
         return bytes([int(byte.group(1), 16)])
     return piece.replace("\u2581", " ").encode()  # sentencepiece's word marker is a space
-
-
-BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @functools.lru_cache(maxsize=1)

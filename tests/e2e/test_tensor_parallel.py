@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.server import _cmdline, free_port, running_server, save_tiny_llama, stream_tokens, write_config
-from tests.e2e.test_faults import SLOW_DECODE, error_event, next_event, open_stream, run_serve
+from tests.e2e.test_faults import SLOW_DECODE, error_event, next_event, open_stream, run_serve, wait_for
 from tests.e2e.test_precision import stream_with_id
 
 transformers = pytest.importorskip("transformers")
@@ -75,8 +75,11 @@ def rank_pids(server) -> dict[int, int]:
     return pids
 
 
-def test_killing_one_of_two_ranks_fails_in_flight_requests_promptly_and_leaves_no_shared_memory(checkpoints, tmp_path):
-    with running_server(tp_config(tmp_path, checkpoints[2], 2, scheduler=SLOW_DECODE)) as server:
+def test_killing_one_rank_fails_in_flight_requests_then_the_whole_group_restarts_leaving_no_shared_memory(
+    checkpoints, tmp_path
+):
+    config = tp_config(tmp_path, checkpoints[2], 2, scheduler=SLOW_DECODE, agent_restart_backoff=0.1)
+    with running_server(config) as server:
         client, _, lines = open_stream(server.url)
         next_event(lines)
         ranks = rank_pids(server)
@@ -85,7 +88,11 @@ def test_killing_one_of_two_ranks_fails_in_flight_requests_promptly_and_leaves_n
         assert "agent" in error_event(lines)["error"] and time.monotonic() - started < 10
         client.close()
         assert server.health().status_code == 503
-        creators = (server.process.pid, ranks[0])  # the master's step arrays, rank 0's all-reduce segment
+        assert wait_for(lambda: server.health().status_code == 200, timeout=90)
+        restarted = rank_pids(server)
+        assert set(restarted.values()).isdisjoint(ranks.values())  # rank 0 survived the kill, but was replaced too
+        assert len(stream_tokens(server.url, PROMPTS[0], max_new_tokens=4, ignore_eos=True)[0]) == 4
+        creators = (server.process.pid, ranks[0], restarted[0])  # the master's step arrays, rank 0's all-reduce segment
     assert [path for pid in creators for path in glob.glob(f"/dev/shm/llmserve_{pid}_*")] == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import time
 from typing import AsyncIterator
@@ -134,6 +135,11 @@ def test_concurrent_requests_all_complete():
         ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, "parameters.max_new_tokens"),
         ({"inputs": "hi", "parameters": {"top_p": 1.5}}, "parameters.top_p"),
         ({"inputs": "hi", "parameters": {"temperature": -1.0}}, "parameters.temperature"),
+        ('{"inputs": "hi", "parameters": {"temperature": 1e309}}', "parameters.temperature: Input should be a finite number"),
+        ({"inputs": "hi", "parameters": {"temperature": 1e39}}, "parameters.temperature: must be <= 3.40282e+38"),
+        ({"inputs": "hi", "parameters": {"length_penalty": 1e308}}, "parameters.length_penalty: must be <= 3.40282e+38"),
+        ({"inputs": "hi", "parameters": {"stop_token_ids": [1024]}}, "parameters.stop_token_ids: 1024 is not a token id"),
+        ({"inputs": "hi", "parameters": {"early_stopping": None}}, "parameters.early_stopping"),
         ({"inputs": "hi", "parameters": {"max_new_tokens": 500}}, "exceed the model's maximum of 128"),
         ({"parameters": {}}, "inputs: Field required"),
     ],
@@ -147,6 +153,36 @@ def test_bad_requests_get_400_naming_the_problem(body, fragment):
     response = call(go)
     assert response.status_code == 400
     assert fragment in response.json()["error"]
+
+
+def test_beam_search_reports_when_its_first_token_came():
+    async def go(client, engine):
+        bodies = [{"inputs": "hi", "parameters": {"num_beams": 2, "max_new_tokens": n}} for n in (1, 4)]  # 1: done at once
+        return [await client.post(URL, json=body) for body in bodies]
+
+    for response in call(go):
+        details = response.json()["details"]
+        assert 0 < details["first_token_time"] <= details["res_time"]
+
+
+def test_beam_search_with_an_extreme_length_penalty_still_answers_finite_scores():
+    async def go(client, engine):
+        bodies = [{"inputs": "hi", "parameters": {"num_beams": 2, "n": 2, "max_new_tokens": 6, "length_penalty": penalty}}
+                  for penalty in (-3e38, -100.0, 3e38)]  # the length term vanishes or overflows in float32
+        return [await client.post(URL, json=body) for body in bodies]
+
+    for response in call(go):
+        assert response.status_code == 200
+        assert all(math.isfinite(sequence["score"]) for sequence in response.json()["details"]["sequences"])
+
+
+def test_a_route_asked_with_another_method_is_405_saying_which_are_allowed():
+    async def go(client, engine):
+        return await client.request("TRACE", "/health"), await client.get(URL)
+
+    trace, get = call(go)
+    assert trace.status_code == 405 and trace.headers["allow"] == "GET"
+    assert get.status_code == 405 and get.headers["allow"] == "POST" and get.json()["error_type"] == "method_not_allowed"
 
 
 def test_unknown_model_is_404():
@@ -206,5 +242,5 @@ def test_answers_match_the_models_the_openapi_schema_publishes():
     assert len(details.sequences) == 2 and len(details.logprobs) == 4
     events = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert [GenerateStreamEvent.model_validate(event).token is not None for event in events] == [True] * 4 + [False]
-    assert NativeError.model_validate(bad.json()).error_type == "request_error"
+    assert NativeError.model_validate(bad.json()).error_type == "validation_error"
     assert HealthResponse.model_validate(health.json()).status == "ok"

@@ -34,8 +34,10 @@ def events(text: str) -> list:
     return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 
-def post(path: str, body: dict, engine=None):
+def post(path: str, body: dict | str, engine=None):
     async def go(client, engine):
+        if isinstance(body, str):  # JSON that json.dumps would not write (1e999, NaN)
+            return await client.post(path, content=body, headers={"content-type": "application/json"})
         return await client.post(path, json=body)
 
     return call(go, engine)
@@ -181,15 +183,22 @@ def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason():
     [
         ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, "bogus", "unknown parameter"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, 400, "prompt", "exceed the model's maximum"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
-        ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "must be >= 1"),
+        ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "must be <= 1"),
+        ("/v1/completions", {"prompt": "x", "temperature": 1e39}, 400, "temperature", "must be <= 3.40282e+38"),
+        ("/v1/completions", '{"prompt": "x", "length_penalty": 1e999}', 400, "length_penalty", "finite number"),
+        ("/v1/completions", '{"prompt": "x", "top_p": NaN}', 400, "top_p", "finite number"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [1024]}, 400, "stop_token_ids", "not a token id"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [2**63]}, 400, "stop_token_ids.0", "must be <= 2147483647"),
+        ("/v1/completions", {"prompt": "x", "seed": 2**53}, 400, "seed", "must be <= 9007199254740991"),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias", "not supported"),
-        ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "unknown parameter"),
         ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs", "prompt"),
         ("/v1/completions", {"prompt": [5000]}, 400, "prompt", "not a token id"),
-        ("/v1/completions", {"prompt": [-1]}, 400, "prompt", "not a token id"),
-        ("/v1/completions", {"prompt": [[3, 4], [2**40]], "echo": True}, 400, "prompt", "not a token id"),
+        ("/v1/completions", {"prompt": [-1]}, 400, "prompt.0", "must be >= 0"),
+        ("/v1/completions", {"prompt": [[3, 4], [2**40]], "echo": True}, 400, "prompt.1.0", "must be <= 2147483647"),
+        ("/v1/completions", {"prompt": [[3, 4], []]}, 400, "prompt.1", "must not be empty"),
         ("/v1/completions", {"prompt": "x", "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens", "and max_tokens"),
         ("/v1/completions", {"prompt": []}, 400, "prompt", "must not be empty"),
         ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
@@ -197,13 +206,24 @@ def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason():
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
          "top_logprobs", "logprobs: true"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
-         "max_completion_tokens", "at least 1"),
+         "max_completion_tokens", "must be >= 1"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
          400, "tools", "not supported"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-         400, "response_format", "text"),
+         400, "response_format.type", "text"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
+         "tool_choice", "'none'"),
         ("/v1/chat/completions", {"messages": "hello"}, 400, "messages", "valid list"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n", "between 1"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages", "must not be empty"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0.content", "Field required"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "to": "y"}]}, 400, "messages.0.to",
+         "unknown parameter"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "'assistant'"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+         "messages.0.content", "valid string"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n", "must be >= 1"),
+        ("/tokenize", {"messages": []}, 400, "messages", "must not be empty"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens.0", "must be >= 0"),
     ],
 )
 def test_bad_requests_answer_in_openai_error_shape_naming_the_parameter(path, body, status, param, fragment):
@@ -236,7 +256,7 @@ def test_a_batch_refused_at_its_second_prompt_leaves_nothing_queued_and_counts_n
 
 def test_null_means_the_default_as_in_openai():
     body = {"prompt": "Hello there", "max_tokens": 3, "temperature": 0, "n": None, "stream": None, "echo": None,
-            "logprobs": None, "top_k": None, "stop": None, "seed": None}
+            "logprobs": None, "top_k": None, "stop": None, "seed": None, "early_stopping": None, "stop_token_ids": None}
     response = post("/v1/completions", body)
     assert response.status_code == 200
     assert response.json()["choices"][0]["text"] == following_text(encode(TOKENIZER, "Hello there"), 3)
@@ -427,14 +447,27 @@ def test_openapi_schema_describes_every_route_with_its_bodies_and_errors():
         assert {"200", "400", "404"} <= set(operation["responses"]), path
         assert "422" not in operation["responses"] and "401" not in operation["responses"], path
     chat = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
-    assert chat["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunk")
+    chat_event = chat["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+    assert chat_event[0]["contentSchema"]["anyOf"][0]["$ref"].endswith("/ChatCompletionChunk")
+    assert chat_event[1] == {"const": "[DONE]"}
     assert chat["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
     components = schema["components"]["schemas"]
     assert {"ChatCompletionChunk", "CompletionRequest", "ErrorResponse", "Usage"} <= set(components)
-    assert "top_k" in components["CompletionRequest"]["properties"]
+    completion = components["CompletionRequest"]["properties"]
+    assert "top_k" in completion and "suffix" not in completion
+    assert completion["n"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 16}  # serving_config.max_n
+    assert completion["stop_token_ids"]["anyOf"][0]["items"]["maximum"] == 1023  # the model's vocabulary
+    assert completion["temperature"]["anyOf"][0] == {"type": "number", "minimum": 0.0, "maximum": 3.4028234663852886e38}
+    chat_request = components["ChatCompletionRequest"]["properties"]
+    assert chat_request["messages"]["minItems"] == 1 and "early_stopping" in chat_request
+    assert {"type": "null"} in chat_request["early_stopping"]["anyOf"]  # null means the default
+    message = components["ChatMessage"]
+    assert message["additionalProperties"] is False and set(message["required"]) == {"role", "content"}
+    assert message["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
     for path in ("/v1/models", "/health", "/version", "/metrics"):
         assert path in paths
     native = paths["/models/{name}/generate"]["post"]["responses"]
-    assert native["200"]["content"]["text/event-stream"]["schema"]["$ref"].endswith("/GenerateStreamEvent")
+    native_event = native["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"]["contentSchema"]
+    assert [member["$ref"].rsplit("/", 1)[1] for member in native_event["anyOf"]] == ["GenerateStreamEvent", "NativeError"]
     assert native["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/NativeError")
     assert "GenerateStreamEvent" in components
