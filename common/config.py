@@ -78,6 +78,7 @@ class ServingConfig:
     agent_restart_limit: int = 5  # restarts of dead agents allowed within agent_restart_window; 0: never restart
     agent_restart_window: float = 600.0
     agent_restart_backoff: float = 1.0  # seconds before a restart, doubled for each earlier one in the window
+    max_request_body_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         # tensor_parallel_size W with one port: the W agents listen on W consecutive ports from it
@@ -105,7 +106,7 @@ class ServingConfig:
                 raise ValueError(f"{name}: must be at least 1")
         if self.max_logprobs < 0:
             raise ValueError("max_logprobs: must be >= 0")
-        for name in ("agent_start_timeout", "step_timeout", "num_threads", "agent_restart_window"):
+        for name in ("agent_start_timeout", "step_timeout", "num_threads", "agent_restart_window", "max_request_body_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: must be positive, got {value!r}")
@@ -116,11 +117,6 @@ class ServingConfig:
         for name in ("agent_restart_limit", "agent_restart_backoff"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must not be negative, got {getattr(self, name)!r}")
-        if not self.launch_agents and self.agent_keys_dir is None:
-            raise ValueError(
-                "agent_keys_dir: agents started by hand need the channel's keys; make them with `llmserve keys DIR` "
-                "and set agent_keys_dir: DIR (see README, Security)"
-            )
         if self.api_key == "":
             raise ValueError("api_key: must not be empty; leave it out to serve without a key")
 

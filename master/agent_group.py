@@ -10,6 +10,7 @@ from typing import Optional
 
 from common.agent_keys import ChannelKeys, keys_pipe, load_keys, new_keys
 from common.config import Config, ServingConfig
+from common.errors import ConfigError
 from common.step_arrays import StepCapacity
 from master.agent_client import AgentEndpoint, Transport, ZmqShmTransport
 
@@ -52,6 +53,11 @@ class AgentGroup:
 
 def channel_keys(serving: ServingConfig) -> tuple[ChannelKeys, Optional[ChannelKeys]]:
     """(the master's keys, the keys handed to launched agents): from agent_keys_dir, else fresh for this start."""
+    if serving.agent_keys_dir is None and not serving.launch_agents:
+        raise ConfigError(
+            "serving_config.agent_keys_dir: agents started by hand need the channel's keys; make them with "
+            "`llmserve keys DIR` and set agent_keys_dir: DIR (see README, Security)"
+        )
     if serving.agent_keys_dir is None:
         return new_keys()
     agent_keys = load_keys(serving.agent_keys_dir, "agent") if serving.launch_agents else None

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from common.errors import ModelNotFound
 from common.sampling import ParamNames
-from master.api_errors import NATIVE_PREFIX, ApiKeyMiddleware, error_response, install_error_handlers
+from master.api_errors import NATIVE_PREFIX, ApiKeyMiddleware, BodyLimit, error_response, install_error_handlers
 from master.api_schema import finish_openapi, stream_response
 from master.api_models import GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
 from master.chat_template import ChatTemplate, load_chat_template
@@ -21,7 +21,6 @@ from master.openai_models import ChatCompletionChunk, ErrorResponse, VersionResp
 from master.outputs import GenerationOutput
 from master.sequence import TokenLogprobs
 from master.streams import RequestStream, sse, wait_finished
-from master.tokenizer import encode
 
 NATIVE_NAMES = ParamNames(prefix="parameters.")
 
@@ -35,12 +34,14 @@ def version() -> str:
 
 def create_app(engine: Engine, chat_template: Optional[ChatTemplate] = None) -> FastAPI:
     """The FastAPI application serving `engine`; the chat template defaults to the model's."""
+    max_body = engine.config.serving_config.max_request_body_bytes
     app = FastAPI(
         title="llmserve",
         version=version(),
         description="LLM serving: our generate API, the OpenAI-compatible API, health, version and Prometheus metrics.",
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body)
     api_key = engine.config.serving_config.api_key
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
@@ -103,7 +104,7 @@ def _add_generate_route(app: FastAPI, engine: Engine) -> None:
         """Generate from `inputs`; with `stream`, server-sent events per token, then one with the whole text."""
         if name != model_name:
             raise ModelNotFound(f"model '{name}' is not served here; this server serves '{model_name}'")
-        prompt_ids = encode(engine.tokenizer, body.inputs)
+        prompt_ids = await engine.text_worker.encode(body.inputs, "inputs")
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         params = body.parameters.sampling_params()
         handle = engine.submit(request_id, prompt_ids, params, stream=body.stream, names=NATIVE_NAMES)
@@ -121,7 +122,8 @@ async def _complete(engine: Engine, handle: RequestHandle, body: GenerateRequest
     finish = finished[0]
     if finish.error:
         return error_response(path, 503, "generation_failed", finish.error)
-    return JSONResponse({"generated_text": _generated_text(engine, handle, body), "details": _details(engine, handle, finish)})
+    await engine.decode_outputs(handle)
+    return JSONResponse({"generated_text": _generated_text(handle, body), "details": _details(engine, handle, finish)})
 
 
 async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> AsyncIterator[str]:
@@ -138,12 +140,13 @@ async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateReque
         elif event.error:
             yield sse({"error": event.error, "error_type": "generation_failed"})
         else:
-            text = _generated_text(engine, handle, body)
+            await engine.decode_outputs(handle)
+            text = _generated_text(handle, body)
             yield sse({"token": None, "generated_text": text, "details": _details(engine, handle, event)})
 
 
-def _generated_text(engine: Engine, handle: RequestHandle, body: GenerateRequest) -> str:
-    text = engine.output_text(handle)
+def _generated_text(handle: RequestHandle, body: GenerateRequest) -> str:
+    text = handle.outputs[0].text
     return body.inputs + text if body.parameters.return_full_text else text
 
 

@@ -8,28 +8,37 @@ raise the right exception with the server's message.
 from __future__ import annotations
 
 import hmac
+import json
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import LLMServeError, RequestError
 from master.api_schema import OPEN_PATHS
 
 NATIVE_PREFIX = "/models/"
-STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class ErrorJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may quote the client's text, which can hold
+    a lone surrogate that UTF-8 cannot encode."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error_response(path: str, status: int, code: str, message: str, param: Optional[str] = None) -> JSONResponse:
     """The error in the shape the route's clients expect."""
     if path.startswith(NATIVE_PREFIX):
-        return JSONResponse({"error": message, "error_type": code}, status_code=status)
+        return ErrorJSON({"error": message, "error_type": code}, status_code=status)
     error_type = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return ErrorJSON(body, status_code=status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -102,6 +111,54 @@ def error_code(exc: LLMServeError) -> str:
     """`ModelNotFound` -> `model_not_found`."""
     name = type(exc).__name__
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+class BodyLimit:
+    """413, in the route's error shape, for a body over `max_bytes`: at once when its Content-Length says so
+    (the body is never read), else as soon as the bytes read get there (a chunked body is never held whole).
+
+    Starlette's own limiter (FastAPI's max_body_size) answers a declared length over the limit with plain
+    text whatever the app answers, so it cannot give our error bodies.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        elif _declared_length(scope) > self.max_bytes:
+            response = error_response(scope["path"], 413, STATUS_CODES[413], body_too_large(self.max_bytes))
+            response.headers["Connection"] = "close"  # the unread body must not be taken for the next request
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, self._counting(receive), send)
+
+    def _counting(self, receive: Receive) -> Receive:
+        num_bytes = 0
+
+        async def counted() -> Message:
+            nonlocal num_bytes
+            message = await receive()
+            if message["type"] == "http.request":
+                num_bytes += len(message.get("body", b""))
+                if num_bytes > self.max_bytes:  # FastAPI lets an HTTPException from reading the body reach our handler
+                    raise HTTPException(413, body_too_large(self.max_bytes))
+            return message
+
+        return counted
+
+
+def body_too_large(max_bytes: int) -> str:
+    return f"the request body is over the {max_bytes} bytes this server accepts (serving_config.max_request_body_bytes)"
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 class ApiKeyMiddleware:

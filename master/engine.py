@@ -27,7 +27,8 @@ from master.outputs import GenerationOutput, TextOutput, sequence_output
 from master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
 from master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
 from master.step_builder import write_step
-from master.tokenizer import output_text
+from master.text_worker import TextWorker
+from master.tokenizer import output_texts
 
 logger = logging.getLogger("llmserve.master")
 
@@ -122,6 +123,7 @@ class Engine:
         self.num_agent_restarts = 0
         self.trace_file = None  # opened in start(), so a bad path fails where stop() cleans up
         self.request_id_of = self._request_id_of if config.serving_config.logits_dump_dir else None
+        self.text_worker = TextWorker(tokenizer, model.max_seq_len)
 
     async def start(self) -> None:
         """Wait for the agents, then start the step loop."""
@@ -392,17 +394,14 @@ class Engine:
         """The n sequences returned: all samples, the best_of with the highest log-probability, or the best beams."""
         params = handle.seq.params
         if handle.seq.beam is not None:
-            prompt_ids = handle.seq.prompt_ids
             return [
-                GenerationOutput(
-                    i, h.output_ids, output_text(self.tokenizer, prompt_ids, h.output_ids), h.finish_reason, score=h.score
-                )
+                GenerationOutput(i, h.output_ids, None, h.finish_reason, score=h.score)
                 for i, h in enumerate(handle.seq.beam.search.results(params.n))
             ]
         seqs = sorted(handle.seqs, key=lambda seq: seq.sample_index)
         if params.num_samples > params.n:
             seqs = sorted(seqs, key=lambda seq: -seq.cumulative_logprob)[: params.n]
-        return [sequence_output(i, seq, self.tokenizer, handle.texts.get(seq.seq_id)) for i, seq in enumerate(seqs)]
+        return [sequence_output(i, seq, handle.texts.get(seq.seq_id)) for i, seq in enumerate(seqs)]
 
     def _first_token(self, handle: RequestHandle, now: float) -> None:
         handle.first_token_time = now
@@ -494,11 +493,14 @@ class Engine:
         """One token's text, as shown next to its log-probability."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def output_text(self, handle: RequestHandle) -> str:
-        """The first output's text (cut before a stop string)."""
-        if handle.outputs:
-            return handle.outputs[0].text
-        return output_text(self.tokenizer, handle.seq.prompt_ids, handle.seq.output_ids)
+    async def decode_outputs(self, handle: RequestHandle) -> None:
+        """Decode the outputs of a finished request that no one read token by token, on the text worker."""
+        pending = [output for output in handle.outputs if output.text is None]
+        if pending:
+            ids = [output.output_ids for output in pending]
+            texts = await self.text_worker.run(output_texts, self.tokenizer, handle.seq.prompt_ids, ids)
+            for output, text in zip(pending, texts):
+                output.text = text
 
     async def stop(self) -> None:
         """Stop the loop, fail what is left, stop the agents and free shared memory (idempotent)."""
@@ -515,6 +517,7 @@ class Engine:
             if handle and not handle.is_finished:
                 self._finish(handle, FinishReason.ERROR, "the server is shutting down")
         await self.transport.close()
+        self.text_worker.close()
         if self.trace_file is not None:
             self.trace_file.close()
 

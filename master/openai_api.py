@@ -36,7 +36,7 @@ from master.openai_models import (
 from master.outputs import GenerationOutput
 from master.sequence import TokenLogprobs
 from master.streams import RequestStream, events_of, sse, wait_finished
-from master.tokenizer import decode, encode, token_bytes
+from master.tokenizer import token_bytes
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
@@ -72,12 +72,12 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         check_model(body.model)
         if body.echo and body.logprobs is not None:
             raise RequestError("logprobs: log-probabilities of the prompt (echo with logprobs) are not supported", "logprobs")
-        prompts = _prompts(engine, body.prompt)
+        prompts = await _prompts(engine, body.prompt)
         params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
         job = CompletionJob(engine, request, body, served)
         job.submit([ids for ids, _ in prompts], params, body.param_names())
         if body.echo:  # token-id prompts are decoded only now that the engine has checked their ids
-            job.prompt_texts = [decode(engine.tokenizer, ids) if text is None else text for ids, text in prompts]
+            job.prompt_texts = [await engine.text_worker.decode(ids) if text is None else text for ids, text in prompts]
         return await job.answer(request)
 
     @router.post(
@@ -87,7 +87,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """The assistant's reply to `messages`, rendered with the model's chat template."""
         check_model(body.model)
-        prompt_ids = encode(engine.tokenizer, _render(chat_template, body), add_special_tokens=False)
+        prompt_ids = await engine.text_worker.encode(await _render(engine, chat_template, body), "messages", False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(1 if max_tokens is None else max_tokens, body.num_logprobs())
         if max_tokens is None:
@@ -102,9 +102,10 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("prompt: give either prompt or messages", "prompt")
-        text = body.prompt if body.messages is None else _render(chat_template, body)
+        field = "prompt" if body.messages is None else "messages"
+        text = body.prompt if body.messages is None else await _render(engine, chat_template, body)
         add_special = body.add_special_tokens if body.add_special_tokens is not None else body.messages is None
-        ids = encode(engine.tokenizer, text, add_special_tokens=add_special)
+        ids = await engine.text_worker.encode(text, field, add_special)
         answer = {"count": len(ids), "max_model_len": engine.model.max_seq_len, "tokens": ids}
         if body.return_token_strs:
             answer["token_strs"] = [engine.tokenizer.id_to_token(i) for i in ids]
@@ -118,15 +119,17 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"tokens: {bad[0]} is not a token id of this tokenizer (0 to {vocab - 1})", "tokens")
-        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+        return JSONResponse({"prompt": await engine.text_worker.run(engine.tokenizer.decode, body.tokens, False)})
 
     return router
 
 
-def _render(chat_template: ChatTemplate, body: Union[ChatCompletionRequest, TokenizeRequest]) -> str:
+async def _render(engine: Engine, chat_template: ChatTemplate, body: Union[ChatCompletionRequest, TokenizeRequest]) -> str:
     """The prompt text of the body's messages (fields the client did not send are left out, as in its JSON)."""
     messages = [message.model_dump(exclude_unset=True) for message in body.messages]
-    return chat_template.render(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+    return await engine.text_worker.run(
+        chat_template.render, messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
+    )
 
 
 def _room_for_answer(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -140,15 +143,11 @@ def _room_for_answer(engine: Engine, prompt_ids: list[int], params: SamplingPara
     return room
 
 
-def _prompts(engine: Engine, prompt: Union[str, list]) -> list[tuple[list[int], Optional[str]]]:
-    """(token ids, text or None for token-id prompts) of each prompt of a completion request."""
-    if isinstance(prompt, str):
+async def _prompts(engine: Engine, prompt: Union[str, list]) -> list[tuple[list[int], Optional[str]]]:
+    """(token ids, text or None for token-id prompts) of each prompt of a completion request (never empty)."""
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
         prompt = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        prompt = [prompt]
-    if not prompt:
-        raise RequestError("prompt: must not be empty", "prompt")
-    return [(encode(engine.tokenizer, p), p) if isinstance(p, str) else (p, None) for p in prompt]
+    return [(await engine.text_worker.encode(p, "prompt"), p) if isinstance(p, str) else (p, None) for p in prompt]
 
 
 class OpenAIJob:
@@ -188,6 +187,8 @@ class OpenAIJob:
         error = next((event.error for event in finished if event.error), None)
         if error:
             return error_response(path, 503, "generation_failed", error)
+        for handle in self.handles:
+            await self.engine.decode_outputs(handle)
         choices = [self.choice(i * self.body.n + out.index, i, out) for i, h in enumerate(self.handles) for out in h.outputs]
         return JSONResponse({"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
                              "choices": choices, "usage": self.usage()})

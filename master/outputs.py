@@ -7,7 +7,7 @@ from typing import Optional
 from tokenizers import Tokenizer
 
 from master.sequence import Sequence, TokenLogprobs
-from master.tokenizer import IncrementalDetokenizer, output_text
+from master.tokenizer import IncrementalDetokenizer
 
 
 class TextOutput:
@@ -56,19 +56,19 @@ class GenerationOutput:
 
     index: int
     output_ids: list[int]
-    text: str
+    text: Optional[str]  # None until Engine.decode_outputs, when no one read it token by token
     finish_reason: str
     cumulative_logprob: Optional[float] = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     score: Optional[float] = None  # beam search: the length-penalised score
 
 
-def sequence_output(index: int, seq: Sequence, tokenizer: Tokenizer, text: Optional[TextOutput]) -> GenerationOutput:
-    """A finished sample; its text is the one streamed when it was (cut before a stop string), else made now."""
+def sequence_output(index: int, seq: Sequence, text: Optional[TextOutput]) -> GenerationOutput:
+    """A finished sample; its text is the one streamed when it was (cut before a stop string), else decoded later."""
     return GenerationOutput(
         index=index,
         output_ids=seq.output_ids,
-        text=text.text if text is not None else output_text(tokenizer, seq.prompt_ids, seq.output_ids),
+        text=None if text is None else text.text,
         finish_reason=seq.finish_reason.value,
         cumulative_logprob=seq.cumulative_logprob if seq.params.agent_num_logprobs >= 0 else None,
         logprobs=seq.logprobs,

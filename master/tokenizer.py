@@ -64,6 +64,11 @@ def output_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], output_ids: Seq
     return _text_after(tokenizer, context + list(output_ids), 0, len(context))
 
 
+def output_texts(tokenizer: Tokenizer, prompt_ids: Sequence[int], outputs: Sequence[Sequence[int]]) -> list[str]:
+    """`output_text` of several outputs of one prompt."""
+    return [output_text(tokenizer, prompt_ids, output_ids) for output_ids in outputs]
+
+
 def _text_after(tokenizer: Tokenizer, token_ids: Sequence[int], start: int, end: int) -> str:
     """The text token_ids[end:] add after token_ids[start:end] (both decoded from `start`)."""
     context = decode(tokenizer, token_ids[start:end])
@@ -101,8 +106,12 @@ def decode(tokenizer: Tokenizer, token_ids: Sequence[int]) -> str:
 
 
 def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of `text`; a rendered chat template already holds its special tokens (add_special_tokens=False)."""
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    """Token ids of `text`; a rendered chat template already holds its special tokens (add_special_tokens=False).
+
+    `encode_batch` of one text, because `encode` holds the GIL all along (0.4 s for 500k characters, with the
+    event loop stalled), while `encode_batch` lets other threads run.
+    """
+    return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:

@@ -31,8 +31,8 @@ from tools.local_config import free_port, write_local_config  # noqa: E402
 
 
 def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None,
-                 world: int = 1) -> tuple[subprocess.Popen, str]:
-    serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {})}
+                 world: int = 1, **serving_keys) -> tuple[subprocess.Popen, str]:
+    serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {}), **serving_keys}
     if world > 1:
         serving.update(agent_ports=[free_port() for _ in range(world)], dist_port=free_port())
     path = write_local_config(config_path, workdir, serving_config=serving)

@@ -212,3 +212,8 @@ def test_killed_agent_is_restarted_until_the_restart_budget_is_spent(tmp_path):
         assert stop(server) == 0
     assert glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*") == []
     assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in agent_pids)
+
+
+def test_master_with_agents_started_by_hand_needs_the_channel_keys(tmp_path):
+    result = run_serve(write_config(tmp_path, serving_config={"launch_agents": False}))
+    assert result.returncode == 2 and "agent_keys_dir" in result.stderr and "llmserve keys DIR" in result.stderr

@@ -247,7 +247,7 @@ def test_invalid_json_and_unknown_routes_answer_in_openai_shape():
 
 def test_a_batch_refused_at_its_second_prompt_leaves_nothing_queued_and_counts_nothing():
     engine = fake_engine()
-    response = post("/v1/completions", {"prompt": ["fine", "word " * 200], "max_tokens": 2}, engine)
+    response = post("/v1/completions", {"prompt": ["fine", "x y " * 120], "max_tokens": 2}, engine)  # ~240 tokens
     assert response.status_code == 400 and "exceed the model's maximum" in response.json()["error"]["message"]
     assert engine.stats()["num_waiting"] == 0 and engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
     assert not engine.handles
