@@ -158,7 +158,7 @@ class Worker:
         elif frames:
             raise ProtocolError("array frames came with a step, but the arrays are in shared memory")
         batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
-        check_inputs(batch, self.pool, header.num_tokens)
+        check_inputs(batch, self.pool)
         self.last_step_id = header.step_id
         return batch
 

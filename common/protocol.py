@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
@@ -147,42 +147,54 @@ def decode(data: bytes) -> Message:
     version, tag, *values = unpacked
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}; this side speaks version {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(tag) if _is_int(tag) else None
+    cls = MESSAGE_TYPES.get(tag) if type(tag) is int else None
     if cls is None:
         raise ProtocolError(f"unknown message tag {tag!r}")
-    fields = _field_types(cls)
-    num_required = sum(1 for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING)
+    num_required, fields = _field_checks(cls)
     if not num_required <= len(values) <= len(fields):
         raise ProtocolError(f"{cls.__name__} with {len(values)} fields")
-    for (name, hint), value in zip(fields, values):
-        if not _fits(value, hint):
-            raise ProtocolError(f"{cls.__name__}.{name}: {type(value).__name__} does not fit {hint}")
+    for (name, fits), value in zip(fields, values):
+        if not fits(value):
+            raise ProtocolError(f"{cls.__name__}.{name}: {type(value).__name__} does not fit its type")
     return cls(*values)
 
 
 @functools.lru_cache(maxsize=None)
-def _field_types(cls: type) -> list[tuple[str, Any]]:
+def _field_checks(cls: type) -> tuple[int, list[tuple[str, Callable[[Any], bool]]]]:
+    """How many fields a message of `cls` needs at least, and each field's name and type check."""
     hints = typing.get_type_hints(cls)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    num_required = sum(1 for f in fields if f.default is f.default_factory is dataclasses.MISSING)
+    return num_required, [(f.name, _check_of(hints[f.name])) for f in fields]
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """`value` (as msgpack unpacks it) has the annotated type."""
+def _check_of(hint: Any) -> Callable[[Any], bool]:
+    """A test that a value, as msgpack unpacks it (exact built-in types), has the annotated type; made once per field."""
+    simple = _simple_types(hint)
+    if simple is not None:
+        return lambda value: type(value) in simple
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, option) for option in args)
-    if hint is type(None):
-        return value is None
+        options = [_check_of(option) for option in args]
+        return lambda value: any(fits(value) for fits in options)
     if origin is list:
-        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+        item = _check_of(args[0])
+        return lambda value: type(value) is list and all(map(item, value))
     if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    if hint is int:
-        return _is_int(value)
-    if hint is float:
-        return _is_int(value) or isinstance(value, float)
-    return isinstance(value, hint)
+        key, item = _check_of(args[0]), _check_of(args[1])
+        return lambda value: type(value) is dict and all(key(k) and item(v) for k, v in value.items())
+    raise TypeError(f"no check for {hint}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+SIMPLE_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), type(None): (type(None),)}
+
+
+def _simple_types(hint: Any) -> Optional[tuple[type, ...]]:
+    """The exact types a plain annotation (or a union of plain ones) admits; None for containers."""
+    if hint in SIMPLE_TYPES:
+        return SIMPLE_TYPES[hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [SIMPLE_TYPES.get(option) for option in typing.get_args(hint)]
+        if all(parts):
+            return tuple(t for part in parts for t in part)
+    return None
