@@ -15,13 +15,13 @@ import zmq
 
 from agent.model_runner import ModelRunner
 from agent.sampler import Sampler, SamplerOutput
+from agent.step_check import PoolShape, check_header, check_inputs
 from agent.tensor_parallel import (
     AllReduceTimer, Shard, SharedMemoryAllReduce, add_all_reduces, can_share_memory, init_group,
 )
 from common.agent_keys import ChannelKeys, secure_server
 from common.config import Config
 from common.model_info import read_hf_config
-from agent.step_check import PoolShape, check_header, check_inputs
 from common.protocol import (
     EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, ProtocolError,
     Shutdown, StepRequest, StepResult, decode, encode,
