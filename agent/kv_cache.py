@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from agent.models.llama import DecoderConfig
+from llmserve.agent.models.llama import DecoderConfig
 
 
 def allocate_kv_cache(

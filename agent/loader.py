@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from agent.layers.norm import RMSNorm
-from agent.models import model_class
-from agent.tensor_parallel import Shard, local_config, shard_weight
+from llmserve.agent.layers.norm import RMSNorm
+from llmserve.agent.models import model_class
+from llmserve.agent.tensor_parallel import Shard, local_config, shard_weight
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 COMPUTED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)

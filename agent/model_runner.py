@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, ContextManager, Optional
 import numpy as np
 import torch
 
-from agent.kv_cache import allocate_kv_cache, copy_blocks
-from agent.layers.attention import AttentionMetadataBuilder
-from agent.loader import load_model
-from agent.tensor_parallel import Shard
+from llmserve.agent.kv_cache import allocate_kv_cache, copy_blocks
+from llmserve.agent.layers.attention import AttentionMetadataBuilder
+from llmserve.agent.loader import load_model
+from llmserve.agent.tensor_parallel import Shard
 
 if TYPE_CHECKING:
-    from common.timers import StageTimer
+    from llmserve.common.timers import StageTimer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

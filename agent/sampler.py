@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common.step_arrays import NO_SEED, SamplingRows
+from llmserve.common.step_arrays import NO_SEED, SamplingRows
 
 NEG_INF = float("-inf")
 

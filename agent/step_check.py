@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.protocol import ProtocolError, StepRequest, is_safe_file_name
-from common.step_arrays import StepCapacity, StepInputs
+from llmserve.common.protocol import ProtocolError, StepRequest, is_safe_file_name
+from llmserve.common.step_arrays import StepCapacity, StepInputs
 
 
 @dataclass(frozen=True)

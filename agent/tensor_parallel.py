@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.shm import SharedArrays
+from llmserve.common.shm import SharedArrays
 
 COLUMN_PARALLEL = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
 ROW_PARALLEL = re.compile(r"\.(o_proj|down_proj)\.(weight|bias)$")

@@ -13,25 +13,25 @@ import numpy as np
 import torch
 import zmq
 
-from agent.model_runner import ModelRunner
-from agent.sampler import Sampler, SamplerOutput
-from agent.step_check import PoolShape, check_header, check_inputs
-from agent.tensor_parallel import (
+from llmserve.agent.model_runner import ModelRunner
+from llmserve.agent.sampler import Sampler, SamplerOutput
+from llmserve.agent.step_check import PoolShape, check_header, check_inputs
+from llmserve.agent.tensor_parallel import (
     AllReduceTimer, Shard, SharedMemoryAllReduce, add_all_reduces, can_share_memory, init_group,
 )
-from common.agent_keys import ChannelKeys, secure_server
-from common.config import Config
-from common.model_info import read_hf_config
-from common.protocol import (
+from llmserve.common.agent_keys import ChannelKeys, secure_server
+from llmserve.common.config import Config
+from llmserve.common.model_info import read_hf_config
+from llmserve.common.protocol import (
     EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, ProtocolError,
     Shutdown, StepRequest, StepResult, decode, encode,
 )
-from common.shm import SharedArrays
-from common.step_arrays import (
+from llmserve.common.shm import SharedArrays
+from llmserve.common.step_arrays import (
     StepCapacity, StepInputs, input_layout, output_layout, output_lengths, pack_arrays, row_lengths, step_inputs,
     unpack_arrays,
 )
-from common.timers import StageTimer
+from llmserve.common.timers import StageTimer
 
 logger = logging.getLogger("llmserve.agent")
 

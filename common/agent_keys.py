@@ -19,7 +19,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from common.errors import ConfigError
+from llmserve.common.errors import ConfigError
 
 Role = Literal["master", "agent"]
 PEER: dict[str, Role] = {"master": "agent", "agent": "master"}

@@ -6,6 +6,7 @@ type raises ConfigError naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import typing
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from common.errors import ConfigError
-from common.sampling import SamplingLimits
+from llmserve.common.errors import ConfigError
+from llmserve.common.sampling import SamplingLimits
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -213,6 +214,11 @@ SECTIONS = {
     "pa_config": PagedAttentionConfig,
     "scheduler_config": SchedulerConfig,
 }
+
+
+def packaged_config(name: str = "default.yaml") -> str:
+    """The path of a config shipped with llmserve (configs/ of the repository; llmserve/configs installed)."""
+    return str(importlib.resources.files("llmserve.configs").joinpath(name))
 
 
 def load_config(path: str, overrides: Optional[dict] = None) -> Config:

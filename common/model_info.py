@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from common.config import ModelConfig
-from common.errors import ConfigError
+from llmserve.common.config import ModelConfig
+from llmserve.common.errors import ConfigError
 
 
 def read_hf_config(model_config: ModelConfig) -> dict:

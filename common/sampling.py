@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
-from common.errors import RequestError
+from llmserve.common.errors import RequestError
 
 MAX_SEED = 2**53 - 1  # JSON's exact integers (a larger one may arrive rounded as a float); seeds travel as int64
 MAX_INT32 = 2**31 - 1  # top_k, n-gram sizes, token ids and counts travel as int32

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from common.protocol import StepRequest
-from common.sampling import SamplingParams
+from llmserve.common.protocol import StepRequest
+from llmserve.common.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from common.agent_keys import ChannelKeys, secure_client
-from common.errors import AgentFailure
-from common.protocol import (
+from llmserve.common.agent_keys import ChannelKeys, secure_client
+from llmserve.common.errors import AgentFailure
+from llmserve.common.protocol import (
     AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, ProtocolError, Shutdown, StepRequest, StepResult, decode, encode,
 )
-from common.shm import SharedArrays
-from common.step_arrays import (
+from llmserve.common.shm import SharedArrays
+from llmserve.common.step_arrays import (
     StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays,
 )
 

@@ -8,11 +8,11 @@ import sys
 from collections import deque
 from typing import Optional
 
-from common.agent_keys import ChannelKeys, keys_pipe, load_keys, new_keys
-from common.config import Config, ServingConfig
-from common.errors import ConfigError
-from common.step_arrays import StepCapacity
-from master.agent_client import AgentEndpoint, Transport, ZmqShmTransport
+from llmserve.common.agent_keys import ChannelKeys, keys_pipe, load_keys, new_keys
+from llmserve.common.config import Config, ServingConfig
+from llmserve.common.errors import ConfigError
+from llmserve.common.step_arrays import StepCapacity
+from llmserve.master.agent_client import AgentEndpoint, Transport, ZmqShmTransport
 
 AGENT_STOP_TIMEOUT = 10.0  # a clean shutdown: agents finish their step and unmap the arrays
 AGENT_END_TIMEOUT = 5.0  # a restart: what is left of the group may be stuck in an all-reduce with the dead rank

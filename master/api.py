@@ -9,18 +9,18 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from common.errors import ModelNotFound
-from common.sampling import ParamNames
-from master.api_errors import NATIVE_PREFIX, ApiKeyMiddleware, BodyLimit, error_response, install_error_handlers
-from master.api_schema import finish_openapi, stream_response
-from master.api_models import GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
-from master.chat_template import ChatTemplate, load_chat_template
-from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
-from master.openai_api import openai_router
-from master.openai_models import ChatCompletionChunk, ErrorResponse, VersionResponse
-from master.outputs import GenerationOutput
-from master.sequence import TokenLogprobs
-from master.streams import RequestStream, sse, wait_finished
+from llmserve.common.errors import ModelNotFound
+from llmserve.common.sampling import ParamNames
+from llmserve.master.api_errors import NATIVE_PREFIX, ApiKeyMiddleware, BodyLimit, error_response, install_error_handlers
+from llmserve.master.api_schema import finish_openapi, stream_response
+from llmserve.master.api_models import GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
+from llmserve.master.chat_template import ChatTemplate, load_chat_template
+from llmserve.master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
+from llmserve.master.openai_api import openai_router
+from llmserve.master.openai_models import ChatCompletionChunk, ErrorResponse, VersionResponse
+from llmserve.master.outputs import GenerationOutput
+from llmserve.master.sequence import TokenLogprobs
+from llmserve.master.streams import RequestStream, sse, wait_finished
 
 NATIVE_NAMES = ParamNames(prefix="parameters.")
 

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.errors import LLMServeError, RequestError
-from master.api_schema import OPEN_PATHS
+from llmserve.common.errors import LLMServeError, RequestError
+from llmserve.master.api_schema import OPEN_PATHS
 
 NATIVE_PREFIX = "/models/"
 STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}

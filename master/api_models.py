@@ -5,8 +5,8 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.sampling import MAX_FLOAT32, MAX_TOP_K, SamplingParams
-from master.api_schema import (
+from llmserve.common.sampling import MAX_FLOAT32, MAX_TOP_K, SamplingParams
+from llmserve.master.api_schema import (
     ABSENT, BEAM_SEARCH, INTEGRAL, NOT_TRUE, AtLeastOne, Answer, Count, NonNegative, PositiveCount, Seed, StopString,
     TokenId, fields, when,
 )

@@ -6,7 +6,7 @@ from typing import Annotated, Callable, Optional
 from fastapi import FastAPI
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from common.sampling import MAX_INT32, MAX_SEED
+from llmserve.common.sampling import MAX_INT32, MAX_SEED
 
 OPEN_PATHS = ("/health",)  # answered without the API key (health checks)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from master.sequence import Sequence
+from llmserve.master.sequence import Sequence
 
 
 class BlockManager:

@@ -11,8 +11,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-from common.config import ModelConfig
-from common.errors import ConfigError, RequestError
+from llmserve.common.config import ModelConfig
+from llmserve.common.errors import ConfigError, RequestError
 
 BUILTIN = "builtin"
 # The embedded model's tokenizer (master/tokenizer.py BUILTIN_SPECIAL_TOKENS); it has no tokenizer_config.json.

@@ -12,23 +12,23 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 import numpy as np
 from tokenizers import Tokenizer
 
-from common.config import Config
-from common.errors import AgentFailure, Overloaded, RequestError
-from common.model_info import ModelInfo
-from common.protocol import StepRequest, StepResult
-from common.sampling import ParamNames, SamplingParams
-from common.timers import StageTimer, own_ms
-from master.agent_client import Transport
-from master.agent_group import RestartPolicy
-from master.block_manager import BlockManager
-from master.metrics import Metrics
-from master.beam_search import BeamSearch
-from master.outputs import GenerationOutput, TextOutput, sequence_output
-from master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
-from master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
-from master.step_builder import write_step
-from master.text_worker import TextWorker
-from master.tokenizer import output_texts
+from llmserve.common.config import Config
+from llmserve.common.errors import AgentFailure, Overloaded, RequestError
+from llmserve.common.model_info import ModelInfo
+from llmserve.common.protocol import StepRequest, StepResult
+from llmserve.common.sampling import ParamNames, SamplingParams
+from llmserve.common.timers import StageTimer, own_ms
+from llmserve.master.agent_client import Transport
+from llmserve.master.agent_group import RestartPolicy
+from llmserve.master.block_manager import BlockManager
+from llmserve.master.metrics import Metrics
+from llmserve.master.beam_search import BeamSearch
+from llmserve.master.outputs import GenerationOutput, TextOutput, sequence_output
+from llmserve.master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
+from llmserve.master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
+from llmserve.master.step_builder import write_step
+from llmserve.master.text_worker import TextWorker
+from llmserve.master.tokenizer import output_texts
 
 logger = logging.getLogger("llmserve.master")
 

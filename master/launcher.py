@@ -9,15 +9,15 @@ import socket
 
 import uvicorn
 
-from common.config import Config
-from common.errors import AgentFailure, ConfigError
-from common.model_info import check_tensor_parallel, model_info, read_hf_config
-from common.step_arrays import StepCapacity
-from master.agent_group import AgentGroup
-from master.api import create_app
-from master.chat_template import ChatTemplate, load_chat_template
-from master.engine import Engine
-from master.tokenizer import load_tokenizer
+from llmserve.common.config import Config
+from llmserve.common.errors import AgentFailure, ConfigError
+from llmserve.common.model_info import check_tensor_parallel, model_info, read_hf_config
+from llmserve.common.step_arrays import StepCapacity
+from llmserve.master.agent_group import AgentGroup
+from llmserve.master.api import create_app
+from llmserve.master.chat_template import ChatTemplate, load_chat_template
+from llmserve.master.engine import Engine
+from llmserve.master.tokenizer import load_tokenizer
 
 logger = logging.getLogger("llmserve.master")
 

@@ -5,14 +5,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Optional
 
-from common.config import Config
-from common.errors import AgentFailure
-from common.model_info import model_info, read_hf_config
-from common.sampling import SamplingParams
-from master.agent_group import AgentGroup
-from master.engine import Engine, FinishEvent, RequestHandle
-from master.launcher import step_capacity
-from master.tokenizer import load_tokenizer
+from llmserve.common.config import Config
+from llmserve.common.errors import AgentFailure
+from llmserve.common.model_info import model_info, read_hf_config
+from llmserve.common.sampling import SamplingParams
+from llmserve.master.agent_group import AgentGroup
+from llmserve.master.engine import Engine, FinishEvent, RequestHandle
+from llmserve.master.launcher import step_capacity
+from llmserve.master.tokenizer import load_tokenizer
 
 
 @dataclass

@@ -13,13 +13,13 @@ from typing import AsyncIterator, Optional, Union
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from common.errors import ModelNotFound, RequestError
-from common.sampling import ParamNames, SamplingParams
-from master.api_errors import error_response
-from master.api_schema import stream_response
-from master.chat_template import ChatTemplate
-from master.engine import Engine, RequestHandle, TokenEvent
-from master.openai_models import (
+from llmserve.common.errors import ModelNotFound, RequestError
+from llmserve.common.sampling import ParamNames, SamplingParams
+from llmserve.master.api_errors import error_response
+from llmserve.master.api_schema import stream_response
+from llmserve.master.chat_template import ChatTemplate
+from llmserve.master.engine import Engine, RequestHandle, TokenEvent
+from llmserve.master.openai_models import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -33,10 +33,10 @@ from master.openai_models import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from master.outputs import GenerationOutput
-from master.sequence import TokenLogprobs
-from master.streams import RequestStream, events_of, sse, wait_finished
-from master.tokenizer import token_bytes
+from llmserve.master.outputs import GenerationOutput
+from llmserve.master.sequence import TokenLogprobs
+from llmserve.master.streams import RequestStream, events_of, sse, wait_finished
+from llmserve.master.tokenizer import token_bytes
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 503)}

@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from common.errors import RequestError
-from common.sampling import MAX_FLOAT32, MAX_TOP_K, ParamNames, SamplingParams
-from master.api_schema import (
+from llmserve.common.errors import RequestError
+from llmserve.common.sampling import MAX_FLOAT32, MAX_TOP_K, ParamNames, SamplingParams
+from llmserve.master.api_schema import (
     ABSENT, BEAM_SEARCH, INTEGRAL, NOT_TRUE, AtLeastOne, Answer, Count, NonNegative, PositiveCount, Seed, StopString,
     TokenId, equals, fields, is_set, when,
 )

@@ -6,8 +6,8 @@ from typing import Optional
 
 from tokenizers import Tokenizer
 
-from master.sequence import Sequence, TokenLogprobs
-from master.tokenizer import IncrementalDetokenizer
+from llmserve.master.sequence import Sequence, TokenLogprobs
+from llmserve.master.tokenizer import IncrementalDetokenizer
 
 
 class TextOutput:

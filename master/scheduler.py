@@ -12,9 +12,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from common.config import SchedulerConfig
-from master.block_manager import BlockManager
-from master.sequence import BeamState, FinishReason, Sequence, SequenceStatus, TokenLogprobs
+from llmserve.common.config import SchedulerConfig
+from llmserve.master.block_manager import BlockManager
+from llmserve.master.sequence import BeamState, FinishReason, Sequence, SequenceStatus, TokenLogprobs
 
 
 @dataclass

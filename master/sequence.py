@@ -5,10 +5,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from common.sampling import SamplingParams
+from llmserve.common.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from master.beam_search import BeamSearch
+    from llmserve.master.beam_search import BeamSearch
 
 
 class SequenceStatus(enum.Enum):

@@ -5,10 +5,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from common.protocol import StepRequest, logits_file_name
-from common.step_arrays import SampleRow, write_sampling_rows
-from master.scheduler import StepPlan
-from master.sequence import Sequence
+from llmserve.common.protocol import StepRequest, logits_file_name
+from llmserve.common.step_arrays import SampleRow, write_sampling_rows
+from llmserve.master.scheduler import StepPlan
+from llmserve.master.sequence import Sequence
 
 
 def write_step(

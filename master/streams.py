@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
+from llmserve.master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from tokenizers import Tokenizer
 
-from common.errors import RequestError
-from master.tokenizer import decode, encode
+from llmserve.common.errors import RequestError
+from llmserve.master.tokenizer import decode, encode
 
 T = TypeVar("T")
 

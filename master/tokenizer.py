@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from common.config import ModelConfig
-from common.errors import ConfigError
+from llmserve.common.config import ModelConfig
+from llmserve.common.errors import ConfigError
 
 BUILTIN = "builtin"
 BUILTIN_VOCAB_SIZE = 1024

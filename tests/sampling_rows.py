@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from common.sampling import SamplingParams
-from common.step_arrays import SampleRow, StepCapacity, input_layout, sampling_rows, write_sampling_rows
+from llmserve.common.sampling import SamplingParams
+from llmserve.common.step_arrays import SampleRow, StepCapacity, input_layout, sampling_rows, write_sampling_rows
 
 SUPPRESS_WIDTH = 8
 

@@ -5,7 +5,7 @@ import json
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from master.tokenizer import CORPUS_PATH
+from llmserve.master.tokenizer import CORPUS_PATH
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2, as in the tiny Llama checkpoints
 BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]

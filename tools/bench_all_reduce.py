@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agent.tensor_parallel import Shard, SharedMemoryAllReduce, init_group  # noqa: E402
+from llmserve.agent.tensor_parallel import Shard, SharedMemoryAllReduce, init_group  # noqa: E402
 
 SIZES = (768, 16 * 768)  # one token and sixteen tokens of the bench model's hidden state
 

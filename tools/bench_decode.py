@@ -27,7 +27,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.local_config import free_port, write_local_config  # noqa: E402
+from llmserve.common.config import packaged_config  # noqa: E402
+from llmserve.tools.local_config import free_port, write_local_config  # noqa: E402
 
 
 def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None,
@@ -87,7 +88,7 @@ def summarize(records: list[dict], batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "default.yaml"))
+    parser.add_argument("--config", default=packaged_config())
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from master.metrics import Metrics  # noqa: E402
+from llmserve.master.metrics import Metrics  # noqa: E402
 
 # the stages one step reports today (master with a local agent, then the agent's)
 MASTER_MS = {"schedule": 0.02, "build": 0.05, "ipc_out": 0.03, "agent_loop": 0.01, "ipc_back": 0.03, "update": 0.02,

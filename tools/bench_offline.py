@@ -28,10 +28,10 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.config import load_config  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
-from master.offline import OfflineEngine  # noqa: E402
-from tools.local_config import write_local_config  # noqa: E402
+from llmserve.common.config import load_config, packaged_config  # noqa: E402
+from llmserve.common.sampling import SamplingParams  # noqa: E402
+from llmserve.master.offline import OfflineEngine  # noqa: E402
+from llmserve.tools.local_config import write_local_config  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_offline:start -->", "<!-- bench_offline:end -->"
 
@@ -149,7 +149,7 @@ def update_benchmarks(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "bench.yaml"))
+    parser.add_argument("--config", default=packaged_config("bench.yaml"))
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)

@@ -27,7 +27,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.bench_decode import start_server  # noqa: E402
+from llmserve.common.config import packaged_config  # noqa: E402
+from llmserve.tools.bench_decode import start_server  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -124,10 +125,10 @@ def with_context(config_path: str, max_seq_len: int, workdir: str) -> str:
 
 
 def bodies_for(config_path: str) -> dict[str, bytes]:
-    from common.config import load_config
-    from common.model_info import model_info, read_hf_config
-    from master.text_worker import max_prompt_chars
-    from master.tokenizer import load_tokenizer
+    from llmserve.common.config import load_config
+    from llmserve.common.model_info import model_info, read_hf_config
+    from llmserve.master.text_worker import max_prompt_chars
+    from llmserve.master.tokenizer import load_tokenizer
 
     config = load_config(config_path)
     info = model_info(config.model_config, read_hf_config(config.model_config))
@@ -137,7 +138,7 @@ def bodies_for(config_path: str) -> dict[str, bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "default.yaml"))
+    parser.add_argument("--config", default=packaged_config())
     parser.add_argument("--rounds", type=int, default=5, help="times each big body is sent")
     parser.add_argument("--restarts", type=int, default=3, help="times the agent is killed")
     parser.add_argument("--max-seq-len", type=int, help="serve a dummy model with this context instead (a long one "

@@ -19,8 +19,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from agent.sampler import Sampler  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
+from llmserve.agent.sampler import Sampler  # noqa: E402
+from llmserve.common.sampling import SamplingParams  # noqa: E402
 from tests.sampling_rows import make_rows  # noqa: E402
 
 MIXED = [

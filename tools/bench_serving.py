@@ -28,7 +28,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.serving_log import RequestRecord, format_summary, summarize, write_records  # noqa: E402
+from llmserve.tools.serving_log import RequestRecord, format_summary, summarize, write_records  # noqa: E402
 
 BUILTIN_SPECIAL_IDS = 3  # the builtin tokenizer's <unk>, <s>, </s>
 
@@ -56,7 +56,7 @@ def parse_len(text: str) -> tuple[int, int]:
 def load_tokenizer(name: str) -> Tokenizer:
     """`builtin` (the embedded model's tokenizer), a tokenizer.json, or a directory holding one."""
     if name == "builtin":
-        from master.tokenizer import build_builtin_tokenizer
+        from llmserve.master.tokenizer import build_builtin_tokenizer
         return build_builtin_tokenizer()
     return Tokenizer.from_file(os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name)
 

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.serving_log import RequestRecord, read_records  # noqa: E402
+from llmserve.tools.serving_log import RequestRecord, read_records  # noqa: E402
 
 FIELDS = {"res_time": "end-to-end latency", "first_token_time": "time to first token"}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.timers import is_own_stage  # noqa: E402
+from llmserve.common.timers import is_own_stage  # noqa: E402
 
 ORDER = [("master", "schedule"), ("master", "build"), ("master", "ipc_out"), ("agent", "deserialize"),
          ("agent", "preprocess"), ("agent", "predict"), ("agent", "all_reduce"), ("agent", "sample"), ("agent", "write_back"),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from agent.models.llama import LlamaForCausalLM
+from llmserve.agent.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

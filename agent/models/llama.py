@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.layers.attention import AttentionMetadata, KVCache, PagedAttention
-from agent.layers.norm import RMSNorm
-from agent.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from llmserve.agent.layers.attention import AttentionMetadata, KVCache, PagedAttention
+from llmserve.agent.layers.norm import RMSNorm
+from llmserve.agent.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
 QKV_BIAS_ARCHITECTURES = {"Qwen2ForCausalLM"}
 

@@ -46,7 +46,7 @@ def save_tiny_llama(path, bias_std: float = 0.0, **config):
     import torch
     import transformers
 
-    from master.tokenizer import build_builtin_tokenizer
+    from llmserve.master.tokenizer import build_builtin_tokenizer
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA_CHECKPOINT, **config})).eval()

@@ -11,10 +11,10 @@ import pytest
 import yaml
 import zmq
 
-from common.agent_keys import ChannelKeys, load_keys
-from common.protocol import PROTOCOL_VERSION, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
-from common.sampling import SamplingParams
-from common.step_arrays import (
+from llmserve.common.agent_keys import ChannelKeys, load_keys
+from llmserve.common.protocol import PROTOCOL_VERSION, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
+from llmserve.common.sampling import SamplingParams
+from llmserve.common.step_arrays import (
     SampleRow, StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays, write_sampling_rows,
 )
 from tests.conftest import ROOT

@@ -6,7 +6,7 @@ import openai
 import pytest
 import torch
 
-from master.tokenizer import build_builtin_tokenizer, token_bytes
+from llmserve.master.tokenizer import build_builtin_tokenizer, token_bytes
 from tests.e2e.server import running_server, save_tiny_llama, write_config
 
 transformers = pytest.importorskip("transformers")

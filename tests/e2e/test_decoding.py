@@ -7,7 +7,7 @@ import httpx
 import pytest
 import torch
 
-from master.tokenizer import build_builtin_tokenizer, encode
+from llmserve.master.tokenizer import build_builtin_tokenizer, encode
 from tests.e2e.server import running_server, save_tiny_llama, stream_tokens, write_config
 
 transformers = pytest.importorskip("transformers")

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.server import running_server, write_config
-from tools.bench_serving import OpenAIBackend, Prompt, run_load
+from llmserve.tools.bench_serving import OpenAIBackend, Prompt, run_load
 
 KEY = "test-key-123"
 PROMPT = "I love Beijing, because"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.server import TINY_LLAMA, running_server, write_config
-from tools.acc_allclose import main as acc_allclose
+from llmserve.tools.acc_allclose import main as acc_allclose
 
 REQUESTS = {"prec-a": ("I love Beijing, because", 5), "prec/b": ("Once upon a time", 3), "prec-c": ("Hello", 1)}
 FILE_STEMS = {"prec-a": "prec-a", "prec/b": "prec_b", "prec-c": "prec-c"}

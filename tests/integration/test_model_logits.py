@@ -18,7 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from agent.model_runner import ModelRunner
+from llmserve.agent.model_runner import ModelRunner
 
 # LLMSERVE_TEST_DEVICE=cuda runs the agent side on a GPU (the transformers reference stays on the CPU).
 DEVICE = os.environ.get("LLMSERVE_TEST_DEVICE", "cpu")

@@ -1,14 +1,14 @@
 """An in-process stand-in for the agent: the 'model' answers last token + 1."""
 from __future__ import annotations
 
-from common.config import Config, config_from_dict
-from common.model_info import ModelInfo
-from common.protocol import AgentReady, StepRequest, StepResult
-from common.step_arrays import step_inputs
-from master.agent_client import InProcessTransport
-from master.engine import Engine
-from master.launcher import step_capacity
-from master.tokenizer import build_builtin_tokenizer
+from llmserve.common.config import Config, config_from_dict
+from llmserve.common.model_info import ModelInfo
+from llmserve.common.protocol import AgentReady, StepRequest, StepResult
+from llmserve.common.step_arrays import step_inputs
+from llmserve.master.agent_client import InProcessTransport
+from llmserve.master.engine import Engine
+from llmserve.master.launcher import step_capacity
+from llmserve.master.tokenizer import build_builtin_tokenizer
 
 VOCAB = 1024
 TOKENIZER = build_builtin_tokenizer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tools.acc_allclose import compare_dirs, main
+from llmserve.tools.acc_allclose import compare_dirs, main
 
 
 def write_dump(directory, arrays: dict[str, np.ndarray]) -> str:

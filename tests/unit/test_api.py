@@ -13,10 +13,10 @@ import httpx
 import pytest
 import uvicorn
 
-from master.api import create_app
-from master.engine import Engine
-from master.sequence import FinishReason
-from master.tokenizer import decode, encode
+from llmserve.master.api import create_app
+from llmserve.master.engine import Engine
+from llmserve.master.sequence import FinishReason
+from llmserve.master.tokenizer import decode, encode
 from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
 
 URL = "/models/llama/generate"
@@ -228,7 +228,7 @@ def test_client_disconnect_aborts_a_non_streaming_request_and_returns_its_blocks
 
 
 def test_answers_match_the_models_the_openapi_schema_publishes():
-    from master.api_models import GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
+    from llmserve.master.api_models import GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
 
     async def go(client, engine):
         params = {"max_new_tokens": 4, "do_sample": True, "n": 2, "logprobs": 2, "seed": 1}

@@ -13,9 +13,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tools.bench_serving import (LlmserveBackend, OpenAIBackend, Prompt, load_tokenizer, main, parse_len,
+from llmserve.tools.bench_serving import (LlmserveBackend, OpenAIBackend, Prompt, load_tokenizer, main, parse_len,
                                  random_prompts, run_load, send_offsets)
-from tools.serving_log import read_records
+from llmserve.tools.serving_log import read_records
 
 TOKEN_GAP_S = 0.002
 

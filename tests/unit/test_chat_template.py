@@ -9,10 +9,10 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from common.config import ModelConfig  # noqa: E402
-from common.errors import ConfigError, RequestError  # noqa: E402
-from master import tokenizer as master_tokenizer  # noqa: E402
-from master.chat_template import BUILTIN_SPECIAL_TOKENS, ChatTemplate, load_chat_template  # noqa: E402
+from llmserve.common.config import ModelConfig  # noqa: E402
+from llmserve.common.errors import ConfigError, RequestError  # noqa: E402
+from llmserve.master import tokenizer as master_tokenizer  # noqa: E402
+from llmserve.master.chat_template import BUILTIN_SPECIAL_TOKENS, ChatTemplate, load_chat_template  # noqa: E402
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"

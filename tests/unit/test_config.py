@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from common.config import load_config
-from common.errors import ConfigError
+from llmserve.common.config import load_config
+from llmserve.common.errors import ConfigError
 from tests.conftest import ROOT
 
 DEFAULT_YAML = os.path.join(ROOT, "configs", "default.yaml")

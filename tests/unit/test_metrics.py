@@ -5,7 +5,7 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from master.tokenizer import decode, encode
+from llmserve.master.tokenizer import decode, encode
 from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
 from tests.unit.test_api import call, wait_until
 

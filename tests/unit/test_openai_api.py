@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from common.sampling import SamplingParams
-from master.openai_models import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse
-from master.tokenizer import decode, encode
+from llmserve.common.sampling import SamplingParams
+from llmserve.master.openai_models import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse
+from llmserve.master.tokenizer import decode, encode
 from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
 from tests.unit.test_api import call, send_raw, serving_on_loopback, wait_until
 
@@ -22,7 +22,7 @@ def following_text(prompt_ids: list[int], n: int) -> str:
 
 
 def chat_prompt_ids(engine, messages: list[dict]) -> list[int]:
-    from master.chat_template import load_chat_template
+    from llmserve.master.chat_template import load_chat_template
 
     text = load_chat_template(engine.config.model_config).render(messages)
     return encode(TOKENIZER, text, add_special_tokens=False)
@@ -272,7 +272,7 @@ def test_chat_without_max_tokens_leaves_every_sample_room_in_the_kv_cache():
 
 
 def test_tokens_holding_part_of_a_character_show_their_bytes_not_a_replacement_character():
-    from master.openai_api import token_string
+    from llmserve.master.openai_api import token_string
 
     engine = fake_engine()
     first, second = encode(TOKENIZER, "é", add_special_tokens=False)  # byte tokens 0xc3 and 0xa9
@@ -343,7 +343,7 @@ def keyed_engine():
 
 
 def fake_config_with_key(key: str):
-    from common.config import config_from_dict
+    from llmserve.common.config import config_from_dict
 
     return config_from_dict({
         "model_config": {"load_format": "dummy", "dummy_config": {"vocab_size": 1024}, "tokenizer_path": "builtin"},
@@ -394,7 +394,7 @@ def test_with_a_key_the_schema_declares_the_bearer_scheme_and_401_on_every_guard
 
 
 def test_models_with_a_slash_in_their_name_are_found():
-    from common.config import config_from_dict
+    from llmserve.common.config import config_from_dict
 
     config = config_from_dict({
         "model_config": {"model_name": "meta-llama/Llama-3-8B", "load_format": "dummy",
@@ -410,7 +410,7 @@ def test_models_with_a_slash_in_their_name_are_found():
 
 
 def test_a_stream_aborts_its_requests_when_the_client_leaves_at_once():
-    from master.streams import RequestStream
+    from llmserve.master.streams import RequestStream
 
     async def go(client, engine):
         handle = engine.submit("early", encode(TOKENIZER, "story"), SamplingParams(max_new_tokens=100, ignore_eos=True))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tools.plot_logs import main, throughput_over_time
-from tools.serving_log import RequestRecord, write_records
+from llmserve.tools.plot_logs import main, throughput_over_time
+from llmserve.tools.serving_log import RequestRecord, write_records
 
 
 def synthetic_run(gap_s: float, num_requests: int = 6) -> list[RequestRecord]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tools.profile_steps import breakdown, main, split
+from llmserve.tools.profile_steps import breakdown, main, split
 
 TRACE = [
     {"num_seqs": 2, "num_prefill_seqs": 2, "num_sampled": 2, "step_ms": 10.0,

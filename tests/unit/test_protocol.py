@@ -4,7 +4,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from common.protocol import (
+from llmserve.common.protocol import (
     MESSAGE_TYPES,
     AgentFailed,
     AgentReady,

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import master.text_worker
-from common.config import config_from_dict
-from master.text_worker import max_prompt_chars
+import llmserve.master.text_worker as text_worker
+from llmserve.common.config import config_from_dict
+from llmserve.master.text_worker import max_prompt_chars
 from tests.unit.fake_agent import TOKENIZER, fake_engine
 from tests.unit.test_api import call, serving_on_loopback
 
@@ -113,7 +113,7 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_by_its_length_before_
     def never(*args):
         raise AssertionError("tokenized a prompt its length alone rules out")
 
-    monkeypatch.setattr(master.text_worker, "encode_checked", never)
+    monkeypatch.setattr(text_worker, "encode_checked", never)
 
     async def requests(client, engine):
         prompt = "x" * (engine.text_worker.max_chars + 1)
@@ -135,14 +135,14 @@ def test_a_long_prompt_is_counted_on_a_prefix_first():
 def test_health_is_answered_while_a_prompt_is_being_tokenized(monkeypatch):
     """The tokenizer runs on the text worker's thread: a slow tokenization does not hold up the event loop."""
     started, release = threading.Event(), threading.Event()
-    real_encode = master.text_worker.encode_checked
+    real_encode = text_worker.encode_checked
 
     def slow_encode(*args):
         started.set()
         release.wait(10)
         return real_encode(*args)
 
-    monkeypatch.setattr(master.text_worker, "encode_checked", slow_encode)
+    monkeypatch.setattr(text_worker, "encode_checked", slow_encode)
 
     async def main():
         engine = fake_engine()

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import torch
 
-from agent.sampler import Sampler
-from common.sampling import SamplingParams
+from llmserve.agent.sampler import Sampler
+from llmserve.common.sampling import SamplingParams
 from tests.sampling_rows import make_rows
 
 DEVICE = torch.device(os.environ.get("LLMSERVE_TEST_DEVICE", "cpu"))  # LLMSERVE_TEST_DEVICE=cuda on a GPU machine

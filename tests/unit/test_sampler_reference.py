@@ -25,9 +25,9 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-import agent.sampler as sampler_module
-from agent.sampler import Sampler, apply_penalties, filter_logits, suppress_tokens
-from common.sampling import SamplingParams
+import llmserve.agent.sampler as sampler_module
+from llmserve.agent.sampler import Sampler, apply_penalties, filter_logits, suppress_tokens
+from llmserve.common.sampling import SamplingParams
 from tests.sampling_rows import make_rows
 
 DEVICE = torch.device(os.environ.get("LLMSERVE_TEST_DEVICE", "cpu"))  # LLMSERVE_TEST_DEVICE=cuda on a GPU machine

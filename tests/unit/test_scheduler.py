@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import SchedulerConfig
-from common.sampling import SamplingParams
-from master.block_manager import BlockManager
-from master.scheduler import Scheduler, StepSamples
-from master.sequence import FinishReason, Sequence, SequenceStatus
+from llmserve.common.config import SchedulerConfig
+from llmserve.common.sampling import SamplingParams
+from llmserve.master.block_manager import BlockManager
+from llmserve.master.scheduler import Scheduler, StepSamples
+from llmserve.master.sequence import FinishReason, Sequence, SequenceStatus
 
 EOS = 2
 

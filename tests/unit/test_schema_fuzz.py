@@ -17,7 +17,7 @@ from schemathesis.engine import events, from_schema
 from schemathesis.generation import GenerationMode
 from schemathesis.python.asgi import shutdown_lifespans
 
-from master.api import create_app
+from llmserve.master.api import create_app
 from tests.unit.fake_agent import fake_engine
 
 MAX_EXAMPLES = 25  # per operation and phase; the coverage phase adds each field's boundary values

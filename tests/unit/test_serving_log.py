@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.serving_log import RequestRecord, format_summary, read_records, summarize, write_records
+from llmserve.tools.serving_log import RequestRecord, format_summary, read_records, summarize, write_records
 
 DURATION_S = 2.0
 RECORDS = [

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 
-from common.shm import SharedArrays
-from common.step_arrays import StepCapacity, input_layout
+from llmserve.common.shm import SharedArrays
+from llmserve.common.step_arrays import StepCapacity, input_layout
 
 
 def test_attached_views_see_the_owners_writes_and_unlink_removes_the_segment():

@@ -6,10 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from agent.step_check import PoolShape, check_header, check_inputs
-from common.protocol import ProtocolError, StepRequest
-from common.sampling import SamplingParams
-from common.step_arrays import SampleRow, StepCapacity, input_layout, step_inputs, write_sampling_rows
+from llmserve.agent.step_check import PoolShape, check_header, check_inputs
+from llmserve.common.protocol import ProtocolError, StepRequest
+from llmserve.common.sampling import SamplingParams
+from llmserve.common.step_arrays import SampleRow, StepCapacity, input_layout, step_inputs, write_sampling_rows
 
 CAPACITY = StepCapacity(max_num_tokens=16, max_num_seqs=4, max_blocks_per_seq=4, history_capacity=32, topk_width=2, suppress_width=2)
 POOL = PoolShape(num_blocks=8, block_size=4, vocab_size=100)

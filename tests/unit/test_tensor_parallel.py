@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from agent.tensor_parallel import Shard, local_config, shard_weight
-from common.config import config_from_dict
-from common.errors import ConfigError
-from common.model_info import check_tensor_parallel
-from common.protocol import StepRequest
-from common.step_arrays import StepCapacity, input_layout, input_lengths, pack_arrays, step_inputs, unpack_arrays
+from llmserve.agent.tensor_parallel import Shard, local_config, shard_weight
+from llmserve.common.config import config_from_dict
+from llmserve.common.errors import ConfigError
+from llmserve.common.model_info import check_tensor_parallel
+from llmserve.common.protocol import StepRequest
+from llmserve.common.step_arrays import StepCapacity, input_layout, input_lengths, pack_arrays, step_inputs, unpack_arrays
 
 HF = {"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 96}
 

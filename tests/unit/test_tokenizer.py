@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from master.tokenizer import (
+from llmserve.master.tokenizer import (
     BUILTIN_VOCAB_SIZE, IncrementalDetokenizer, build_builtin_tokenizer, decode, encode, output_text,
 )
 from tests.sentencepiece_tokenizer import sentencepiece_tokenizer

@@ -14,7 +14,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmserve", description="Serve Llama-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the master and launch its agents")
-    serve.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    serve.add_argument("--config", help="YAML config file (default: the embedded default model's, configs/default.yaml)")
     serve.add_argument("--host", help="override serving_config.server_ip")
     serve.add_argument("--port", type=int, help="override serving_config.server_port")
     serve.add_argument(
@@ -38,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parser().parse_args(argv)
-    from common.config import load_config
-    from common.errors import ConfigError
-    from common.log import setup_logging
+    from llmserve.common.config import load_config, packaged_config
+    from llmserve.common.errors import ConfigError
+    from llmserve.common.log import setup_logging
 
     if args.command == "keys":
         sys.exit(_write_keys(args.dir))
@@ -54,13 +54,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.chat_template:
             overrides["model_config"] = {"chat_template": args.chat_template}
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config or packaged_config(), overrides)
     except ConfigError as exc:
         print(f"llmserve: {exc}", file=sys.stderr)
         sys.exit(2)
     if args.command == "serve":
         setup_logging("master", config.serving_config.log_level)
-        from master.launcher import serve
+        from llmserve.master.launcher import serve
 
         sys.exit(serve(config))
     setup_logging(f"agent {args.rank}", config.serving_config.log_level)
@@ -72,15 +72,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as exc:
         print(f"llmserve: {exc}", file=sys.stderr)
         sys.exit(2)
-    from agent.worker import main as agent_main
+    from llmserve.agent.worker import main as agent_main
 
     agent_main(config, args.rank, keys, args.parent_pid, args.bind, args.device_id)
 
 
 def _agent_keys(config, keys_fd: Optional[int]):
     """A launched agent's keys come through a pipe; one started by hand reads agent_keys_dir."""
-    from common.agent_keys import load_keys, read_keys_pipe
-    from common.errors import ConfigError
+    from llmserve.common.agent_keys import load_keys, read_keys_pipe
+    from llmserve.common.errors import ConfigError
 
     if keys_fd is not None:
         return read_keys_pipe(keys_fd)
@@ -92,8 +92,8 @@ def _agent_keys(config, keys_fd: Optional[int]):
 
 
 def _write_keys(path: str) -> int:
-    from common.agent_keys import write_key_dir
-    from common.errors import ConfigError
+    from llmserve.common.agent_keys import write_key_dir
+    from llmserve.common.errors import ConfigError
 
     try:
         write_key_dir(path)

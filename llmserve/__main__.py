@@ -1,0 +1,4 @@
+"""`python -m llmserve ...`: the `llmserve` command."""
+from llmserve.cli import main
+
+main()
