@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Union
 
 import numpy as np
 import torch
 
-from llmserve.agent.kv_cache import allocate_kv_cache, copy_blocks
+from llmserve.agent.kv_cache import allocate_kv_cache, block_bytes, copy_blocks
 from llmserve.agent.layers.attention import AttentionMetadataBuilder
 from llmserve.agent.loader import load_model
 from llmserve.agent.tensor_parallel import Shard
@@ -28,19 +28,23 @@ class ModelRunner:
         load_format: str,
         dtype: str,
         device: str,
-        num_blocks: int,
+        num_blocks: Union[int, Callable[[int], int]],
         block_size: int,
         seed: int = 0,
         shard: Shard = Shard(),
     ):
+        """`num_blocks`: the KV blocks to allocate, or a function of one block's bytes on this rank that gives
+        them, called once the weights are in memory (so it can size the cache from what is left)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard)
         config = self.model.config
+        self.block_bytes = block_bytes(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
+        self.num_blocks = num_blocks(self.block_bytes) if callable(num_blocks) else num_blocks
         self.kv_caches = allocate_kv_cache(
-            config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
+            config.num_layers, self.num_blocks, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
         )
         self.metadata_builder = AttentionMetadataBuilder(
             block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device

@@ -10,9 +10,11 @@ import traceback
 from typing import Optional, Sequence
 
 import numpy as np
+import psutil
 import torch
 import zmq
 
+from llmserve.agent.kv_cache import available_memory, kv_cache_size
 from llmserve.agent.model_runner import ModelRunner
 from llmserve.agent.sampler import Sampler, SamplerOutput
 from llmserve.agent.step_check import PoolShape, check_header, check_inputs
@@ -21,7 +23,7 @@ from llmserve.agent.tensor_parallel import (
 )
 from llmserve.common.agent_keys import ChannelKeys, secure_server
 from llmserve.common.config import Config
-from llmserve.common.model_info import read_hf_config
+from llmserve.common.model_info import model_info, read_hf_config
 from llmserve.common.protocol import (
     EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, ProtocolError,
     Shutdown, StepRequest, StepResult, decode, encode,
@@ -58,7 +60,7 @@ class Worker:
             load_format=config.model_config.load_format,
             dtype=config.model_config.model_dtype,
             device=str(self.device),
-            num_blocks=config.pa_config.num_blocks,
+            num_blocks=self._kv_blocks,
             block_size=config.pa_config.block_size,
             seed=config.model_config.seed,
             shard=self.shard,
@@ -75,10 +77,29 @@ class Worker:
         self.timer = StageTimer()
         self.is_inline = False
         self.last_step_id = -1
-        self.pool = PoolShape(config.pa_config.num_blocks, config.pa_config.block_size, self.runner.vocab_size)
+        self.pool = PoolShape(self.runner.num_blocks, config.pa_config.block_size, self.runner.vocab_size)
         self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
         if self.logits_dump_dir is not None:
             os.makedirs(self.logits_dump_dir, exist_ok=True)
+
+    def _kv_blocks(self, block_bytes: int) -> int:
+        """The KV blocks of this rank, from pa_config and the memory left after the weights."""
+        config = self.config
+        max_seq_len = model_info(config.model_config, read_hf_config(config.model_config)).max_seq_len
+        blocks_per_seq = -(-max_seq_len // config.pa_config.block_size)
+        ranks_here = self.shard.world if config.serving_config.device == "cpu" and config.serving_config.transport == "shm" else 1
+        try:
+            size = kv_cache_size(
+                config.pa_config, block_bytes, available_memory(self.device), blocks_per_seq,
+                config.scheduler_config.decode_batch_size, ranks_here,
+            )
+        except ValueError as exc:
+            raise ValueError(f"pa_config.{exc}") from None
+        logger.info(
+            "agent %d: KV cache of %d blocks (%d tokens, %.2f GiB)", self.rank, size.num_blocks,
+            size.num_blocks * config.pa_config.block_size, size.num_bytes / 2**30,
+        )
+        return size.num_blocks
 
     def _all_reduce_function(self, config: Config):
         """Shared memory between the ranks of one host's CPUs, else torch.distributed (gloo or NCCL)."""
@@ -107,7 +128,8 @@ class Worker:
             pid=os.getpid(),
             vocab_size=self.runner.vocab_size,
             num_layers=self.runner.num_layers,
-            num_kv_blocks=self.config.pa_config.num_blocks,
+            num_kv_blocks=self.runner.num_blocks,
+            kv_cache_bytes=self.runner.num_blocks * self.runner.block_bytes,
             block_size=self.config.pa_config.block_size,
             dtype=self.config.model_config.model_dtype,
             device=str(self.device),
@@ -208,13 +230,16 @@ class Worker:
 
 def serve_agent(
     config: Config, rank: int, keys: ChannelKeys, parent_pid: Optional[int] = None, bind: Optional[str] = None,
-    device_id: Optional[int] = None,
+    device_id: Optional[int] = None, cpus: Optional[list[int]] = None,
 ) -> int:
     """Bind the agent's port (CURVE: only the master holding `keys.peer_public` gets in), load the model,
-    then answer the master until told to stop."""
+    then answer the master until told to stop. With `cpus`, keep to those cores, one torch thread each
+    (unless serving_config.num_threads says otherwise)."""
     serving = config.serving_config
-    if serving.num_threads:
-        torch.set_num_threads(serving.num_threads)
+    if cpus:
+        psutil.Process().cpu_affinity(cpus)  # before torch starts its threads: they inherit it
+    if serving.num_threads or cpus:
+        torch.set_num_threads(serving.num_threads or len(cpus))
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 1000)
@@ -309,6 +334,6 @@ def _report_load_failure(socket: zmq.Socket, rank: int, reason: str) -> None:
 
 def main(
     config: Config, rank: int, keys: ChannelKeys, parent_pid: Optional[int], bind: Optional[str] = None,
-    device_id: Optional[int] = None,
+    device_id: Optional[int] = None, cpus: Optional[list[int]] = None,
 ) -> None:
-    sys.exit(serve_agent(config, rank, keys, parent_pid, bind, device_id))
+    sys.exit(serve_agent(config, rank, keys, parent_pid, bind, device_id, cpus))

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
+import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -80,6 +81,7 @@ class ServingConfig:
     agent_restart_window: float = 600.0
     agent_restart_backoff: float = 1.0  # seconds before a restart, doubled for each earlier one in the window
     max_request_body_bytes: int = 4 * 1024 * 1024
+    cpu_affinity: Literal["auto", "none"] = "auto"  # auto: a core for the master, the rest shared by the agents
 
     def __post_init__(self) -> None:
         # tensor_parallel_size W with one port: the W agents listen on W consecutive ports from it
@@ -153,16 +155,52 @@ class ServingConfig:
 
 @dataclass(frozen=True)
 class PagedAttentionConfig:
-    """Size of the paged KV cache."""
+    """Size of the paged KV cache: a block count, or a memory budget each agent turns into one."""
 
-    num_blocks: int = 512
+    num_blocks: Union[int, Literal["auto"]] = "auto"
     block_size: int = 16
+    kv_cache_memory: Union[int, str, None] = None  # bytes per agent, or "4GiB"
+    memory_utilization: Optional[float] = None  # share of the memory available after the weights
+
+    DEFAULT_MEMORY_UTILIZATION: ClassVar[float] = 0.5
 
     def validate(self) -> None:
-        if self.num_blocks < 1:
-            raise ValueError("num_blocks: must be at least 1")
+        if self.num_blocks != "auto" and self.num_blocks < 1:
+            raise ValueError("num_blocks: must be at least 1, or auto")
         if self.block_size < 1:
             raise ValueError("block_size: must be at least 1")
+        budgets = [name for name in ("kv_cache_memory", "memory_utilization") if getattr(self, name) is not None]
+        if len(budgets) > 1 or (budgets and self.num_blocks != "auto"):
+            given = ["num_blocks"] * (self.num_blocks != "auto") + budgets
+            raise ValueError(f"{given[0]}: set one of num_blocks, kv_cache_memory and memory_utilization, not {' and '.join(given)}")
+        if self.kv_cache_memory is not None:
+            parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        if self.memory_utilization is not None and not 0.0 < self.memory_utilization <= 1.0:
+            raise ValueError(f"memory_utilization: must be in (0, 1], got {self.memory_utilization!r}")
+
+    @property
+    def kv_cache_bytes(self) -> Optional[int]:
+        return None if self.kv_cache_memory is None else parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+
+
+BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+              "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BYTES = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_bytes(value: Union[int, str], key: str) -> int:
+    """Bytes from an int or a string such as "4GiB", "512 MiB", "2GB" or "1e9"; ValueError naming `key`."""
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        match = BYTES.fullmatch(value)
+        if match is None or match.group(2).lower() not in BYTE_UNITS:
+            raise ValueError(f"{key}: {value!r} is not a size; write bytes or a number with KiB, MiB, GiB, KB, MB or GB")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * BYTE_UNITS[unit])
+    if size < 1:
+        raise ValueError(f"{key}: must be at least one byte, got {value!r}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -294,7 +332,10 @@ def _type_problem(value: Any, hint: Any) -> Optional[str]:
         if value is None and type(None) in options:
             return None
         problems = [_type_problem(value, h) for h in options if h is not type(None)]
-        return None if any(p is None for p in problems) else problems[0]
+        if any(p is None for p in problems):
+            return None
+        wanted = [p.removeprefix("must be ").split(", got ")[0] for p in problems]
+        return f"must be {' or '.join(wanted)}, got {value!r}"
     if origin is Literal:
         allowed = typing.get_args(hint)
         return None if value in allowed else f"must be one of {', '.join(map(repr, allowed))}, got {value!r}"

@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 from collections import deque
 from typing import Optional
 
+import psutil
+
 from llmserve.common.agent_keys import ChannelKeys, keys_pipe, load_keys, new_keys
 from llmserve.common.config import Config, ServingConfig
 from llmserve.common.errors import ConfigError
 from llmserve.common.step_arrays import StepCapacity
 from llmserve.master.agent_client import AgentEndpoint, Transport, ZmqShmTransport
+from llmserve.master.processes import cpu_plan, end_process_group, end_process_tree
+
+logger = logging.getLogger("llmserve.master")
 
 AGENT_STOP_TIMEOUT = 10.0  # a clean shutdown: agents finish their step and unmap the arrays
 AGENT_END_TIMEOUT = 5.0  # a restart: what is left of the group may be stuck in an all-reduce with the dead rank
@@ -26,12 +32,26 @@ class AgentGroup:
         self.capacity = capacity
         self.master_keys, self.agent_keys = channel_keys(config.serving_config)
         self.processes: list[subprocess.Popen] = []
+        self.agent_cpus = self._pin_master() if config.serving_config.launch_agents else None
+
+    def _pin_master(self) -> Optional[list[list[int]]]:
+        """With cpu_affinity auto and cores enough, keep this master on a core of its own; the agents' cores."""
+        if self.config.serving_config.cpu_affinity != "auto":
+            return None
+        master = psutil.Process()
+        plan = cpu_plan(master.cpu_affinity(), self.config.serving_config.world_size)
+        if plan is None:
+            return None
+        master_cores, agent_cores = plan
+        master.cpu_affinity(master_cores)  # threads started from now on (ZeroMQ's, the text worker) inherit it
+        logger.info("CPU affinity: master on cores %s, agents on %s", master_cores, agent_cores)
+        return agent_cores
 
     def connect(self) -> ZmqShmTransport:
         """Start the agents we launch, and a transport to every agent; its `start` waits until they are ready."""
         serving = self.config.serving_config
         if serving.launch_agents:
-            self.processes = launch_agents(self.config, self.agent_keys)
+            self.processes = launch_agents(self.config, self.agent_keys, self.agent_cpus)
         return ZmqShmTransport(
             endpoints(self.config, self.processes), self.capacity, serving.step_timeout, self.master_keys,
             inline=serving.transport == "inline",
@@ -72,8 +92,9 @@ def endpoints(config: Config, processes: list[subprocess.Popen]) -> list[AgentEn
     ]
 
 
-def launch_agents(config: Config, keys: ChannelKeys) -> list[subprocess.Popen]:
-    """Start one agent process per rank through the same `llmserve agent` entry point; each reads its keys from a pipe."""
+def launch_agents(config: Config, keys: ChannelKeys, cpus: Optional[list[list[int]]] = None) -> list[subprocess.Popen]:
+    """Start one agent process per rank through the same `llmserve agent` entry point; each reads its keys from a
+    pipe, and keeps to its `cpus[rank]` when given."""
     processes = []
     for rank in range(len(config.serving_config.agent_ports)):
         keys_fd = keys_pipe(keys)
@@ -81,6 +102,8 @@ def launch_agents(config: Config, keys: ChannelKeys) -> list[subprocess.Popen]:
             sys.executable, "-m", "llmserve", "agent", "--config", config.path, "--rank", str(rank),
             "--parent-pid", str(os.getpid()), "--keys-fd", str(keys_fd),
         ]
+        if cpus is not None:
+            command += ["--cpus", ",".join(map(str, cpus[rank]))]
         try:
             # A session of its own: Ctrl-C in the terminal reaches the master, which stops the agents in order.
             processes.append(subprocess.Popen(command, start_new_session=True, pass_fds=(keys_fd,)))
@@ -90,25 +113,25 @@ def launch_agents(config: Config, keys: ChannelKeys) -> list[subprocess.Popen]:
 
 
 def stop_agents(processes: list[subprocess.Popen]) -> None:
-    """Wait for agents told to shut down; terminate, then kill, the ones that linger."""
+    """Wait for agents told to shut down; end the ones that linger, then whatever any of them left running."""
     for process in processes:
         try:
             process.wait(AGENT_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            end_agents([process])
+            end_process_tree(psutil.Process(process.pid), AGENT_END_TIMEOUT)
+            process.wait()
+        end_process_group(process.pid, AGENT_END_TIMEOUT)
 
 
 def end_agents(processes: list[subprocess.Popen]) -> None:
-    """Terminate agents now (a restart replaces them); kill the ones that linger."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
+    """End agents and every process they started, now (a restart replaces them)."""
     for process in processes:
         try:
-            process.wait(AGENT_END_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            end_process_tree(psutil.Process(process.pid), AGENT_END_TIMEOUT)
+        except psutil.NoSuchProcess:
+            pass
+        process.wait()
+        end_process_group(process.pid, AGENT_END_TIMEOUT)
 
 
 class RestartPolicy:

@@ -160,6 +160,15 @@ class NativeError(Answer):
     error_type: str
 
 
+class ProcessInfo(Answer):
+    """A process of this server on this host (agents on other hosts are not listed)."""
+
+    process: str = Field(description="`master` or `agent<rank>`.")
+    pid: int
+    rss_bytes: int = Field(description="Resident memory.")
+    cpu_seconds: float = Field(description="User + system CPU time since the process started.")
+
+
 class HealthResponse(Answer):
     status: Literal["ok", "unhealthy"]
     reason: Optional[str] = None
@@ -168,4 +177,6 @@ class HealthResponse(Answer):
     num_preemptions: int
     kv_blocks_total: int
     kv_blocks_free: int
+    kv_cache_tokens: int = Field(description="Tokens the KV cache holds: kv_blocks_total x the block size.")
     agent_restarts: int = Field(description="Times dead agents were replaced (serving_config.agent_restart_limit).")
+    processes: list[ProcessInfo] = Field(description="Memory and CPU time of the master and of the agents on its host.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -15,7 +16,7 @@ from tokenizers import Tokenizer
 from llmserve.common.config import Config
 from llmserve.common.errors import AgentFailure, Overloaded, RequestError
 from llmserve.common.model_info import ModelInfo
-from llmserve.common.protocol import StepRequest, StepResult
+from llmserve.common.protocol import AgentReady, StepRequest, StepResult
 from llmserve.common.sampling import ParamNames, SamplingParams
 from llmserve.common.timers import StageTimer, own_ms
 from llmserve.master.agent_client import Transport
@@ -23,6 +24,7 @@ from llmserve.master.agent_group import RestartPolicy
 from llmserve.master.block_manager import BlockManager
 from llmserve.master.metrics import Metrics
 from llmserve.master.beam_search import BeamSearch
+from llmserve.master.processes import ProcessWatch
 from llmserve.master.outputs import GenerationOutput, TextOutput, sequence_output
 from llmserve.master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
 from llmserve.master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
@@ -101,10 +103,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.model = model
         self.transport = transport
-        pa = config.pa_config
-        self.block_manager = BlockManager(pa.num_blocks, pa.block_size)
         self.seq_ids = itertools.count()
-        self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.seq_ids.__next__)
+        self.block_manager: Optional[BlockManager] = None  # sized by what the agents allocated (start)
+        self.scheduler: Optional[Scheduler] = None
         self.limits = config.serving_config.sampling_limits
         self.suppress_width = transport.capacity.suppress_width
         self.handles: dict[int, RequestHandle] = {}  # seq id -> its request
@@ -114,7 +115,7 @@ class Engine:
         self.metrics = Metrics(self.stats)
         self.loop_task: Optional[asyncio.Task] = None
         self.watch_task: Optional[asyncio.Task] = None
-        self.failure: Optional[str] = None
+        self.failure: Optional[str] = "the agents are not ready yet"
         self.is_stopped = False
         serving = config.serving_config
         self.restart = restart
@@ -124,14 +125,43 @@ class Engine:
         self.trace_file = None  # opened in start(), so a bad path fails where stop() cleans up
         self.request_id_of = self._request_id_of if config.serving_config.logits_dump_dir else None
         self.text_worker = TextWorker(tokenizer, model.max_seq_len)
+        self.processes = ProcessWatch()
 
     async def start(self) -> None:
         """Wait for the agents, then start the step loop."""
         trace_path = self.config.serving_config.step_trace_path
         if trace_path:
             self.trace_file = open(trace_path, "a", buffering=1)
-        await self.transport.start(self.config.serving_config.agent_start_timeout)
+        self._adopt_agents(await self.transport.start(self.config.serving_config.agent_start_timeout))
+        self.failure = None
         self._start_loops()
+
+    def _adopt_agents(self, readies: list[AgentReady]) -> None:
+        """Check the agents serve this model, size the block manager by the blocks they allocated (the fewest),
+        and watch the processes of those on this host."""
+        if self.config.serving_config.transport == "shm":  # shared memory: every agent runs on this host
+            self.processes.set_agents({ready.rank: ready.pid for ready in readies})
+        pa, model_config = self.config.pa_config, self.config.model_config
+        for ready in readies:
+            for what, theirs, ours in (("vocabulary size", ready.vocab_size, self.model.vocab_size),
+                                       ("block size", ready.block_size, pa.block_size),
+                                       ("dtype", ready.dtype, model_config.model_dtype)):
+                if theirs != ours:
+                    raise AgentFailure(f"agent {ready.rank} has {what} {theirs} where this master has {ours}: "
+                                       "start the master and its agents from the same config")
+        num_blocks = min(ready.num_kv_blocks for ready in readies)
+        if self.block_manager is not None and self.block_manager.num_blocks == num_blocks:
+            return
+        preemptions = self.scheduler.num_preemptions if self.scheduler is not None else 0
+        self.block_manager = BlockManager(num_blocks, pa.block_size)  # empty: no request is in flight now
+        self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__)
+        self.scheduler.num_preemptions = preemptions
+        num_tokens = num_blocks * pa.block_size
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per agent), %.1f sequences of the longest %d tokens",
+            num_blocks, pa.block_size, num_tokens, max(r.kv_cache_bytes for r in readies) / 2**30,
+            num_tokens / self.model.max_seq_len, self.model.max_seq_len,
+        )
 
     def _start_loops(self) -> None:
         self.loop_task = asyncio.create_task(self._run(), name="llmserve-step-loop")
@@ -441,7 +471,7 @@ class Engine:
             await asyncio.sleep(delay)
             try:
                 self.transport = await self.restart(self.transport)
-                await self.transport.start(self.config.serving_config.agent_start_timeout)
+                self._adopt_agents(await self.transport.start(self.config.serving_config.agent_start_timeout))
             except (AgentFailure, OSError) as exc:
                 reason = f"a restart failed: {exc}"
                 logger.error("%s", reason)
@@ -482,7 +512,9 @@ class Engine:
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_blocks_total": self.block_manager.num_blocks,
             "kv_blocks_free": self.block_manager.num_free_blocks,
+            "kv_cache_tokens": self.block_manager.num_blocks * self.block_manager.block_size,
             "agent_restarts": self.num_agent_restarts,
+            "processes": [dataclasses.asdict(process) for process in self.processes.stats()],
         }
 
     def _num_requests(self, seqs) -> int:
@@ -512,7 +544,7 @@ class Engine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for seq in self.scheduler.fail_all():
+        for seq in self.scheduler.fail_all() if self.scheduler is not None else ():
             handle = self.handles.get(seq.seq_id)
             if handle and not handle.is_finished:
                 self._finish(handle, FinishReason.ERROR, "the server is shutting down")

@@ -37,6 +37,12 @@ def serve(config: Config) -> int:
         logger.error("%s", exc)
         return 2
     logger.info("chat template: %s", chat_template.source)
+    if config.model_config.load_format == "dummy":
+        logger.warning(
+            "the model has random weights (load_format: dummy), so its text is gibberish; to serve a real model: "
+            "llmserve serve /path/to/checkpoint (a Hugging Face directory: config.json, *.safetensors, "
+            "tokenizer.json or tokenizer.model)"
+        )
     return asyncio.run(_serve(config, tokenizer, info, chat_template, agents))
 
 

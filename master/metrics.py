@@ -35,11 +35,21 @@ class _EngineState(Collector):
         total, free = stats["kv_blocks_total"], stats["kv_blocks_free"]
         yield _gauge("kv_cache_blocks_total", "KV-cache blocks in the pool.", total)
         yield _gauge("kv_cache_blocks_free", "KV-cache blocks not held by any sequence.", free)
+        yield _gauge("kv_cache_tokens", "Tokens the KV cache holds (blocks x block size).", stats["kv_cache_tokens"])
         yield _gauge("kv_cache_usage_ratio", "Share of the KV-cache blocks in use (0 to 1).", (total - free) / total)
         yield CounterMetricFamily(
             f"{PREFIX}_requests_preempted", "Sequences preempted (blocks freed, recomputed later).", stats["num_preemptions"]
         )
         yield CounterMetricFamily(f"{PREFIX}_agent_restarts", "Times dead agents were replaced and served again.", stats["agent_restarts"])
+        memory = GaugeMetricFamily(f"{PREFIX}_process_resident_memory_bytes", "Resident memory of the master and its "
+                                   "agents on this host.", labels=["process"])
+        cpu = CounterMetricFamily(f"{PREFIX}_process_cpu_seconds", "User + system CPU time of the master and its "
+                                  "agents on this host.", labels=["process"])
+        for process in stats["processes"]:
+            memory.add_metric([process["process"]], process["rss_bytes"])
+            cpu.add_metric([process["process"]], process["cpu_seconds"])
+        yield memory
+        yield cpu
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
