@@ -1,4 +1,6 @@
 """`python -m llmserve ...`: the `llmserve` command."""
+import sys
+
 from llmserve.cli import main
 
-main()
+sys.exit(main())

@@ -1,6 +1,7 @@
 """Compare two directories of dumped logits (`.npy`) file by file with np.allclose.
 
-    python tools/acc_allclose.py --base_path dumps/base --new_path dumps/new [--rtol 1e-5] [--atol 1e-5]
+    llmserve check-precision --base_path dumps/base --new_path dumps/new [--rtol 1e-5] [--atol 1e-5]
+    (or: python tools/acc_allclose.py --base_path ... --new_path ...)
 
 Every `.npy` under the base directory must exist under the new one with the same
 relative name and shape, and satisfy |new - base| <= atol + rtol * |base|.
@@ -125,8 +126,8 @@ def _listing(label: str, names: list[str]) -> str:
     return f"{label}: {len(names)}" + (f": {shown}{more}" if names else "")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: Optional[list[str]], prog: Optional[str] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--base_path", required=True, help="directory of reference .npy files")
     parser.add_argument("--new_path", required=True, help="directory of .npy files to check")
     parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
@@ -134,9 +135,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Compare the directories, print the report, return the exit status."""
-    args = parse_args(argv)
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    """`llmserve check-precision`: compare the directories, print the report, return the exit status."""
+    args = parse_args(argv, prog)
     for path in (args.base_path, args.new_path):
         if not os.path.isdir(path):
             print(f"{path} is not a directory", file=sys.stderr)

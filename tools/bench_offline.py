@@ -8,7 +8,7 @@ saves it as a checkpoint, then measures in this one run:
 Prints a table, writes JSON to --out, and with --update-benchmarks replaces the
 table between the bench_offline markers in BENCHMARKS.md.
 
-    .venv/bin/python tools/bench_offline.py --update-benchmarks
+    llmserve bench offline --update-benchmarks      # or: python tools/bench_offline.py --update-benchmarks
 """
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 import transformers
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llmserve.common.config import load_config, packaged_config  # noqa: E402
 from llmserve.common.sampling import SamplingParams  # noqa: E402
@@ -133,10 +134,12 @@ def machine() -> str:
     )
 
 
-def update_benchmarks(text: str) -> None:
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    with open(path) as f:
-        content = f.read()
+def update_benchmarks(text: str, path: str) -> None:
+    """Replace the table between the markers in `path`, or append it (to a new file if need be)."""
+    content = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            content = f.read()
     block = f"{MARK_START}\n{text}\n{MARK_END}"
     if MARK_START in content:
         before, rest = content.split(MARK_START, 1)
@@ -147,17 +150,24 @@ def update_benchmarks(text: str) -> None:
         f.write(content)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=packaged_config("bench.yaml"))
+def parse_args(argv: Optional[list[str]], prog: Optional[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=packaged_config("bench.yaml"), help="config whose dummy_config is the model")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_offline.json"))
-    parser.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join("results", "bench_offline.json"), help="JSON results file")
+    parser.add_argument("--update-benchmarks", nargs="?", const="BENCHMARKS.md", metavar="FILE",
+                        help="write the table into FILE (default BENCHMARKS.md, in the current directory)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    """`llmserve bench offline`: measure both, print the table, write the JSON (and BENCHMARKS.md when asked)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv, prog)
     with open(args.config) as f:
         dummy_config = yaml.safe_load(f)["model_config"]["dummy_config"]
     generator = torch.Generator().manual_seed(args.seed)
@@ -169,19 +179,20 @@ def main() -> None:
         ours = asyncio.run(measure_llmserve(config_path, prompts.tolist(), args.output_len))
         print(f"llmserve: {ours['tokens_per_s']:.1f} tok/s", flush=True)
         ref = measure_transformers(model, prompts, args.output_len, args.hf_batch_sizes)
-    command = "python tools/bench_offline.py " + " ".join(sys.argv[1:])
+    command = f"{prog or 'python tools/bench_offline.py'} " + " ".join(argv)
     text = (
         f"Machine: {machine()}. Workload: {args.num_requests} requests of {args.input_len} random prompt tokens, "
         f"exactly {args.output_len} output tokens each, greedy, float32, same weights.\n"
         f"Command: `{command.strip()}`\n\n" + table(ours, ref, args)
     )
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"llmserve": ours, "transformers": ref, "machine": machine()}, f, indent=2)
     if args.update_benchmarks:
-        update_benchmarks(text)
+        update_benchmarks(text, args.update_benchmarks)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

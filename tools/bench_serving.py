@@ -4,9 +4,11 @@ Sends requests at a given rate (Poisson or constant arrivals) or all at once,
 records each one's first-token time, inter-token gaps and end-to-end time,
 writes them as JSONL and prints the summary:
 
-    python tools/bench_serving.py -P 8835 -X 5 -T 60 --input-len 128 --output-len 64:256 --ignore-eos -O results/run1
-    python tools/bench_serving.py --url http://127.0.0.1:8000 --backend openai --model my-model -N 200 --concurrency 32
-    python tools/bench_serving.py --backend openai-chat --api-key "$LLMSERVE_API_KEY" -N 100 --concurrency 16
+    llmserve bench serve -P 8835 -X 5 -T 60 --input-len 128 --output-len 64:256 --ignore-eos -O results/run1
+    llmserve bench serve --url http://127.0.0.1:8000 --backend openai --model my-model -N 200 --concurrency 32
+    llmserve bench serve --backend openai-chat --api-key "$LLMSERVE_API_KEY" -N 100 --concurrency 16
+
+(`python tools/bench_serving.py ...` in the repository takes the same arguments.)
 """
 from __future__ import annotations
 
@@ -286,8 +288,8 @@ async def run_load(backend, prompts: list[Prompt], offsets: list[float], concurr
 
 # ---------------------------------------------------------------- command line
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Optional[list[str]], prog: Optional[str] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="llmserve")
     parser.add_argument("--url", help="server base URL (default http://127.0.0.1:PORT)")
     parser.add_argument("-P", "--port", type=int, default=8835)
@@ -341,8 +343,9 @@ def save(outdir: str, records: list[RequestRecord], summary: dict, args: argpars
         json.dump({"args": arguments, **summary}, f, indent=2)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    """`llmserve bench serve`: run the load, print the summary; 1 when every request failed."""
+    args = parse_args(argv, prog)
     backend = BACKENDS[args.backend](args.url or f"http://127.0.0.1:{args.port}", args.model, args.ignore_eos, args.api_key)
     prompts = build_prompts(args)
     offsets = send_offsets(len(prompts), args.rate, args.arrival, args.seed)

@@ -3,7 +3,9 @@
 Writes, for the completed requests of every run: res_time and first_token_time
 per request, their CDFs, and output tokens/s over time:
 
-    python tools/plot_logs.py run1/requests.jsonl run2/requests.jsonl --labels base tuned -O plots/
+    llmserve plot run1/requests.jsonl run2/requests.jsonl --labels base tuned -O plots/
+
+(`python tools/plot_logs.py ...` in the repository takes the same arguments.)
 """
 from __future__ import annotations
 
@@ -105,8 +107,9 @@ def default_label(path: str) -> str:
     return parent if os.path.basename(path) == "requests.jsonl" and parent else os.path.basename(path)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    """`llmserve plot`: write the plots of the runs and print their paths."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", help="requests.jsonl of each run")
     parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the run's directory)")
     parser.add_argument("-O", "--outdir", default="plots")

@@ -4,7 +4,7 @@ Prints, separately for prefill steps (any sequence prefilling) and decode steps,
 the mean milliseconds per step and per generated token of every stage, and the
 serving overhead: (step wall time - forward time) / step wall time.
 
-    python tools/profile_steps.py trace.jsonl [--skip 5]
+    llmserve profile trace.jsonl [--skip 5]        # or: python tools/profile_steps.py trace.jsonl
 """
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ def format_breakdown(title: str, b: Breakdown) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`llmserve profile`: print the breakdown of a trace; 1 when it holds no steps."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("trace", help="JSONL trace written by the server")
     parser.add_argument("--skip", type=int, default=0, help="ignore the first N steps (warm-up)")
     args = parser.parse_args(argv)

@@ -123,14 +123,18 @@ def running_server(config_path: str, wait_ready: bool = True) -> Iterator[Server
     """Start the server; yield once /health is 200; SIGTERM it (then SIGKILL) no matter what."""
     with open(config_path) as f:
         port = yaml.safe_load(f)["serving_config"]["server_port"]
-    log_path = config_path + ".log"
+    command = [sys.executable, "-m", "llmserve", "serve", "--config", config_path]
+    with running_command(command, port, config_path + ".log", config_path, wait_ready=wait_ready) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_command(command: list[str], port: int, log_path: str, config_path: str = "", cwd: str = ROOT,
+                    env: dict | None = None, wait_ready: bool = True) -> Iterator[Server]:
+    """Start a server with `command` (HTTP on 127.0.0.1:`port`), logging to `log_path`; yield once /health is
+    200; SIGTERM it (then SIGKILL) no matter what."""
     log = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmserve", "serve", "--config", config_path],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(process, f"http://127.0.0.1:{port}", log_path, config_path)
     try:
         if wait_ready:

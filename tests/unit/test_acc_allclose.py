@@ -90,3 +90,15 @@ def test_an_empty_base_directory_fails(tmp_path, capsys):
 def test_a_directory_that_does_not_exist_fails(tmp_path, logits):
     base = write_dump(tmp_path / "base", logits)
     assert main(["--base_path", base, "--new_path", str(tmp_path / "absent")]) == 1
+
+
+def test_the_check_precision_verb_passes_and_fails_alike(tmp_path, logits, capsys):
+    from llmserve.cli import main as llmserve
+
+    base = write_dump(tmp_path / "base", logits)
+    same = write_dump(tmp_path / "same", logits)
+    off = write_dump(tmp_path / "off", {name: array + np.float32(0.1) for name, array in logits.items()})
+    assert llmserve(["check-precision", "--base_path", base, "--new_path", same]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("PASS")
+    assert llmserve(["check-precision", "--base_path", base, "--new_path", off, "--atol", "1e-3"]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("FAIL")

@@ -183,3 +183,13 @@ def test_command_writes_records_and_summary(base_url, tmp_path, capsys):
     summary = json.loads((outdir / "summary.json").read_text())
     assert summary["num_completed"] == 6 and summary["args"]["concurrency"] == 2
     assert "goodput" in capsys.readouterr().out
+
+
+def test_the_bench_serve_verb_runs_the_load_test(base_url, tmp_path, capsys):
+    from llmserve.cli import main as llmserve
+
+    outdir = tmp_path / "run"
+    assert llmserve(["bench", "serve", "--url", base_url, "-N", "3", "--input-len", "8", "--output-len", "2",
+                     "--ignore-eos", "--no-progress", "-O", str(outdir)]) == 0
+    assert [r.output_tokens for r in read_records(str(outdir / "requests.jsonl"))] == [2, 2, 2]
+    assert "completed requests" in capsys.readouterr().out

@@ -45,3 +45,14 @@ def test_a_run_with_no_completed_request_still_plots(tmp_path):
     write_records(path, [RequestRecord("failed", 1000.0, error="ConnectError")])
     assert main([path, "-O", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "throughput.png").stat().st_size > 0
+
+
+def test_the_plot_verb_writes_the_plots(tmp_path, capsys):
+    from llmserve.cli import main as llmserve
+
+    path = str(tmp_path / "run1" / "requests.jsonl")
+    (tmp_path / "run1").mkdir()
+    write_records(path, synthetic_run(0.1))
+    assert llmserve(["plot", path, "-O", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "res_time_cdf.png").stat().st_size > 1000
+    assert str(tmp_path / "plots" / "throughput.png") in capsys.readouterr().out

@@ -40,3 +40,14 @@ def test_report_prints_per_step_and_per_token_columns(tmp_path, capsys):
     assert "2 steps, 6 tokens generated" in decode_part
     assert "agent predict" in decode_part and "4.000" in decode_part  # 8 ms over 2 steps
     assert "serving overhead (step - forward) / step: 20.0%" in decode_part
+
+
+def test_the_profile_verb_prints_the_same_report(tmp_path, capsys):
+    from llmserve.cli import main as llmserve
+
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TRACE))
+    assert main([str(path)]) == 0
+    report = capsys.readouterr().out
+    assert llmserve(["profile", str(path)]) == 0
+    assert capsys.readouterr().out == report
