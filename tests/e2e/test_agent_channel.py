@@ -7,6 +7,7 @@ from typing import Optional
 
 import msgpack
 import numpy as np
+import psutil
 import pytest
 import yaml
 import zmq
@@ -35,7 +36,8 @@ def agent(tmp_path_factory):
     assert oct((keys_dir / "agent.key_secret").stat().st_mode & 0o777) == "0o600"
     config = write_config(tmp_path, serving_config={"launch_agents": False, "agent_keys_dir": str(keys_dir)})
     port = yaml.safe_load(open(config))["serving_config"]["agent_ports"][0]
-    process = subprocess.Popen([sys.executable, "-m", "llmserve", "agent", "--config", config, "--rank", "0"], cwd=ROOT)
+    command = [sys.executable, "-m", "llmserve", "agent", "--config", config, "--rank", "0", "--cpus", "0"]
+    process = subprocess.Popen(command, cwd=ROOT)
     try:
         yield process, f"tcp://127.0.0.1:{port}", str(keys_dir)
     finally:
@@ -112,6 +114,7 @@ def test_strangers_without_the_master_key_get_nothing(agent):  # runs first: the
         assert process.poll() is None
         master = dealer(context, address, load_keys(keys_dir, "master"))
         assert "before InitAgent" in step_error(reply(master, one_token_step(1), REPLY_TIMEOUT_MS))
+        assert {psutil.Process(thread.id).cpu_affinity()[0] for thread in psutil.Process(process.pid).threads()} == {0}
     finally:
         context.destroy(linger=0)
 
