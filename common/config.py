@@ -43,6 +43,11 @@ class ModelConfig:
             raise ValueError("model_path: set a checkpoint directory, or dummy_config with load_format: dummy")
         if self.model_path is None and self.load_format != "dummy":
             raise ValueError("load_format: must be 'dummy' when model_path is not set")
+        if self.model_path is not None and self.dummy_config is not None:
+            raise ValueError(
+                "dummy_config: the checkpoint in model_path brings its own config.json; drop dummy_config "
+                "(and load_format: dummy, unless you want random weights of the checkpoint's shape)"
+            )
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise ValueError("max_seq_len: must be positive")
         for token_id in self.end_token_id or []:

@@ -55,6 +55,14 @@ def model_info(model_config: ModelConfig, hf_config: dict) -> ModelInfo:
     )
 
 
+def checkpoint_eos_token_ids(model_config: ModelConfig, hf_config: dict) -> tuple[int, ...]:
+    """Every end token the checkpoint names: config.json's eos_token_id and generation_config.json's."""
+    ids: list[int] = []
+    for eos in (hf_config.get("eos_token_id"), _generation_config(model_config).get("eos_token_id")):
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return tuple(dict.fromkeys(int(token_id) for token_id in ids))
+
+
 def _generation_config(model_config: ModelConfig) -> dict:
     if model_config.model_path is None:
         return {}

@@ -18,6 +18,7 @@ from llmserve.master.api import create_app
 from llmserve.master.chat_template import ChatTemplate, load_chat_template
 from llmserve.master.engine import Engine
 from llmserve.master.tokenizer import load_tokenizer
+from llmserve.master.tokenizer_checks import check_tokenizer
 
 logger = logging.getLogger("llmserve.master")
 
@@ -30,6 +31,8 @@ def serve(config: Config) -> int:
         tokenizer = load_tokenizer(config.model_config)
         hf_config = read_hf_config(config.model_config)
         info = model_info(config.model_config, hf_config)
+        for warning in check_tokenizer(tokenizer, config.model_config, hf_config, info):
+            logger.warning("%s", warning)
         _check_world_size(hf_config, serving.world_size)
         chat_template = load_chat_template(config.model_config)
         agents = AgentGroup(config, step_capacity(config, info.max_seq_len, len(info.eos_token_ids)))

@@ -10,11 +10,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from llmserve.common.config import ModelConfig
 from llmserve.common.errors import ConfigError
+from llmserve.master.sentencepiece_conversion import converted_tokenizer
 
 BUILTIN = "builtin"
 BUILTIN_VOCAB_SIZE = 1024
 BUILTIN_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: unk, bos, eos
 CORPUS_PATH = os.path.join(os.path.dirname(__file__), "data", "tokenizer_corpus.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in a directory, in this order of preference
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's piece for one byte of an unknown character
 
 
@@ -38,16 +40,42 @@ def build_builtin_tokenizer(vocab_size: int = BUILTIN_VOCAB_SIZE) -> Tokenizer:
 
 
 def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
-    """The tokenizer named by the config: builtin, or tokenizer.json of a directory."""
-    path = model_config.tokenizer_path or model_config.model_path
-    if path == BUILTIN:
+    """The tokenizer `tokenizer_file` names: builtin, a tokenizer.json, or a sentencepiece model converted once."""
+    file = tokenizer_file(model_config)
+    if file == BUILTIN:
         return build_builtin_tokenizer()
-    if path is None:
-        raise ConfigError("model_config.tokenizer_path: set it to a directory with tokenizer.json, or to 'builtin'")
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        raise ConfigError(f"model_config.tokenizer_path: no tokenizer.json in {path}")
-    return Tokenizer.from_file(file)
+    if file.endswith(".json"):
+        try:
+            return Tokenizer.from_file(file)
+        except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
+            raise ConfigError(f"{file}: not a tokenizer.json of Hugging Face tokenizers: {exc}") from exc
+    return converted_tokenizer(file)
+
+
+def tokenizer_file(model_config: ModelConfig) -> str:
+    """Where the tokenizer comes from: `tokenizer_path` if set, else the checkpoint's, else builtin (dummy weights).
+
+    BUILTIN, or a file: tokenizer.json, else a sentencepiece tokenizer.model, of the directory named.
+    """
+    if model_config.tokenizer_path is not None:
+        return _tokenizer_file_in(model_config.tokenizer_path, "model_config.tokenizer_path")
+    if model_config.model_path is not None:
+        return _tokenizer_file_in(model_config.model_path, "model_config.model_path")
+    return BUILTIN
+
+
+def _tokenizer_file_in(path: str, key: str) -> str:
+    if path == BUILTIN or os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path} does not exist")
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise ConfigError(
+        f"{key}: {path} has neither tokenizer.json nor tokenizer.model; "
+        "set model_config.tokenizer_path to a tokenizer's directory or file, or to 'builtin'"
+    )
 
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the output, so its first token reads as it does after the prompt

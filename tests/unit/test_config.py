@@ -7,6 +7,7 @@ import pytest
 
 from llmserve.common.config import load_config
 from llmserve.common.errors import ConfigError
+from llmserve.common.model_info import model_info, read_hf_config
 from tests.conftest import ROOT
 
 DEFAULT_YAML = os.path.join(ROOT, "configs", "default.yaml")
@@ -24,7 +25,9 @@ def test_default_config_loads():
     assert config.model_config.load_format == "dummy"
     assert config.serving_config.server_port == 8835
     assert config.pa_config.block_size == 16
-    assert config.model_config.end_token_id == [2]
+    # The dummy model's own eos and the builtin tokenizer, so a copy with model_path set takes the checkpoint's.
+    assert config.model_config.end_token_id is None and config.model_config.tokenizer_path is None
+    assert model_info(config.model_config, read_hf_config(config.model_config)).eos_token_ids == (2,)
 
 
 def test_bench_config_loads():
