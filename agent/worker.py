@@ -64,6 +64,9 @@ class Worker:
             block_size=config.pa_config.block_size,
             seed=config.model_config.seed,
             shard=self.shard,
+            attention_backend=config.model_config.attention_backend,
+            linear_kernel=config.model_config.linear_kernel,
+            max_seq_len=model_info(config.model_config, read_hf_config(config.model_config)).max_seq_len,
         )
         self.shared_all_reduce = None
         if self.shard.world > 1:
@@ -130,6 +133,7 @@ class Worker:
             num_layers=self.runner.num_layers,
             num_kv_blocks=self.runner.num_blocks,
             kv_cache_bytes=self.runner.num_blocks * self.runner.block_bytes,
+            kernels=self.runner.kernels,
             block_size=self.config.pa_config.block_size,
             dtype=self.config.model_config.model_dtype,
             device=str(self.device),

@@ -37,6 +37,8 @@ class ModelConfig:
     pad_token_id: Optional[int] = None
     seed: int = 0
     chat_template: Optional[str] = None
+    attention_backend: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/attention
+    linear_kernel: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/linear
 
     def validate(self) -> None:
         if self.model_path is None and self.dummy_config is None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = 3  # 1 had no version field; bump on any change to a message
+PROTOCOL_VERSION = 4  # 1 had no version field; bump on any change to a message
 
 
 class ProtocolError(ValueError):
@@ -54,6 +54,7 @@ class AgentReady:
     dtype: str
     device: str
     kv_cache_bytes: int = 0  # what its num_kv_blocks take on this rank
+    kernels: dict[str, str] = field(default_factory=dict)  # what computes what: {"attention": "cpu (...)", ...}
 
 
 @dataclass

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(verbs)
     _add_agent(verbs)
     _add_keys(verbs)
+    _add_build_kernels(verbs)
     _add_clients(verbs)
     _add_tools(verbs)
     return parser
@@ -246,6 +247,28 @@ def _keys(args: argparse.Namespace) -> int:
           f"  master host: {path}/master.key_secret and {path}/agent.key\n"
           f"  every agent host: {path}/agent.key_secret and {path}/master.key\n"
           f"then set serving_config.agent_keys_dir: {path} (or llmserve agent --keys-dir {path}).")
+    return 0
+
+
+def _add_build_kernels(verbs) -> None:
+    build = verbs.add_parser(
+        "build-kernels", help="compile llmserve's CPU kernels for this torch (`make install` runs it)",
+        description="Compile the C++ kernels (GEMV, paged decode attention) for AVX2 and AVX-512 into "
+                    "$XDG_CACHE_HOME/llmserve/kernels. Agents load the build for their CPU and fall back to "
+                    "oneDNN / torch without one; they never compile.")
+    build.set_defaults(run=_build_kernels)
+
+
+def _build_kernels(args: argparse.Namespace) -> int:
+    from llmserve.agent import kernels
+
+    results = kernels.build()
+    for variant, outcome in results.items():
+        print(f"{variant}: {outcome}")
+    here = kernels.variant_for_this_cpu()
+    if here is not None and results[here].startswith("failed"):
+        print(f"llmserve: the {here} build this CPU needs failed; agents will use oneDNN / torch", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -126,6 +126,7 @@ class Engine:
         self.request_id_of = self._request_id_of if config.serving_config.logits_dump_dir else None
         self.text_worker = TextWorker(tokenizer, model.max_seq_len)
         self.processes = ProcessWatch()
+        self.kernels: dict[str, str] = {}  # what the agents compute with, as rank 0 reports it
 
     async def start(self) -> None:
         """Wait for the agents, then start the step loop."""
@@ -149,6 +150,8 @@ class Engine:
                 if theirs != ours:
                     raise AgentFailure(f"agent {ready.rank} has {what} {theirs} where this master has {ours}: "
                                        "start the master and its agents from the same config")
+        self.kernels = readies[0].kernels
+        logger.info("kernels: %s", ", ".join(f"{part}: {what}" for part, what in self.kernels.items()) or "unknown")
         num_blocks = min(ready.num_kv_blocks for ready in readies)
         if self.block_manager is not None and self.block_manager.num_blocks == num_blocks:
             return
@@ -515,6 +518,7 @@ class Engine:
             "kv_cache_tokens": self.block_manager.num_blocks * self.block_manager.block_size,
             "agent_restarts": self.num_agent_restarts,
             "processes": [dataclasses.asdict(process) for process in self.processes.stats()],
+            "kernels": self.kernels,
         }
 
     def _num_requests(self, seqs) -> int:

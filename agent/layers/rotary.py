@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmserve.agent import cpu_ops
+
 
 def rope_parameters(hf_config: dict) -> dict:
     """The config's rope settings in the transformers-5 form: rope_theta, rope_type and any scaling keys."""
@@ -59,20 +61,60 @@ FREQUENCY_SCALINGS: dict[str, Callable[[torch.Tensor, dict], torch.Tensor]] = {
 
 
 class RotaryEmbedding(nn.Module):
-    """The cos and sin of every token's rotation angles, computed once per step for all layers."""
+    """Each token's rotation, worked out once per step for all layers: `rope = rotary(positions)`, then
+    `q, k = rope(q, k)` in every layer."""
 
     def __init__(self, head_dim: int, params: dict):
         super().__init__()
+        self.head_dim = head_dim
         self.register_buffer("inv_freq", inverse_frequencies(params, head_dim), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each [num_tokens, 1, head_dim], broadcasting over heads."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> "Rope":
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim // 2]
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return TorchRope(angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+class Rope:
+    """One step's rotation of q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim]."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class TorchRope(Rope):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin  # each [num_tokens, 1, head_dim], broadcasting over heads
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each head of x [num_tokens, num_heads, head_dim] by its token's angles (half-split pairs)."""
     first_half, second_half = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second_half, first_half), dim=-1) * sin
+
+
+class CpuRotaryEmbedding(RotaryEmbedding):
+    """The same rotation in place, with vLLM's CPU kernel, from a table of every position's cos and sin."""
+
+    def __init__(self, rotary: RotaryEmbedding, max_positions: int, dtype: torch.dtype):
+        super().__init__(rotary.head_dim, {"rope_type": "default", "rope_theta": 1.0})
+        self.inv_freq = rotary.inv_freq
+        angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * rotary.inv_freq[None, :]
+        # [max_positions, head_dim]: cos of each pair's angle, then sin (the kernel's layout)
+        self.register_buffer("cos_sin", torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        return CpuRope(positions, self.cos_sin, self.head_dim)
+
+
+class CpuRope(Rope):
+    def __init__(self, positions: torch.Tensor, cos_sin: torch.Tensor, head_dim: int):
+        self.positions, self.cos_sin, self.head_dim = positions, cos_sin, head_dim
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The kernel takes [num_tokens, heads * head_dim] rows (here views of the qkv output) and rotates them in place.
+        cpu_ops.load().ops.rotary_embedding(self.positions, q.view(len(q), -1), k.view(len(k), -1), self.head_dim, self.cos_sin, True)
+        return q, k

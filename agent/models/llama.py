@@ -5,12 +5,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llmserve.agent.layers.attention import AttentionMetadata, KVCache, PagedAttention
+from llmserve.agent.layers.attention import KVCache, PagedAttention, StepAttention
 from llmserve.agent.layers.norm import RMSNorm
-from llmserve.agent.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from llmserve.agent.layers.activation import SiluAndMul
+from llmserve.agent.layers.rotary import Rope, RotaryEmbedding, rope_parameters
 
 QKV_BIAS_ARCHITECTURES = {"Qwen2ForCausalLM"}
 
@@ -79,23 +79,24 @@ class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, sliding_window: Optional[int]):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.has_qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.has_qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.has_qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.has_o_bias)
+        self.q_size, self.kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.q_size, bias=config.has_qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_size, bias=config.has_qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_size, bias=config.has_qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.has_o_bias)
         self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim, sliding_window)
 
-    def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata
-    ) -> torch.Tensor:
+    def merge_projections(self) -> None:
+        """Once the weights are loaded: q, k and v in one matmul."""
+        self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, hidden: torch.Tensor, rope: Rope, kv_cache: KVCache, attention: StepAttention) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attn(q, k, v, kv_cache, metadata)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rope(q.view(num_tokens, self.num_heads, self.head_dim), k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        out = self.attn(q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim), kv_cache, attention)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -106,13 +107,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.has_mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.has_mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.has_mlp_bias)
+        self.act = SiluAndMul()
+
+    def merge_projections(self) -> None:
+        """Once the weights are loaded: gate and up in one matmul."""
+        self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
+        return self.down_proj(self.act(self.gate_up_proj(hidden)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: hidden + attention(norm(hidden)), then hidden + mlp(norm(hidden))."""
+    """Pre-norm block: hidden + attention(norm(hidden)), then hidden + mlp(norm(hidden)).
+
+    The residual stream travels beside the block's output, so each norm also adds it (RMSNorm's fused form).
+    """
 
     def __init__(self, config: DecoderConfig, sliding_window: Optional[int]):
         super().__init__()
@@ -122,10 +132,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: Rope, kv_cache: KVCache,
+        attention: StepAttention,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this block's output, the residual stream before it); add them for the block's full output."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, kv_cache, attention)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -139,14 +156,28 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], attention: StepAttention
     ) -> torch.Tensor:
         """input_ids, positions [num_tokens] -> hidden [num_tokens, hidden_size]."""
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        rope = self.rotary_emb(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos, sin, kv_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, attention)
+        return self.norm(hidden, residual)[0]
+
+
+def merged_linear(*linears: nn.Linear) -> nn.Linear:
+    """One linear layer computing the given ones side by side (their outputs concatenated)."""
+    first = linears[0]
+    merged = nn.Linear(first.in_features, sum(l.out_features for l in linears), bias=first.bias is not None,
+                       device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(torch.cat([l.weight for l in linears]))
+        if first.bias is not None:
+            merged.bias.copy_(torch.cat([l.bias for l in linears]))
+    merged.requires_grad_(False)
+    return merged
 
 
 class LlamaForCausalLM(nn.Module):
@@ -158,16 +189,22 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
 
+    def merge_projections(self) -> None:
+        """Once the weights are loaded (by their Hugging Face names): qkv and gate_up matmuls, one each."""
+        for layer in self.model.layers:
+            layer.self_attn.merge_projections()
+            layer.mlp.merge_projections()
+
     @property
     def tied_weights(self) -> dict[str, str]:
         """Parameters that share another's tensor instead of having their own: {name: source name}."""
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], attention: StepAttention
     ) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden_size]; logits are computed only for the rows that need them."""
-        return self.model(input_ids, positions, kv_caches, metadata)
+        return self.model(input_ids, positions, kv_caches, attention)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_rows, hidden_size] -> logits [num_rows, vocab_size]."""

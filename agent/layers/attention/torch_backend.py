@@ -1,4 +1,8 @@
-"""Paged attention on the CPU: the step's metadata and attention over K/V held in blocks."""
+"""The reference attention backend, in plain torch on any device: gather each sequence's blocks, then SDPA.
+
+The oracle of the other backends' tests and the fallback where they cannot run. Pools are
+[num_blocks, block_size, num_kv_heads, head_dim].
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,9 +10,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # K and V pools, each [num_blocks, block_size, num_kv_heads, head_dim]
+from llmserve.agent.layers.attention.base import AttentionBackend, KVCache, LayerShape, StepAttention
 
 
 @dataclass
@@ -63,29 +66,47 @@ class PrefillSequence:
         return self._masks[sliding_window]
 
 
-@dataclass
-class AttentionMetadata:
-    """Where this step's K/V are written and which blocks each sequence reads; built once, shared by all layers."""
+class TorchStepAttention(StepAttention):
+    """Where this step's K/V are written, and which blocks each sequence reads."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] block_id * block_size + offset of each new token
-    decode: Optional[DecodeBatch]
-    prefills: list[PrefillSequence]
+    def __init__(self, slot_mapping: torch.Tensor, decode: Optional[DecodeBatch], prefills: list[PrefillSequence]):
+        self.slot_mapping = slot_mapping  # [num_tokens] block_id * block_size + offset of each new token
+        self.decode = decode
+        self.prefills = prefills
 
     @property
     def is_all_decode(self) -> bool:
         return self.decode is not None and self.decode.token_indices is None
 
+    def attend(self, layer: LayerShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        k_pool, v_pool = kv_cache
+        k_pool.view(-1, layer.num_kv_heads, layer.head_dim)[self.slot_mapping] = k
+        v_pool.view(-1, layer.num_kv_heads, layer.head_dim)[self.slot_mapping] = v
+        if self.is_all_decode:
+            return _decode(layer, q, kv_cache, self.decode)
+        out = torch.empty_like(q)
+        if self.decode is not None:
+            rows = self.decode.token_indices
+            out[rows] = _decode(layer, q[rows], kv_cache, self.decode)
+        for seq in self.prefills:
+            rows = slice(seq.start, seq.end)
+            out[rows] = _prefill(layer, q[rows], k[rows], v[rows], kv_cache, seq)
+        return out
 
-class AttentionMetadataBuilder:
-    """Turns a step's host arrays into its AttentionMetadata, reusing the decode gather buffers across steps."""
+
+class TorchAttention(AttentionBackend):
+    """Builds each step's TorchStepAttention, reusing the decode gather buffers across steps."""
+
+    name = "torch"
 
     def __init__(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.block_size = block_size
-        self.dtype = dtype
-        self.device = device
+        super().__init__(block_size, num_kv_heads, head_dim, dtype, device)
         # A fresh megabyte-sized gather per layer per step costs more in page faults than the gather itself.
         empty = torch.empty((0, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
         self.gathered_k = self.gathered_v = empty
+
+    def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
     def build(
         self,
@@ -93,12 +114,12 @@ class AttentionMetadataBuilder:
         query_lens: torch.Tensor,
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
-    ) -> AttentionMetadata:
+    ) -> TorchStepAttention:
         """One decode batch for the sequences adding a token, one PrefillSequence per other; inputs on the host."""
         slot_mapping = slot_mapping.to(self.device)
         is_decode = query_lens == 1
         if bool(is_decode.all()):
-            return AttentionMetadata(slot_mapping, self._decode_batch(None, context_lens, block_tables), [])
+            return TorchStepAttention(slot_mapping, self._decode_batch(None, context_lens, block_tables), [])
         token_starts = torch.cumsum(query_lens, 0) - query_lens
         decode_rows = is_decode.nonzero().flatten()
         decode = None
@@ -112,7 +133,7 @@ class AttentionMetadataBuilder:
             )
             if not decodes
         ]
-        return AttentionMetadata(slot_mapping, decode, prefills)
+        return TorchStepAttention(slot_mapping, decode, prefills)
 
     def _decode_batch(
         self, token_indices: Optional[torch.Tensor], context_lens: torch.Tensor, block_tables: torch.Tensor
@@ -152,55 +173,28 @@ def _additive(is_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~is_visible, float("-inf"))
 
 
-class PagedAttention(nn.Module):
-    """Causal attention of this step's queries over each sequence's K/V in the block pools."""
+def _decode(layer: LayerShape, q: torch.Tensor, kv_cache: KVCache, decode: DecodeBatch) -> torch.Tensor:
+    """q [num_decodes, num_heads, head_dim] -> like q, one SDPA call for the whole batch."""
+    num_decodes = q.shape[0]
+    k, v = (
+        torch.index_select(pool, 0, decode.block_ids, out=gathered)
+        .view(num_decodes, decode.num_slots, layer.num_kv_heads, layer.head_dim)
+        .transpose(1, 2)  # [num_decodes, num_kv_heads, num_slots, head_dim]
+        for pool, gathered in zip(kv_cache, decode.gathered)
+    )
+    mask = decode.mask(layer.sliding_window)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
+    return out.squeeze(2)
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: Optional[int] = None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.sliding_window = sliding_window
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        """q [num_tokens, num_heads, head_dim], k and v [num_tokens, num_kv_heads, head_dim] -> like q."""
-        k_pool, v_pool = kv_cache
-        k_pool.view(-1, self.num_kv_heads, self.head_dim)[metadata.slot_mapping] = k
-        v_pool.view(-1, self.num_kv_heads, self.head_dim)[metadata.slot_mapping] = v
-        if metadata.is_all_decode:
-            return self._decode(q, kv_cache, metadata.decode)
-        out = torch.empty_like(q)
-        if metadata.decode is not None:
-            rows = metadata.decode.token_indices
-            out[rows] = self._decode(q[rows], kv_cache, metadata.decode)
-        for seq in metadata.prefills:
-            rows = slice(seq.start, seq.end)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, seq)
-        return out
-
-    def _decode(self, q: torch.Tensor, kv_cache: KVCache, decode: DecodeBatch) -> torch.Tensor:
-        """q [num_decodes, num_heads, head_dim] -> like q, one SDPA call for the whole batch."""
-        num_decodes = q.shape[0]
-        k, v = (
-            torch.index_select(pool, 0, decode.block_ids, out=gathered)
-            .view(num_decodes, decode.num_slots, self.num_kv_heads, self.head_dim)
-            .transpose(1, 2)  # [num_decodes, num_kv_heads, num_slots, head_dim]
-            for pool, gathered in zip(kv_cache, decode.gathered)
-        )
-        mask = decode.mask(self.sliding_window)
-        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
-        return out.squeeze(2)
-
-    def _prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, seq: PrefillSequence
-    ) -> torch.Tensor:
-        """q [query_len, num_heads, head_dim], this step's k and v [query_len, num_kv_heads, head_dim] -> like q."""
-        if seq.block_ids is not None:
-            context_len = seq.cached_len + q.shape[0]
-            k, v = (pool.index_select(0, seq.block_ids).flatten(0, 1)[:context_len] for pool in kv_cache)
-        mask = seq.mask(self.sliding_window)
-        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [heads, len, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return out.transpose(0, 1)
+def _prefill(
+    layer: LayerShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, seq: PrefillSequence
+) -> torch.Tensor:
+    """q [query_len, num_heads, head_dim], this step's k and v [query_len, num_kv_heads, head_dim] -> like q."""
+    if seq.block_ids is not None:
+        context_len = seq.cached_len + q.shape[0]
+        k, v = (pool.index_select(0, seq.block_ids).flatten(0, 1)[:context_len] for pool in kv_cache)
+    mask = seq.mask(layer.sliding_window)
+    q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [heads, len, head_dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    return out.transpose(0, 1)

@@ -1,0 +1,45 @@
+"""The small layers' kernels, chosen once at load time: vLLM's fused CPU kernels where they run, else torch.
+
+RMSNorm (with the residual add fused in), the MLP's SiLU gating and the rotary embedding are a dozen
+small torch ops per layer; on the CPU each becomes one pass of vLLM's compiled kernels (agent/cpu_ops.py).
+The swap keeps every parameter: the layers differ only in how they compute.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmserve.agent import cpu_ops
+from llmserve.agent.layers.activation import CpuSiluAndMul, SiluAndMul
+from llmserve.agent.layers.norm import CpuRMSNorm, RMSNorm
+from llmserve.agent.layers.rotary import CpuRotaryEmbedding, RotaryEmbedding
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_kernels_unsupported(dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the fused CPU kernels cannot run here, or None."""
+    if device.type != "cpu":
+        return f"they run on the CPU, not {device.type}"
+    loaded = cpu_ops.load()
+    if isinstance(loaded, cpu_ops.Unavailable):
+        return loaded.reason
+    if dtype not in DTYPES:
+        return f"they take {', '.join(map(str, DTYPES))}, not {dtype}"
+    return None
+
+
+def use_fused_kernels(model: nn.Module, max_positions: int, dtype: torch.dtype) -> None:
+    """Swap the model's RMSNorm, SiluAndMul and RotaryEmbedding modules for their fused CPU forms."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is RMSNorm:
+                fused = CpuRMSNorm(child.weight.shape[0], child.eps)
+                fused.weight = child.weight
+                setattr(module, name, fused)
+            elif type(child) is SiluAndMul:
+                setattr(module, name, CpuSiluAndMul())
+            elif type(child) is RotaryEmbedding:
+                setattr(module, name, CpuRotaryEmbedding(child, max_positions, dtype))
