@@ -1,10 +1,11 @@
-"""Offline throughput of llmserve against `transformers` generate, same weights, one run.
+"""Offline throughput of llmserve against `transformers` generate and CTranslate2, same weights, one run.
 
 Builds the bench model (configs/bench.yaml's dummy_config) with `transformers`,
 saves it as a checkpoint, then measures in this one run:
   * llmserve through its real master/agent path (OfflineEngine: all requests
-    submitted at once), and `transformers` generate in static batches;
-  * batch-1 decode ms/token and time to first token for both.
+    submitted at once), `transformers` generate in static batches, and
+    CTranslate2 (float32 and int8, when `ctranslate2` is installed) in batches;
+  * batch-1 decode ms/token and time to first token for each.
 Prints a table, writes JSON to --out, and with --update-benchmarks replaces the
 table between the bench_offline markers in BENCHMARKS.md.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -98,7 +100,46 @@ def measure_transformers(model, prompts: torch.Tensor, output_len: int, batch_si
     }
 
 
-def table(ours: dict, ref: dict, args) -> str:
+def save_vocabulary(path: str, vocab_size: int) -> None:
+    """A word-level tokenizer whose tokens are t0..tN: CTranslate2's converter reads the vocabulary from it."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(path)
+
+
+def measure_ctranslate2(model_dir: str, prompts: torch.Tensor, output_len: int, compute_type: str, batch_size: int) -> dict:
+    """CTranslate2's Generator on the same checkpoint, converted to `compute_type`, in batches of `batch_size`."""
+    import ctranslate2
+
+    converted = os.path.join(model_dir, f"ct2-{compute_type}")
+    if not os.path.exists(converted):
+        ctranslate2.converters.TransformersConverter(model_dir).convert(converted, quantization=compute_type)
+    generator = ctranslate2.Generator(converted, device="cpu", intra_threads=torch.get_num_threads())
+    tokens = [[f"t{i}" for i in row] for row in prompts.tolist()]
+
+    def generate(batch: list[list[str]], length: int) -> list[list[int]]:
+        results = generator.generate_batch(batch, max_length=length, min_length=length, sampling_topk=1,
+                                           include_prompt_in_result=False, max_batch_size=batch_size)
+        return [result.sequences_ids[0] for result in results]
+
+    generate(tokens[:2], 4)  # warm-up
+    start = time.perf_counter()
+    outputs = generate(tokens, output_len)
+    wall = time.perf_counter() - start
+    start = time.perf_counter()
+    generate(tokens[:1], 1)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    generate(tokens[:1], output_len)
+    full = time.perf_counter() - start
+    return {"wall_s": wall, "tokens_per_s": len(prompts) * output_len / wall, "batch1_ttft_ms": ttft * 1e3,
+            "batch1_decode_ms": (full - ttft) / (output_len - 1) * 1e3, "first_output": outputs[0],
+            "batch_size": batch_size}
+
+
+def table(ours: dict, ref: dict, peers: dict, args) -> str:
     best_bs = max(ref["static"], key=lambda bs: ref["static"][bs]["tokens_per_s"])
     best = ref["static"][best_bs]["tokens_per_s"]
     rows = [
@@ -111,14 +152,18 @@ def table(ours: dict, ref: dict, args) -> str:
             f"| transformers generate, static batches of {bs} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "
             f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f} |"
         )
+    for name, r in peers.items():
+        rows.append(f"| CTranslate2 {name}, batches of {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "
+                    f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f} |")
+    others = {"transformers": ref, **{f"CTranslate2 {name}": r for name, r in peers.items()}}
     rows += [
         "",
-        "| batch 1 | llmserve | transformers | ratio (transformers / llmserve) |",
-        "|---|---|---|---|",
-        f"| decode ms/token | {ours['batch1_decode_ms']:.2f} | {ref['batch1_decode_ms']:.2f} | "
-        f"{ref['batch1_decode_ms'] / ours['batch1_decode_ms']:.2f} |",
+        "| batch 1 | llmserve | " + " | ".join(others) + " |",
+        "|---|---|" + "---|" * len(others),
+        f"| decode ms/token | {ours['batch1_decode_ms']:.2f} | "
+        + " | ".join(f"{r['batch1_decode_ms']:.2f}" for r in others.values()) + " |",
         f"| time to first token ms ({args.input_len} prompt tokens) | {ours['batch1_ttft_ms']:.1f} | "
-        f"{ref['batch1_ttft_ms']:.1f} | {ref['batch1_ttft_ms'] / ours['batch1_ttft_ms']:.2f} |",
+        + " | ".join(f"{r['batch1_ttft_ms']:.1f}" for r in others.values()) + " |",
         "",
         f"Throughput ratio llmserve / best transformers static batch ({best_bs}): "
         f"**{ours['tokens_per_s'] / best:.2f}x**. First request's greedy tokens equal between the two: "
@@ -157,6 +202,9 @@ def parse_args(argv: Optional[list[str]], prog: Optional[str]) -> argparse.Names
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--ctranslate2", nargs="*", default=["float32", "int8"], metavar="COMPUTE_TYPE",
+                        help="CTranslate2 runs beside (when installed); none with an empty list")
+    parser.add_argument("--ct2-batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("results", "bench_offline.json"), help="JSON results file")
     parser.add_argument("--update-benchmarks", nargs="?", const="BENCHMARKS.md", metavar="FILE",
@@ -179,16 +227,24 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
         ours = asyncio.run(measure_llmserve(config_path, prompts.tolist(), args.output_len))
         print(f"llmserve: {ours['tokens_per_s']:.1f} tok/s", flush=True)
         ref = measure_transformers(model, prompts, args.output_len, args.hf_batch_sizes)
+        peers = {}
+        if args.ctranslate2 and importlib.util.find_spec("ctranslate2") is not None:
+            save_vocabulary(os.path.join(workdir, "model"), dummy_config["vocab_size"])
+            for compute_type in args.ctranslate2:
+                peers[compute_type] = measure_ctranslate2(
+                    os.path.join(workdir, "model"), prompts, args.output_len, compute_type, args.ct2_batch_size
+                )
+                print(f"CTranslate2 {compute_type}: {peers[compute_type]['tokens_per_s']:.1f} tok/s", flush=True)
     command = f"{prog or 'python tools/bench_offline.py'} " + " ".join(argv)
     text = (
         f"Machine: {machine()}. Workload: {args.num_requests} requests of {args.input_len} random prompt tokens, "
         f"exactly {args.output_len} output tokens each, greedy, float32, same weights.\n"
-        f"Command: `{command.strip()}`\n\n" + table(ours, ref, args)
+        f"Command: `{command.strip()}`\n\n" + table(ours, ref, peers, args)
     )
     print(text)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"llmserve": ours, "transformers": ref, "machine": machine()}, f, indent=2)
+        json.dump({"llmserve": ours, "transformers": ref, "ctranslate2": peers, "machine": machine()}, f, indent=2)
     if args.update_benchmarks:
         update_benchmarks(text, args.update_benchmarks)
     return 0
