@@ -3,7 +3,7 @@ several batch sizes and contexts, and a step mixing decodes with prefills.
 
 Paths: `torch` (gather + SDPA, the reference), `cpu-vllm` (vLLM's CPU kernels for every step) and
 `cpu` (the backend as it runs: llmserve's own decode kernel for decode-only steps when it is built).
-Prints a table of medians (ms per layer) and writes them as JSON to --out.
+Times one layer's call (the step's metadata is built once per step, outside); prints a table of medians (ms per layer) and writes them as JSON to --out.
 
     python tools/bench_attention.py --heads 12 --kv-heads 12 --head-dim 64 --out results/attention.json
 """
@@ -54,10 +54,10 @@ def time_path(path: str, rows, args, dtype: torch.dtype) -> float:
     q = torch.randn(num_tokens, args.heads, args.head_dim).to(dtype)
     k = torch.randn(num_tokens, args.kv_heads, args.head_dim).to(dtype)
     v = torch.randn(num_tokens, args.kv_heads, args.head_dim).to(dtype)
+    step = backend.build(torch.tensor(slots, dtype=torch.int64), query_lens, context_lens, tables)  # once per step
     times = []
-    for _ in range(args.warmup + args.repeats):
+    for _ in range(args.warmup + args.repeats):  # what each layer costs: writing k, v, then attending
         began = time.perf_counter()
-        step = backend.build(torch.tensor(slots, dtype=torch.int64), query_lens, context_lens, tables)
         step.attend(layer, q, k, v, kv_cache)
         times.append(time.perf_counter() - began)
     return statistics.median(times[args.warmup :]) * 1e3

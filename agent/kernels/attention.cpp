@@ -84,24 +84,73 @@ inline Vec vexp(Vec x) {
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
-// scores[0:block_size] = q . K[t] for every token t of a block whose K is stored transposed, [head_dim][block_size]
-// (vLLM's CPU layout), vectorized over tokens; block_size is a multiple of kWidth
+// scores[t:t + N * kWidth] = q . K[t'] for the tokens t' of N vector chunks of a block whose K is stored
+// transposed, [head_dim][block_size] (vLLM's CPU layout): 2N independent accumulators hide the FMA latency
+template <int N, typename T>
+inline void scores_tile(const float* q, const T* k_t, int64_t D, int64_t block_size, int64_t t, float* scores) {
+  Vec a[N], b[N];
+  for (int c = 0; c < N; ++c) a[c] = b[c] = vzero();
+  int64_t d = 0;
+  for (; d + 2 <= D; d += 2) {
+    const Vec q0 = vset(q[d]), q1 = vset(q[d + 1]);
+    const T* r0 = k_t + d * block_size + t;
+    const T* r1 = r0 + block_size;
+    for (int c = 0; c < N; ++c) {
+      a[c] = vfma(q0, vload(r0 + c * kWidth), a[c]);
+      b[c] = vfma(q1, vload(r1 + c * kWidth), b[c]);
+    }
+  }
+  for (; d < D; ++d) {
+    const Vec q0 = vset(q[d]);
+    for (int c = 0; c < N; ++c) a[c] = vfma(q0, vload(k_t + d * block_size + t + c * kWidth), a[c]);
+  }
+  for (int c = 0; c < N; ++c) vstore(scores + t + c * kWidth, vadd(a[c], b[c]));
+}
+
+// scores[0:block_size] = q . K[t] for every token of the block; block_size is a multiple of kWidth
 template <typename T>
 inline void block_scores(const float* q, const T* k_t, int64_t D, int64_t block_size, float* scores) {
-  for (int64_t t = 0; t < block_size; t += kWidth) {
-    Vec acc = vzero();
-    for (int64_t d = 0; d < D; ++d) acc = vfma(vset(q[d]), vload(k_t + d * block_size + t), acc);
-    vstore(scores + t, acc);
+  int64_t t = 0;
+  for (; t + 4 * kWidth <= block_size; t += 4 * kWidth) scores_tile<4>(q, k_t, D, block_size, t, scores);
+  switch ((block_size - t) / kWidth) {
+    case 3: scores_tile<3>(q, k_t, D, block_size, t, scores); break;
+    case 2: scores_tile<2>(q, k_t, D, block_size, t, scores); break;
+    case 1: scores_tile<1>(q, k_t, D, block_size, t, scores); break;
+    default: break;
   }
 }
 
-// acc += p * row
+// out[d:d + N * kWidth] += sum over tokens t0..t1 of p[t] * V[t], the accumulators held in registers
+template <int N, typename T>
+inline void values_tile(float* out, const float* p, const T* v, int64_t t0, int64_t t1, int64_t D, int64_t d) {
+  Vec acc[N];
+  for (int c = 0; c < N; ++c) acc[c] = vload(out + d + c * kWidth);
+  for (int64_t t = t0; t < t1; ++t) {
+    const Vec pv = vset(p[t]);
+    const T* row = v + t * D + d;
+    for (int c = 0; c < N; ++c) acc[c] = vfma(pv, vload(row + c * kWidth), acc[c]);
+  }
+  for (int c = 0; c < N; ++c) vstore(out + d + c * kWidth, acc[c]);
+}
+
+// out[0:D] += sum over tokens t0..t1 of p[t] * V[t], V a block's [block_size][head_dim]
 template <typename T>
-inline void add_scaled(float* acc, float p, const T* row, int64_t D) {
-  Vec pv = vset(p);
+inline void block_values(float* out, const float* p, const T* v, int64_t t0, int64_t t1, int64_t D) {
   int64_t d = 0;
-  for (; d + kWidth <= D; d += kWidth) vstore(acc + d, vfma(pv, vload(row + d), vload(acc + d)));
-  for (; d < D; ++d) acc[d] += p * to_float(row[d]);
+  for (; d + 8 * kWidth <= D; d += 8 * kWidth) values_tile<8>(out, p, v, t0, t1, D, d);
+  switch ((D - d) / kWidth) {
+    case 7: values_tile<7>(out, p, v, t0, t1, D, d); break;
+    case 6: values_tile<6>(out, p, v, t0, t1, D, d); break;
+    case 5: values_tile<5>(out, p, v, t0, t1, D, d); break;
+    case 4: values_tile<4>(out, p, v, t0, t1, D, d); break;
+    case 3: values_tile<3>(out, p, v, t0, t1, D, d); break;
+    case 2: values_tile<2>(out, p, v, t0, t1, D, d); break;
+    case 1: values_tile<1>(out, p, v, t0, t1, D, d); break;
+    default: break;
+  }
+  for (d += (D - d) / kWidth * kWidth; d < D; ++d) {
+    for (int64_t t = t0; t < t1; ++t) out[d] += p[t] * to_float(v[t * D + d]);
+  }
 }
 
 inline void scale(float* acc, float factor, int64_t D) {
@@ -128,45 +177,54 @@ inline float exp_in_place(float* scores, int64_t t0, int64_t t1, float max_score
   return sum;
 }
 
-// One (sequence, KV head): the G query heads of the group against its context [start, context_len).
+// One sequence's KV heads [h0, h1), each with the G query heads of its group, against its context
+// [start, context_len). Blocks outer, heads inner: a block's heads lie side by side in the pool, so each
+// block is one contiguous read the hardware prefetcher follows; the next block is prefetched by hand.
 template <typename KV>
-void attend_group(const float* q, const KV* k_pool, const KV* v_pool, const int32_t* table, int64_t start,
-                  int64_t context_len, int64_t G, int64_t D, int64_t block_size, int64_t kv_head,
-                  int64_t num_kv_heads, float* out, std::vector<float>& scores) {
-  std::vector<float> max_score(G, -std::numeric_limits<float>::infinity()), denom(G, 0.f);
-  std::fill(out, out + G * D, 0.f);
-  scores.resize(G * block_size);
-  const int64_t block_stride = num_kv_heads * block_size * D;
+void attend_heads(const float* q, const KV* k_pool, const KV* v_pool, const int32_t* table, int64_t start,
+                  int64_t context_len, int64_t G, int64_t D, int64_t block_size, int64_t h0, int64_t h1,
+                  int64_t num_kv_heads, float* out, std::vector<float>& scores, std::vector<float>& max_score,
+                  std::vector<float>& denom) {
+  const int64_t rows = (h1 - h0) * G;  // query heads handled here; q and out point at the first
+  max_score.assign(rows, -std::numeric_limits<float>::infinity());
+  denom.assign(rows, 0.f);
+  std::fill(out, out + rows * D, 0.f);
+  scores.resize(block_size);
+  const int64_t block_stride = num_kv_heads * block_size * D, head_stride = block_size * D;
+  const int64_t span_bytes = (h1 - h0) * head_stride * (int64_t)sizeof(KV);
   for (int64_t first = start - start % block_size; first < context_len; first += block_size) {
     const int64_t block = table[first / block_size];
-    const KV* k_block = k_pool + block * block_stride + kv_head * block_size * D;
-    const KV* v_block = v_pool + block * block_stride + kv_head * block_size * D;
     const int64_t t0 = std::max(first, start) - first, t1 = std::min(first + block_size, context_len) - first;
     if (first + block_size < context_len) {  // the next block is elsewhere in memory: ask for it now
       const int64_t next = table[first / block_size + 1];
-      const char* k_next = reinterpret_cast<const char*>(k_pool + next * block_stride + kv_head * block_size * D);
-      const char* v_next = reinterpret_cast<const char*>(v_pool + next * block_stride + kv_head * block_size * D);
-      for (int64_t offset = 0; offset < block_size * D * (int64_t)sizeof(KV); offset += 64) {
+      const char* k_next = reinterpret_cast<const char*>(k_pool + next * block_stride + h0 * head_stride);
+      const char* v_next = reinterpret_cast<const char*>(v_pool + next * block_stride + h0 * head_stride);
+      for (int64_t offset = 0; offset < span_bytes; offset += 64) {
         _mm_prefetch(k_next + offset, _MM_HINT_T0);
         _mm_prefetch(v_next + offset, _MM_HINT_T0);
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* s = scores.data() + g * block_size;
-      block_scores(q + g * D, k_block, D, block_size, s);
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[t]);
-      const float new_max = std::max(max_score[g], block_max);
-      const float correction = std::exp(max_score[g] - new_max);  // 0 on the first block (from -inf)
-      max_score[g] = new_max;
-      if (correction != 1.f) scale(out + g * D, correction, D);
-      denom[g] = denom[g] * correction + exp_in_place(s, t0, t1, new_max);
-      for (int64_t t = t0; t < t1; ++t) add_scaled(out + g * D, s[t], v_block + t * D, D);
+    for (int64_t h = h0; h < h1; ++h) {
+      const KV* k_block = k_pool + block * block_stride + h * head_stride;
+      const KV* v_block = v_pool + block * block_stride + h * head_stride;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = (h - h0) * G + g;
+        float* s = scores.data();
+        block_scores(q + row * D, k_block, D, block_size, s);
+        float block_max = -std::numeric_limits<float>::infinity();
+        for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[t]);
+        const float new_max = std::max(max_score[row], block_max);
+        const float correction = std::exp(max_score[row] - new_max);  // 0 on the first block (from -inf)
+        max_score[row] = new_max;
+        if (correction != 1.f) scale(out + row * D, correction, D);
+        denom[row] = denom[row] * correction + exp_in_place(s, t0, t1, new_max);
+        block_values(out + row * D, s, v_block, t0, t1, D);
+      }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = 1.f / denom[g];
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] *= inv;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inv = 1.f / denom[row];
+    for (int64_t d = 0; d < D; ++d) out[row * D + d] *= inv;
   }
 }
 
@@ -183,18 +241,23 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   float* op = out_f32.data_ptr<float>();
-  omp_set_num_threads(at::get_num_threads());
+  const int threads = at::get_num_threads();
+  // each sequence's KV heads in as few pieces as keep every thread busy (4 tasks per thread)
+  const int64_t pieces = std::min<int64_t>(num_kv_heads, std::max<int64_t>(1, (4 * threads + S - 1) / S));
+  const int64_t heads_per_piece = (num_kv_heads + pieces - 1) / pieces;
+  omp_set_num_threads(threads);
 #pragma omp parallel
   {
-    std::vector<float> scores;
+    std::vector<float> scores, max_score, denom;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < S * num_kv_heads; ++task) {
-      const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
+    for (int64_t task = 0; task < S * pieces; ++task) {
+      const int64_t seq = task / pieces, h0 = (task % pieces) * heads_per_piece;
+      const int64_t h1 = std::min(num_kv_heads, h0 + heads_per_piece);
+      if (h0 >= h1) continue;
       const int64_t context_len = lens[seq];
       const int64_t start = window > 0 ? std::max<int64_t>(0, context_len - window) : 0;
-      const int64_t head = kv_head * G;
-      attend_group<KV>(qp + (seq * H + head) * D, kp, vp, tables + seq * width, start, context_len, G, D,
-                       block_size, kv_head, num_kv_heads, op + (seq * H + head) * D, scores);
+      attend_heads<KV>(qp + (seq * H + h0 * G) * D, kp, vp, tables + seq * width, start, context_len, G, D,
+                       block_size, h0, h1, num_kv_heads, op + (seq * H + h0 * G) * D, scores, max_score, denom);
     }
   }
 }
