@@ -12,10 +12,12 @@ from torch import nn
 
 from llmserve.agent.layers.norm import RMSNorm
 from llmserve.agent.models import model_class
-from llmserve.agent.tensor_parallel import Shard, local_config, shard_weight
+from llmserve.agent.tensor_parallel import Shard, local_config, shard_channel_scales, shard_weight
+from llmserve.common.model_info import checkpoint_quantization
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 COMPUTED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
+SCALE_SUFFIX = "_scale"  # compressed-tensors: X.weight (int8) and X.weight_scale ([out, 1])
 
 
 def load_model(
@@ -40,9 +42,48 @@ def load_model(
         weights = _safetensors_weights(_checkpoint_files(model_path))
     else:
         raise ValueError(f"load_format {load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'")
+    scales: dict[str, torch.Tensor] = {}
+    if load_format != "dummy" and checkpoint_quantization(hf_config) == "int8":
+        weights = _dequantized_int8(weights, scales)
     shares = ((name, shard_weight(name, tensor, hf_config, shard)) for name, tensor in weights)
     _assign_weights(model, shares, dtype, torch.device(device))
+    for name, channel_scales in scales.items():  # what agent/layers/quantization quantizes them back with
+        model.get_parameter(name).checkpoint_scales = shard_channel_scales(name, channel_scales, hf_config, shard)
     return model.to(device).eval()
+
+
+def _dequantized_int8(
+    weights: Iterator[tuple[str, torch.Tensor]], scales: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A pre-quantized checkpoint's int8 weights as float (q * scale), each weight's per-channel scales kept in
+    `scales`; everything else as it is. A weight and its scale may come in either order, from any file."""
+    pending: dict[str, torch.Tensor] = {}  # int8 weights or scales waiting for their other half
+    for name, tensor in weights:
+        if name.endswith(".weight" + SCALE_SUFFIX):
+            weight_name = name[: -len(SCALE_SUFFIX)]
+            scale = tensor.float().reshape(-1)
+            if weight_name in pending:
+                yield weight_name, _dequantize(weight_name, pending.pop(weight_name), scale, scales)
+            else:
+                pending[name] = scale
+        elif tensor.dtype == torch.int8:
+            scale = pending.pop(name + SCALE_SUFFIX, None)
+            if scale is None:
+                pending[name] = tensor
+            else:
+                yield name, _dequantize(name, tensor, scale, scales)
+        else:
+            yield name, tensor
+    if pending:
+        raise ValueError(f"the checkpoint's int8 weights and scales do not pair up: {', '.join(sorted(pending))}")
+
+
+def _dequantize(name: str, qweight: torch.Tensor, scale: torch.Tensor, scales: dict[str, torch.Tensor]) -> torch.Tensor:
+    if qweight.dtype != torch.int8 or scale.numel() != qweight.shape[0]:
+        raise ValueError(f"{name}: int8 [out, in] with one scale per output channel expected, got {qweight.dtype} "
+                         f"{list(qweight.shape)} and {scale.numel()} scales")
+    scales[name] = scale
+    return qweight.float() * scale[:, None]
 
 
 def _checkpoint_files(model_path: Optional[str]) -> list[str]:

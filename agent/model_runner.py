@@ -15,6 +15,7 @@ from llmserve.agent.layers.linear import linear_kernel as choose_linear_kernel, 
 from llmserve.agent.layers.quantization import quantization_plan, quantize_model
 from llmserve.agent.loader import load_model
 from llmserve.agent.tensor_parallel import Shard
+from llmserve.common.model_info import checkpoint_quantization
 
 if TYPE_CHECKING:
     from llmserve.common.timers import StageTimer
@@ -56,10 +57,15 @@ class ModelRunner:
         self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard)
         self.model.merge_projections()
         self.quantization = "none"
-        if quantization != "none":
-            plan = quantization_plan(quantization, self.dtype, self.device)
-            quantize_model(self.model, plan, keep=() if quantize_lm_head else ("lm_head",))
-            self.quantization = plan.description + (", LM head too" if quantize_lm_head else ", LM head in the model dtype")
+        prequantized = checkpoint_quantization(hf_config) if load_format != "dummy" else None
+        if quantization != "none" or prequantized:
+            plan = quantization_plan(quantization if quantization != "none" else prequantized, self.dtype, self.device)
+            if prequantized:  # the checkpoint's int8 layers, with its scales (the rest stays as stored)
+                count = quantize_model(self.model, plan, prequantized_only=True)
+                self.quantization = f"{plan.description}, {count} layers from the checkpoint (compressed-tensors)"
+            else:
+                quantize_model(self.model, plan, keep=() if quantize_lm_head else ("lm_head",))
+                self.quantization = plan.description + (", LM head too" if quantize_lm_head else ", LM head in the model dtype")
         kernel, self.linear_kernel = choose_linear_kernel(linear_kernel, self.dtype, self.device)
         use_linear_kernel(self.model, kernel)  # what is still float: the LM head, or every layer
         self.fused_kernels = "torch"

@@ -64,6 +64,13 @@ def shard_weight(name: str, tensor: torch.Tensor, hf_config: dict, shard: Shard)
     return tensor
 
 
+def shard_channel_scales(weight_name: str, scales: torch.Tensor, hf_config: dict, shard: Shard) -> torch.Tensor:
+    """The per-output-channel scales of weight `weight_name` that this rank holds: they follow the rows."""
+    if shard.world > 1 and COLUMN_PARALLEL.search(weight_name):
+        return _rows(weight_name, scales, hf_config, shard).clone()
+    return scales
+
+
 def _rows(name: str, tensor: torch.Tensor, hf_config: dict, shard: Shard) -> torch.Tensor:
     """Output rows of a column-parallel layer; KV heads are replicated when there are fewer than ranks."""
     heads = hf_config["num_attention_heads"]

@@ -35,8 +35,40 @@ class ModelInfo:
     pad_token_id: Optional[int]
 
 
+def checkpoint_quantization(hf_config: dict) -> Optional[str]:
+    """The scheme a pre-quantized checkpoint is stored in (config.json's quantization_config), or None for
+    a float one; ConfigError naming the method or field llmserve cannot load.
+
+    Loaded: compressed-tensors `int-quantized` checkpoints of int8 weights, symmetric per output channel,
+    with dynamic per-token int8 activations (W8A8, what llm-compressor's W8A8 recipes write).
+    """
+    config = hf_config.get("quantization_config")
+    if not config:
+        return None
+    method = config.get("quant_method")
+    where = "config.json's quantization_config"
+    if method != "compressed-tensors":
+        raise ConfigError(f"{where}: quant_method {method!r} is not supported; llmserve loads compressed-tensors "
+                          "int8 W8A8 checkpoints, or quantizes a float checkpoint itself (model_config.quantization)")
+    if config.get("format") != "int-quantized":
+        raise ConfigError(f"{where}: compressed-tensors format {config.get('format')!r} is not supported (int-quantized is)")
+    expected_weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    expected_inputs = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    for name, group in (config.get("config_groups") or {}).items():
+        for part, expected in (("weights", expected_weights), ("input_activations", expected_inputs)):
+            given = group.get(part) or {}
+            for key, value in expected.items():
+                if given.get(key) != value:
+                    raise ConfigError(f"{where}: config_groups.{name}.{part}.{key} is {given.get(key)!r}; llmserve "
+                                      f"loads {value!r} (int8 W8A8: per-channel weights, dynamic per-token inputs)")
+    if not config.get("config_groups"):
+        raise ConfigError(f"{where}: compressed-tensors without config_groups")
+    return "int8"
+
+
 def model_info(model_config: ModelConfig, hf_config: dict) -> ModelInfo:
     """Combine the config file's overrides with the checkpoint's own values."""
+    checkpoint_quantization(hf_config)  # a checkpoint llmserve cannot load stops the start here
     max_len = model_config.max_seq_len or hf_config.get("max_position_embeddings") or 2048
     eos = model_config.end_token_id
     if eos is None:

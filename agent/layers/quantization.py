@@ -77,7 +77,12 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
         self.plan = plan
-        qweight, scales = quantize_per_channel(linear.weight.detach(), plan.weight_max)
+        given = getattr(linear.weight, "checkpoint_scales", None)
+        if given is not None and plan.weight_max == 127:  # a pre-quantized checkpoint: its own int8 values
+            scales = given.float()
+            qweight = torch.round(linear.weight.detach().float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        else:
+            qweight, scales = quantize_per_channel(linear.weight.detach(), plan.weight_max)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
@@ -130,12 +135,18 @@ def quantization_plan(scheme: str, dtype: torch.dtype, device: torch.device) -> 
     return plan
 
 
-def quantize_model(model: nn.Module, plan: Int8Plan, keep: tuple[str, ...] = ("lm_head",)) -> int:
-    """Swap every nn.Linear of `model` but those named in `keep` for Int8Linear; how many were swapped."""
+def quantize_model(
+    model: nn.Module, plan: Int8Plan, keep: tuple[str, ...] = ("lm_head",), prequantized_only: bool = False
+) -> int:
+    """Swap every nn.Linear of `model` but those named in `keep` for Int8Linear, or with `prequantized_only`
+    exactly the layers a pre-quantized checkpoint stored in int8; how many were swapped."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and name not in keep:
+            if type(child) is not nn.Linear:
+                continue
+            prequantized = hasattr(child.weight, "checkpoint_scales")
+            if (prequantized if prequantized_only else name not in keep):
                 setattr(module, name, Int8Linear(child, plan))
                 swapped += 1
     return swapped

@@ -177,6 +177,9 @@ def merged_linear(*linears: nn.Linear) -> nn.Linear:
         if first.bias is not None:
             merged.bias.copy_(torch.cat([l.bias for l in linears]))
     merged.requires_grad_(False)
+    parts = [getattr(l.weight, "checkpoint_scales", None) for l in linears]
+    if all(part is not None for part in parts):  # a pre-quantized checkpoint's scales follow the rows
+        merged.weight.checkpoint_scales = torch.cat(parts)
     return merged
 
 

@@ -151,3 +151,108 @@ def test_quantization_is_refused_where_it_cannot_run():
         config_from_dict({"model_config": {**model, "quantization": "int3"}})
     with pytest.raises(ValueError, match="quantization: 'int3' is not one of none, int8"):
         quantization.quantization_plan("int3", torch.float32, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- pre-quantized checkpoints (compressed-tensors)
+
+COMPRESSED_TENSORS_INT8 = {
+    "quant_method": "compressed-tensors",
+    "format": "int-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+    }},
+    "ignore": ["lm_head"],
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def compressed_tensors_checkpoint(checkpoint, tmp_path_factory):
+    """(the int8 checkpoint, the same weights dequantized as a float checkpoint, {weight name: (q, scale)}).
+
+    Written as llm-compressor writes W8A8: each decoder projection's `weight` in int8 and its `weight_scale`
+    [out, 1]; every other channel's scale leaves headroom (max |q| < 127), as non-min-max observers do."""
+    from safetensors.torch import load_file, save_file
+
+    float_weights = load_file(f"{checkpoint}/model.safetensors")
+    quantized, dequantized, stored = {}, {}, {}
+    for name, tensor in float_weights.items():
+        if any(f".{p}.weight" in name for p in PROJECTIONS):
+            amax = tensor.abs().amax(dim=1)
+            scale = amax / torch.where(torch.arange(len(amax)) % 2 == 0, 127.0, 113.0)
+            q = torch.round(tensor / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            quantized[name], quantized[name + "_scale"] = q, scale[:, None].contiguous()
+            dequantized[name] = q.float() * scale[:, None]
+            stored[name] = (q, scale)
+        else:
+            quantized[name] = dequantized[name] = tensor
+    with open(f"{checkpoint}/config.json") as f:
+        config = json.load(f)
+    paths = []
+    for kind, weights, extra in (("int8", quantized, {"quantization_config": COMPRESSED_TENSORS_INT8}),
+                                 ("dequantized", dequantized, {})):
+        path = tmp_path_factory.mktemp(kind)
+        save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+        with open(f"{path}/config.json", "w") as f:
+            json.dump({**config, **extra}, f)
+        paths.append(str(path))
+    return paths[0], paths[1], stored
+
+
+def test_a_compressed_tensors_int8_checkpoint_computes_with_its_own_int8_weights(compressed_tensors_checkpoint):
+    path, dequantized_path, stored = compressed_tensors_checkpoint
+    with open(f"{path}/config.json") as f:
+        hf_config = json.load(f)
+    runner = ModelRunner(hf_config, path, "auto", "float32", "cpu", 8, 16)
+    assert runner.kernels["quantization"].endswith("8 layers from the checkpoint (compressed-tensors)")
+    assert not isinstance(runner.model.lm_head, Int8Linear)  # in the checkpoint's ignore list: stored as float
+    for index, layer in enumerate(runner.model.model.layers):
+        prefix = f"model.layers.{index}"
+        for module, parts in ((layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              (layer.self_attn.o_proj, ("self_attn.o_proj",)),
+                              (layer.mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
+                              (layer.mlp.down_proj, ("mlp.down_proj",))):
+            assert isinstance(module, Int8Linear)
+            q = torch.cat([stored[f"{prefix}.{part}.weight"][0] for part in parts])
+            scale = torch.cat([stored[f"{prefix}.{part}.weight"][1] for part in parts])
+            assert torch.equal(module.qweight, q)  # exactly the checkpoint's values, headroom kept
+            torch.testing.assert_close(module.scales, scale, atol=0, rtol=0)
+    with open(f"{dequantized_path}/config.json") as f:
+        float_runner = ModelRunner(json.load(f), dequantized_path, "auto", "float32", "cpu", 8, 16)
+    tokens = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(9)).tolist()
+    expected, got = prefill_logits(float_runner, tokens), prefill_logits(runner, tokens)
+    assert float((got - expected).norm() / expected.norm()) < 0.05  # only the activations' rounding differs
+
+
+def test_a_tensor_parallel_rank_holds_its_rows_of_the_checkpoint_scales(compressed_tensors_checkpoint):
+    from llmserve.agent.loader import load_model
+    from llmserve.agent.tensor_parallel import Shard
+
+    path, _, stored = compressed_tensors_checkpoint
+    with open(f"{path}/config.json") as f:
+        hf_config = json.load(f)
+    model = load_model(hf_config, path, "auto", torch.float32, torch.device("cpu"), shard=Shard(rank=1, world=2))
+    attention = model.model.layers[0].self_attn
+    torch.testing.assert_close(attention.q_proj.weight.checkpoint_scales,
+                               stored["model.layers.0.self_attn.q_proj.weight"][1].chunk(2)[1])
+    torch.testing.assert_close(attention.o_proj.weight.checkpoint_scales,  # row-parallel: every output channel
+                               stored["model.layers.0.self_attn.o_proj.weight"][1])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
+    ({"format": "pack-quantized"}, "format 'pack-quantized' is not supported"),
+    ({"config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor"},
+                              "input_activations": COMPRESSED_TENSORS_INT8["config_groups"]["group_0"]["input_activations"]}}},
+     "config_groups.g.weights.strategy is 'tensor'"),
+    ({"config_groups": {"g": {"weights": COMPRESSED_TENSORS_INT8["config_groups"]["group_0"]["weights"]}}},
+     "config_groups.g.input_activations.num_bits is None"),
+])
+def test_a_checkpoint_quantized_otherwise_is_refused_naming_what(change, message):
+    from llmserve.common.model_info import checkpoint_quantization
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        checkpoint_quantization({"quantization_config": {**COMPRESSED_TENSORS_INT8, **change}})
