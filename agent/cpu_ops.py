@@ -64,3 +64,15 @@ def load() -> Union[CpuOps, Unavailable]:
     except (OSError, RuntimeError) as exc:  # another torch ABI, a missing libnuma, ...
         return Unavailable(f"{path} does not load with torch {torch.__version__}: {exc}")
     return CpuOps(torch.ops._C, library, isa)
+
+
+def unsupported(dtype: torch.dtype, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> Optional[str]:
+    """Why kernels of this library taking `dtypes` cannot run a model of `dtype` on `device`, or None."""
+    if device.type != "cpu":
+        return f"they run on the CPU, not {device.type}"
+    loaded = load()
+    if isinstance(loaded, Unavailable):
+        return loaded.reason
+    if dtype not in dtypes:
+        return f"they take {', '.join(map(str, dtypes))}, not {dtype}"
+    return None

@@ -21,6 +21,7 @@ logger = logging.getLogger("llmserve.agent")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("gemv.cpp", "attention.cpp")
+HEADERS = ("simd.h",)  # included by the sources: part of what a build is keyed by
 VARIANTS = {  # the ISA an agent's CPU reports -> the compiler flags of its build
     "avx512": ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"),
     "avx2": ("-mavx2", "-mfma"),
@@ -48,7 +49,7 @@ def variant_for_this_cpu() -> Optional[str]:
 
 def build_directory(variant: str) -> str:
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         with open(os.path.join(HERE, name), "rb") as f:
             digest.update(f.read())
     digest.update(" ".join((*COMMON_FLAGS, *VARIANTS[variant])).encode())

@@ -8,32 +8,14 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 
 namespace {
 
-#if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int kWidth = 16;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
-#else
-using Vec = __m256;
-constexpr int kWidth = 8;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline float sum(Vec v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
-}
-#endif
+using namespace llmserve_simd;
 
 constexpr int kPrefetch = 256;  // floats ahead in the row: a kilobyte, enough to hide the memory's latency
 
@@ -41,18 +23,18 @@ constexpr int kPrefetch = 256;  // floats ahead in the row: a kilobyte, enough t
 template <int M>
 inline void row_dot(const float* w_row, const float* x, int64_t K, float* out) {
   Vec a[M], b[M];
-  for (int m = 0; m < M; ++m) a[m] = b[m] = zero();
+  for (int m = 0; m < M; ++m) a[m] = b[m] = vzero();
   int64_t k = 0;
   for (; k + 2 * kWidth <= K; k += 2 * kWidth) {
     _mm_prefetch(reinterpret_cast<const char*>(w_row + k + kPrefetch), _MM_HINT_T0);
-    Vec w0 = load(w_row + k), w1 = load(w_row + k + kWidth);
+    Vec w0 = vload(w_row + k), w1 = vload(w_row + k + kWidth);
     for (int m = 0; m < M; ++m) {
-      a[m] = fma(w0, load(x + m * K + k), a[m]);
-      b[m] = fma(w1, load(x + m * K + k + kWidth), b[m]);
+      a[m] = vfma(w0, vload(x + m * K + k), a[m]);
+      b[m] = vfma(w1, vload(x + m * K + k + kWidth), b[m]);
     }
   }
   for (int m = 0; m < M; ++m) {
-    float s = sum(add(a[m], b[m]));
+    float s = vsum(vadd(a[m], b[m]));
     for (int64_t kk = k; kk < K; ++kk) s += w_row[kk] * x[m * K + kk];
     out[m] = s;
   }

@@ -21,14 +21,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def fused_kernels_unsupported(dtype: torch.dtype, device: torch.device) -> Optional[str]:
     """Why the fused CPU kernels cannot run here, or None."""
-    if device.type != "cpu":
-        return f"they run on the CPU, not {device.type}"
-    loaded = cpu_ops.load()
-    if isinstance(loaded, cpu_ops.Unavailable):
-        return loaded.reason
-    if dtype not in DTYPES:
-        return f"they take {', '.join(map(str, DTYPES))}, not {dtype}"
-    return None
+    return cpu_ops.unsupported(dtype, device, DTYPES)
 
 
 def use_fused_kernels(model: nn.Module, max_positions: int, dtype: torch.dtype) -> None:

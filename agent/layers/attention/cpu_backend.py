@@ -37,13 +37,9 @@ class CpuAttention(AttentionBackend):
     @staticmethod
     def unsupported(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
         """Why this backend cannot run this model here, or None."""
-        if device.type != "cpu":
-            return f"it runs on the CPU, not {device.type}"
-        loaded = cpu_ops.load()
-        if isinstance(loaded, cpu_ops.Unavailable):
-            return loaded.reason
-        if dtype not in DTYPES:
-            return f"its kernels take {', '.join(str(d) for d in DTYPES)}, not {dtype}"
+        problem = cpu_ops.unsupported(dtype, device, DTYPES)
+        if problem:
+            return problem
         if block_size % 16:
             return f"its kernels need a block_size multiple of 16, not {block_size}"
         if head_dim not in HEAD_DIMS:
