@@ -18,6 +18,7 @@ from llmserve.common.model_info import checkpoint_quantization
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 COMPUTED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
 SCALE_SUFFIX = "_scale"  # compressed-tensors: X.weight (int8) and X.weight_scale ([out, 1])
+ZERO_POINT_SUFFIX = "_zero_point"  # X.weight_zero_point, all zeros for symmetric weights
 
 
 def load_model(
@@ -47,8 +48,10 @@ def load_model(
         weights = _dequantized_int8(weights, scales)
     shares = ((name, shard_weight(name, tensor, hf_config, shard)) for name, tensor in weights)
     _assign_weights(model, shares, dtype, torch.device(device))
+    tied = getattr(model, "tied_weights", {})
     for name, channel_scales in scales.items():  # what agent/layers/quantization quantizes them back with
-        model.get_parameter(name).checkpoint_scales = shard_channel_scales(name, channel_scales, hf_config, shard)
+        if name not in tied:  # a tied copy was not loaded: the layer computes with its source's float weights
+            model.get_parameter(name).checkpoint_scales = shard_channel_scales(name, channel_scales, hf_config, shard)
     return model.to(device).eval()
 
 
@@ -59,6 +62,10 @@ def _dequantized_int8(
     `scales`; everything else as it is. A weight and its scale may come in either order, from any file."""
     pending: dict[str, torch.Tensor] = {}  # int8 weights or scales waiting for their other half
     for name, tensor in weights:
+        if name.endswith(ZERO_POINT_SUFFIX):  # symmetric schemes: zeros, when a writer stores them at all
+            if bool(tensor.any()):
+                raise ValueError(f"{name}: non-zero zero points (an asymmetric scheme); llmserve loads symmetric int8")
+            continue
         if name.endswith(".weight" + SCALE_SUFFIX):
             weight_name = name[: -len(SCALE_SUFFIX)]
             scale = tensor.float().reshape(-1)

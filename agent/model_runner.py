@@ -59,7 +59,11 @@ class ModelRunner:
         self.quantization = "none"
         prequantized = checkpoint_quantization(hf_config) if load_format != "dummy" else None
         if quantization != "none" or prequantized:
-            plan = quantization_plan(quantization if quantization != "none" else prequantized, self.dtype, self.device)
+            try:
+                plan = quantization_plan(quantization if quantization != "none" else prequantized, self.dtype, self.device)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (the checkpoint is stored in int8: its quantization_config)" if prequantized
+                                 else str(exc)) from None
             if prequantized:  # the checkpoint's int8 layers, with its scales (the rest stays as stored)
                 count = quantize_model(self.model, plan, prequantized_only=True)
                 self.quantization = f"{plan.description}, {count} layers from the checkpoint (compressed-tensors)"

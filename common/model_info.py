@@ -68,7 +68,11 @@ def checkpoint_quantization(hf_config: dict) -> Optional[str]:
 
 def model_info(model_config: ModelConfig, hf_config: dict) -> ModelInfo:
     """Combine the config file's overrides with the checkpoint's own values."""
-    checkpoint_quantization(hf_config)  # a checkpoint llmserve cannot load stops the start here
+    # a checkpoint llmserve cannot load stops the start here
+    prequantized = checkpoint_quantization(hf_config)
+    if prequantized and model_config.load_format != "dummy" and model_config.model_dtype == "float16":
+        raise ConfigError("model_config.model_dtype: the checkpoint is int8 W8A8 (its quantization_config), which "
+                          "runs with a float32 or bfloat16 model, not float16")
     max_len = model_config.max_seq_len or hf_config.get("max_position_embeddings") or 2048
     eos = model_config.end_token_id
     if eos is None:

@@ -139,13 +139,20 @@ def measure_ctranslate2(model_dir: str, prompts: torch.Tensor, output_len: int, 
             "batch_size": batch_size}
 
 
+def _quantized(args) -> str:
+    if args.quantization == "none":
+        return ""
+    return f" ({args.quantization}{', LM head too' if args.quantize_lm_head else ''})"
+
+
 def table(ours: dict, ref: dict, peers: dict, args) -> str:
     best_bs = max(ref["static"], key=lambda bs: ref["static"][bs]["tokens_per_s"])
     best = ref["static"][best_bs]["tokens_per_s"]
     rows = [
         "| run | output tok/s | wall s | llmserve / this |",
         "|---|---|---|---|",
-        f"| llmserve, all {args.num_requests} at once (continuous batching) | {ours['tokens_per_s']:.1f} | {ours['wall_s']:.1f} | 1.00 |",
+        f"| llmserve{_quantized(args)}, all {args.num_requests} at once (continuous batching) | {ours['tokens_per_s']:.1f} "
+        f"| {ours['wall_s']:.1f} | 1.00 |",
     ]
     for bs, r in ref["static"].items():
         rows.append(
@@ -158,7 +165,7 @@ def table(ours: dict, ref: dict, peers: dict, args) -> str:
     others = {"transformers": ref, **{f"CTranslate2 {name}": r for name, r in peers.items()}}
     rows += [
         "",
-        "| batch 1 | llmserve | " + " | ".join(others) + " |",
+        f"| batch 1 | llmserve{_quantized(args)} | " + " | ".join(others) + " |",
         "|---|---|" + "---|" * len(others),
         f"| decode ms/token | {ours['batch1_decode_ms']:.2f} | "
         + " | ".join(f"{r['batch1_decode_ms']:.2f}" for r in others.values()) + " |",
@@ -205,6 +212,9 @@ def parse_args(argv: Optional[list[str]], prog: Optional[str]) -> argparse.Names
     parser.add_argument("--ctranslate2", nargs="*", default=["float32", "int8"], metavar="COMPUTE_TYPE",
                         help="CTranslate2 runs beside (when installed); none with an empty list")
     parser.add_argument("--ct2-batch-size", type=int, default=32)
+    parser.add_argument("--quantization", choices=["none", "int8"], default="none",
+                        help="llmserve's model_config.quantization (the peers keep their own settings)")
+    parser.add_argument("--quantize-lm-head", action="store_true", help="llmserve's model_config.quantize_lm_head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("results", "bench_offline.json"), help="JSON results file")
     parser.add_argument("--update-benchmarks", nargs="?", const="BENCHMARKS.md", metavar="FILE",
@@ -222,7 +232,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     prompts = torch.randint(3, dummy_config["vocab_size"], (args.num_requests, args.input_len), generator=generator)
     with tempfile.TemporaryDirectory() as workdir:
         model = save_checkpoint(dummy_config, os.path.join(workdir, "model"), args.seed)
-        checkpoint = {"model_path": os.path.join(workdir, "model"), "load_format": "auto", "dummy_config": None}
+        checkpoint = {"model_path": os.path.join(workdir, "model"), "load_format": "auto", "dummy_config": None,
+                      "quantization": args.quantization, "quantize_lm_head": args.quantize_lm_head}
         config_path = write_local_config(args.config, workdir, model_config=checkpoint)
         ours = asyncio.run(measure_llmserve(config_path, prompts.tolist(), args.output_len))
         print(f"llmserve: {ours['tokens_per_s']:.1f} tok/s", flush=True)

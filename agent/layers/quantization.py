@@ -85,7 +85,9 @@ class Int8Linear(nn.Module):
             qweight, scales = quantize_per_channel(linear.weight.detach(), plan.weight_max)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        # float32 for llmserve's kernel and the reference; oneDNN reads the bias in the output's dtype
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.onednn_bias = None if linear.bias is None else linear.bias.detach().to(self.out_dtype)
         self.handler: Optional[torch.Tensor] = None
         if "onednn" in (plan.small, plan.large):
             # oneDNN packs the [K, N] weight into its own blocked layout once; the handle lives as long as this
@@ -104,7 +106,7 @@ class Int8Linear(nn.Module):
             x_scales = torch.empty((len(rows), 1), dtype=torch.float32)
             ops.dynamic_scaled_int8_quant(x_q, rows.contiguous(), x_scales, None)
             out = torch.empty((len(rows), self.out_features), dtype=self.out_dtype)
-            ops.onednn_scaled_mm(out, x_q, x_scales, None, None, self.bias, self.handler)
+            ops.onednn_scaled_mm(out, x_q, x_scales, None, None, self.onednn_bias, self.handler)
         else:
             out = self._reference(rows)
         return out.view(*x.shape[:-1], self.out_features)

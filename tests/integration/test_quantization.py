@@ -81,6 +81,17 @@ def test_each_cpu_gets_the_fastest_exact_kernels(has_onednn, has_llmserve, has_v
     assert int8_plan(has_onednn, has_llmserve, has_vnni) == expected
 
 
+@pytest.mark.parametrize("plan", [*PLANS.values(), Int8Plan("torch", "torch", 127)])
+@pytest.mark.parametrize("rows", [2, 9])
+def test_a_bfloat16_layer_with_a_bias_runs_on_every_kernel(plan, rows):
+    float_layer = linear(256, 96, True, seed=4).to(torch.bfloat16)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    got = Int8Linear(float_layer, plan)(x)
+    expected = float_layer(x).detach().float()
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - expected).norm() / expected.norm()) < 0.03
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -240,6 +251,29 @@ def test_a_tensor_parallel_rank_holds_its_rows_of_the_checkpoint_scales(compress
                                stored["model.layers.0.self_attn.q_proj.weight"][1].chunk(2)[1])
     torch.testing.assert_close(attention.o_proj.weight.checkpoint_scales,  # row-parallel: every output channel
                                stored["model.layers.0.self_attn.o_proj.weight"][1])
+
+
+def test_zero_points_of_a_symmetric_scheme_are_skipped_and_others_refused():
+    from llmserve.agent.loader import _dequantized_int8
+
+    q, scale = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8), torch.tensor([[0.5], [0.25]])
+    stream = [("l.weight", q), ("l.weight_scale", scale), ("l.weight_zero_point", torch.zeros(2, 1, dtype=torch.int8))]
+    scales: dict = {}
+    (name, weight), = _dequantized_int8(iter(stream), scales)
+    assert name == "l.weight" and torch.equal(weight, torch.tensor([[0.5, -1.0], [0.75, 1.0]]))
+    stream[2] = ("l.weight_zero_point", torch.ones(2, 1, dtype=torch.int8))
+    with pytest.raises(ValueError, match="l.weight_zero_point: non-zero zero points"):
+        list(_dequantized_int8(iter(stream), {}))
+
+
+def test_a_pre_quantized_checkpoint_with_a_float16_model_is_refused_at_start():
+    from llmserve.common.config import ModelConfig
+    from llmserve.common.model_info import model_info
+
+    config = ModelConfig(model_path="/x", model_dtype="float16")
+    hf_config = {"vocab_size": 10, "quantization_config": COMPRESSED_TENSORS_INT8}
+    with pytest.raises(ConfigError, match="the checkpoint is int8 W8A8 .* not float16"):
+        model_info(config, hf_config)
 
 
 @pytest.mark.parametrize("change, message", [
