@@ -54,8 +54,10 @@ class Worker:
         if self.shard.world > 1:
             backend = "gloo" if serving.device == "cpu" else "nccl"
             init_group(backend, serving.dist_ip, serving.dist_port, self.shard, serving.agent_start_timeout)
+        hf_config = read_hf_config(config.model_config)
+        self.max_seq_len = model_info(config.model_config, hf_config).max_seq_len
         self.runner = ModelRunner(
-            hf_config=read_hf_config(config.model_config),
+            hf_config=hf_config,
             model_path=config.model_config.model_path,
             load_format=config.model_config.load_format,
             dtype=config.model_config.model_dtype,
@@ -68,7 +70,7 @@ class Worker:
             linear_kernel=config.model_config.linear_kernel,
             quantization=config.model_config.quantization,
             quantize_lm_head=config.model_config.quantize_lm_head,
-            max_seq_len=model_info(config.model_config, read_hf_config(config.model_config)).max_seq_len,
+            max_seq_len=self.max_seq_len,
         )
         self.shared_all_reduce = None
         if self.shard.world > 1:
@@ -90,8 +92,7 @@ class Worker:
     def _kv_blocks(self, block_bytes: int) -> int:
         """The KV blocks of this rank, from pa_config and the memory left after the weights."""
         config = self.config
-        max_seq_len = model_info(config.model_config, read_hf_config(config.model_config)).max_seq_len
-        blocks_per_seq = -(-max_seq_len // config.pa_config.block_size)
+        blocks_per_seq = -(-self.max_seq_len // config.pa_config.block_size)
         ranks_here = self.shard.world if config.serving_config.device == "cpu" and config.serving_config.transport == "shm" else 1
         try:
             size = kv_cache_size(

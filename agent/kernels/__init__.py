@@ -57,8 +57,9 @@ def build_directory(variant: str) -> str:
     return os.path.join(cache, "llmserve", "kernels", f"torch{torch.__version__}-{digest.hexdigest()[:16]}", variant)
 
 
-def library_name(variant: str) -> str:
-    return f"llmserve_kernels_{variant}"
+def library_path(variant: str) -> str:
+    """Where the build of `variant` for these sources and this torch lives."""
+    return os.path.join(build_directory(variant), f"llmserve_kernels_{variant}.so")
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +68,7 @@ def load() -> Union[Kernels, Unavailable]:
     variant = variant_for_this_cpu()
     if variant is None:
         return Unavailable(f"no build for this CPU ({torch.backends.cpu.get_cpu_capability()})")
-    path = os.path.join(build_directory(variant), f"{library_name(variant)}.so")
+    path = library_path(variant)
     if not os.path.exists(path):
         return Unavailable(f"not built for this torch: run `llmserve build-kernels` (looked for {path})")
     try:
@@ -84,12 +85,11 @@ def build(variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, str]:
 
     results, running = {}, {}
     for variant in variants:
-        directory = build_directory(variant)
-        target = os.path.join(directory, f"{library_name(variant)}.so")
+        target = library_path(variant)
         if os.path.exists(target):
             results[variant] = f"already built: {target}"
             continue
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         command = [
             os.environ.get("CXX", "c++"), *(os.path.join(HERE, name) for name in SOURCES), "-shared", "-fPIC",
             "-std=c++17", *COMMON_FLAGS, *VARIANTS[variant], f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",

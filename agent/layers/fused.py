@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmserve.agent import cpu_ops
+from llmserve.agent.layers import swap_modules
 from llmserve.agent.layers.activation import CpuSiluAndMul, SiluAndMul
 from llmserve.agent.layers.norm import CpuRMSNorm, RMSNorm
 from llmserve.agent.layers.rotary import CpuRotaryEmbedding, RotaryEmbedding
@@ -26,13 +27,16 @@ def fused_kernels_unsupported(dtype: torch.dtype, device: torch.device) -> Optio
 
 def use_fused_kernels(model: nn.Module, max_positions: int, dtype: torch.dtype) -> None:
     """Swap the model's RMSNorm, SiluAndMul and RotaryEmbedding modules for their fused CPU forms."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is RMSNorm:
-                fused = CpuRMSNorm(child.weight.shape[0], child.eps)
-                fused.weight = child.weight
-                setattr(module, name, fused)
-            elif type(child) is SiluAndMul:
-                setattr(module, name, CpuSiluAndMul())
-            elif type(child) is RotaryEmbedding:
-                setattr(module, name, CpuRotaryEmbedding(child, max_positions, dtype))
+    swap_modules(model, lambda name, child: _fused(child, max_positions, dtype))
+
+
+def _fused(child: nn.Module, max_positions: int, dtype: torch.dtype) -> Optional[nn.Module]:
+    if type(child) is RMSNorm:
+        fused = CpuRMSNorm(child.weight.shape[0], child.eps)
+        fused.weight = child.weight
+        return fused
+    if type(child) is SiluAndMul:
+        return CpuSiluAndMul()
+    if type(child) is RotaryEmbedding:
+        return CpuRotaryEmbedding(child, max_positions, dtype)
+    return None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmserve.agent import kernels
+from llmserve.agent.layers import swap_modules
 
 logger = logging.getLogger("llmserve.agent")
 
@@ -63,10 +64,7 @@ def use_linear_kernel(model: nn.Module, kernel: str) -> None:
     if kernel == "torch":
         return
     has_gemv = not isinstance(kernels.load(), kernels.Unavailable)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, CpuLinear(child, has_gemv))
+    swap_modules(model, lambda name, child: CpuLinear(child, has_gemv) if type(child) is nn.Linear else None)
 
 
 def _cpu_unsupported(dtype: torch.dtype, device: torch.device) -> Optional[str]:

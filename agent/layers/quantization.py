@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from llmserve.agent import cpu_ops, kernels
+from llmserve.agent.layers import swap_modules
+from llmserve.agent.layers.linear import GEMV_MAX_ROWS
 
 logger = logging.getLogger("llmserve.agent")
 
 SCHEMES = ("none", "int8")
 ONEDNN_PRIMITIVE_CACHE = 128  # oneDNN primitives kept per layer (one per distinct row count)
-GEMV_MAX_ROWS = 4  # up to this many rows (decode steps), llmserve's kernel streams the weights at memory speed
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,12 @@ def int8_plan(has_onednn: bool, has_llmserve: bool, has_vnni: bool) -> Int8Plan:
     return Int8Plan(small, large, 63 if large == "onednn" and not has_vnni else 127)
 
 
-def quantize_per_channel(weight: torch.Tensor, limit: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per output channel, |q| <= limit: (qweight int8 [N, K], scales float32 [N]); weight ~ qweight * scales."""
-    scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / limit
+def quantize_per_channel(
+    weight: torch.Tensor, limit: int = 127, scales: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per output channel, |q| <= limit: (qweight int8 [N, K], scales float32 [N]); weight ~ qweight * scales.
+    `scales` given (a pre-quantized checkpoint's): rounded on that grid instead of each channel's max |w| / limit."""
+    scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / limit if scales is None else scales.float()
     qweight = torch.round(weight.float() / scales[:, None]).clamp(-limit, limit).to(torch.int8)
     return qweight, scales
 
@@ -77,12 +81,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
         self.plan = plan
-        given = getattr(linear.weight, "checkpoint_scales", None)
-        if given is not None and plan.weight_max == 127:  # a pre-quantized checkpoint: its own int8 values
-            scales = given.float()
-            qweight = torch.round(linear.weight.detach().float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        else:
-            qweight, scales = quantize_per_channel(linear.weight.detach(), plan.weight_max)
+        given = getattr(linear.weight, "checkpoint_scales", None)  # a pre-quantized checkpoint: its own int8 values
+        qweight, scales = quantize_per_channel(linear.weight.detach(), plan.weight_max,
+                                               given if plan.weight_max == 127 else None)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         # float32 for llmserve's kernel and the reference; oneDNN reads the bias in the output's dtype
@@ -142,13 +143,11 @@ def quantize_model(
 ) -> int:
     """Swap every nn.Linear of `model` but those named in `keep` for Int8Linear, or with `prequantized_only`
     exactly the layers a pre-quantized checkpoint stored in int8; how many were swapped."""
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            prequantized = hasattr(child.weight, "checkpoint_scales")
-            if (prequantized if prequantized_only else name not in keep):
-                setattr(module, name, Int8Linear(child, plan))
-                swapped += 1
-    return swapped
+
+    def replacement(name: str, child: nn.Module) -> Optional[nn.Module]:
+        if type(child) is not nn.Linear:
+            return None
+        chosen = hasattr(child.weight, "checkpoint_scales") if prequantized_only else name not in keep
+        return Int8Linear(child, plan) if chosen else None
+
+    return swap_modules(model, replacement)

@@ -96,12 +96,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-second_half, first_half), dim=-1) * sin
 
 
-class CpuRotaryEmbedding(RotaryEmbedding):
-    """The same rotation in place, with vLLM's CPU kernel, from a table of every position's cos and sin."""
+class CpuRotaryEmbedding(nn.Module):
+    """RotaryEmbedding's rotation in place, with vLLM's CPU kernel, from a table of every position's cos and sin."""
 
     def __init__(self, rotary: RotaryEmbedding, max_positions: int, dtype: torch.dtype):
-        super().__init__(rotary.head_dim, {"rope_type": "default", "rope_theta": 1.0})
-        self.inv_freq = rotary.inv_freq
+        super().__init__()
+        self.head_dim = rotary.head_dim
         angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * rotary.inv_freq[None, :]
         # [max_positions, head_dim]: cos of each pair's angle, then sin (the kernel's layout)
         self.register_buffer("cos_sin", torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype), persistent=False)
