@@ -12,13 +12,13 @@ from torch import nn
 
 from llmserve.agent.layers.norm import RMSNorm
 from llmserve.agent.models import model_class
-from llmserve.agent.tensor_parallel import Shard, local_config, shard_channel_scales, shard_weight
+from llmserve.agent.layers.quantization import CheckpointGrid
+from llmserve.agent.quantized_checkpoint import dequantized
+from llmserve.agent.tensor_parallel import Shard, local_config, shard_grid, shard_weight
 from llmserve.common.model_info import checkpoint_quantization
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 COMPUTED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
-SCALE_SUFFIX = "_scale"  # compressed-tensors: X.weight (int8) and X.weight_scale ([out, 1])
-ZERO_POINT_SUFFIX = "_zero_point"  # X.weight_zero_point, all zeros for symmetric weights
 
 
 def load_model(
@@ -43,54 +43,17 @@ def load_model(
         weights = _safetensors_weights(_checkpoint_files(model_path))
     else:
         raise ValueError(f"load_format {load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'")
-    scales: dict[str, torch.Tensor] = {}
-    if load_format != "dummy" and checkpoint_quantization(hf_config) == "int8":
-        weights = _dequantized_int8(weights, scales)
+    grids: dict[str, CheckpointGrid] = {}
+    prequantized = checkpoint_quantization(hf_config) if load_format != "dummy" else None
+    if prequantized:
+        weights = dequantized(weights, prequantized, grids)
     shares = ((name, shard_weight(name, tensor, hf_config, shard)) for name, tensor in weights)
     _assign_weights(model, shares, dtype, torch.device(device))
     tied = getattr(model, "tied_weights", {})
-    for name, channel_scales in scales.items():  # what agent/layers/quantization quantizes them back with
+    for name, grid in grids.items():  # what agent/layers/quantization rounds the weights back onto
         if name not in tied:  # a tied copy was not loaded: the layer computes with its source's float weights
-            model.get_parameter(name).checkpoint_scales = shard_channel_scales(name, channel_scales, hf_config, shard)
+            model.get_parameter(name).checkpoint_grid = shard_grid(name, grid, hf_config, shard)
     return model.to(device).eval()
-
-
-def _dequantized_int8(
-    weights: Iterator[tuple[str, torch.Tensor]], scales: dict[str, torch.Tensor]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """A pre-quantized checkpoint's int8 weights as float (q * scale), each weight's per-channel scales kept in
-    `scales`; everything else as it is. A weight and its scale may come in either order, from any file."""
-    pending: dict[str, torch.Tensor] = {}  # int8 weights or scales waiting for their other half
-    for name, tensor in weights:
-        if name.endswith(ZERO_POINT_SUFFIX):  # symmetric schemes: zeros, when a writer stores them at all
-            if bool(tensor.any()):
-                raise ValueError(f"{name}: non-zero zero points (an asymmetric scheme); llmserve loads symmetric int8")
-            continue
-        if name.endswith(".weight" + SCALE_SUFFIX):
-            weight_name = name[: -len(SCALE_SUFFIX)]
-            scale = tensor.float().reshape(-1)
-            if weight_name in pending:
-                yield weight_name, _dequantize(weight_name, pending.pop(weight_name), scale, scales)
-            else:
-                pending[name] = scale
-        elif tensor.dtype == torch.int8:
-            scale = pending.pop(name + SCALE_SUFFIX, None)
-            if scale is None:
-                pending[name] = tensor
-            else:
-                yield name, _dequantize(name, tensor, scale, scales)
-        else:
-            yield name, tensor
-    if pending:
-        raise ValueError(f"the checkpoint's int8 weights and scales do not pair up: {', '.join(sorted(pending))}")
-
-
-def _dequantize(name: str, qweight: torch.Tensor, scale: torch.Tensor, scales: dict[str, torch.Tensor]) -> torch.Tensor:
-    if qweight.dtype != torch.int8 or scale.numel() != qweight.shape[0]:
-        raise ValueError(f"{name}: int8 [out, in] with one scale per output channel expected, got {qweight.dtype} "
-                         f"{list(qweight.shape)} and {scale.numel()} scales")
-    scales[name] = scale
-    return qweight.float() * scale[:, None]
 
 
 def _checkpoint_files(model_path: Optional[str]) -> list[str]:

@@ -42,6 +42,7 @@ class ModelRunner:
         max_seq_len: Optional[int] = None,
         quantization: str = "none",
         quantize_lm_head: bool = False,
+        quantization_group_size: int = 128,
     ):
         """`num_blocks`: the KV blocks to allocate, or a function of one block's bytes on this rank that gives
         them, called once the weights are in memory (so it can size the cache from what is left).
@@ -49,27 +50,14 @@ class ModelRunner:
         agent/layers/linear's, or auto. `max_seq_len`: the longest sequence served, when it exceeds the
         checkpoint's max_position_embeddings (the fused rotary kernel reads a table of that many positions).
         `quantization`: none, or a scheme of agent/layers/quantization for the decoder's linear layers (and
-        the LM head with `quantize_lm_head`)."""
+        the LM head with `quantize_lm_head`; int4 in groups of `quantization_group_size`)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard)
         self.model.merge_projections()
-        self.quantization = "none"
-        prequantized = checkpoint_quantization(hf_config) if load_format != "dummy" else None
-        if quantization != "none" or prequantized:
-            try:
-                plan = quantization_plan(quantization if quantization != "none" else prequantized, self.dtype, self.device)
-            except ValueError as exc:
-                raise ValueError(f"{exc} (the checkpoint is stored in int8: its quantization_config)" if prequantized
-                                 else str(exc)) from None
-            if prequantized:  # the checkpoint's int8 layers, with its scales (the rest stays as stored)
-                count = quantize_model(self.model, plan, prequantized_only=True)
-                self.quantization = f"{plan.description}, {count} layers from the checkpoint (compressed-tensors)"
-            else:
-                quantize_model(self.model, plan, keep=() if quantize_lm_head else ("lm_head",))
-                self.quantization = plan.description + (", LM head too" if quantize_lm_head else ", LM head in the model dtype")
+        self.quantization = self._quantize(hf_config, load_format, quantization, quantization_group_size, quantize_lm_head)
         kernel, self.linear_kernel = choose_linear_kernel(linear_kernel, self.dtype, self.device)
         use_linear_kernel(self.model, kernel)  # what is still float: the LM head, or every layer
         self.fused_kernels = "torch"
@@ -83,6 +71,24 @@ class ModelRunner:
             attention_backend, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
         )
         self.kv_caches = allocate_kv_cache(config.num_layers, self.attention.pool_shape(self.num_blocks), self.dtype, self.device)
+
+    def _quantize(self, hf_config: dict, load_format: str, scheme: str, group_size: int, lm_head: bool) -> str:
+        """Swap the linear layers a pre-quantized checkpoint stores quantized, or those `scheme` quantizes;
+        what was done, for the start-up log and /health."""
+        prequantized = checkpoint_quantization(hf_config) if load_format != "dummy" else None
+        if scheme == "none" and prequantized is None:
+            return "none"
+        try:
+            plan = (quantization_plan(prequantized.scheme, self.dtype, self.device, None) if prequantized
+                    else quantization_plan(scheme, self.dtype, self.device, group_size))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the checkpoint is stored in {prequantized.scheme}: its quantization_config)"
+                             if prequantized else str(exc)) from None
+        if prequantized:  # the checkpoint's quantized layers on its own grids (the rest stays as stored)
+            count = quantize_model(self.model, plan, prequantized_only=True)
+            return f"{plan.description}, {count} layers from the checkpoint ({prequantized.description})"
+        quantize_model(self.model, plan, keep=() if lm_head else ("lm_head",))
+        return plan.description + (", LM head too" if lm_head else ", LM head in the model dtype")
 
     @property
     def kernels(self) -> dict[str, str]:

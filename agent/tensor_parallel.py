@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmserve.agent.layers.quantization import CheckpointGrid
 from llmserve.common.shm import SharedArrays
 
 COLUMN_PARALLEL = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
@@ -64,11 +65,25 @@ def shard_weight(name: str, tensor: torch.Tensor, hf_config: dict, shard: Shard)
     return tensor
 
 
-def shard_channel_scales(weight_name: str, scales: torch.Tensor, hf_config: dict, shard: Shard) -> torch.Tensor:
-    """The per-output-channel scales of weight `weight_name` that this rank holds: they follow the rows."""
-    if shard.world > 1 and COLUMN_PARALLEL.search(weight_name):
-        return _rows(weight_name, scales, hf_config, shard).clone()
-    return scales
+def shard_grid(weight_name: str, grid: CheckpointGrid, hf_config: dict, shard: Shard) -> CheckpointGrid:
+    """The part of a pre-quantized weight's grid this rank holds: scales and zeros follow the output rows of
+    column-parallel layers, and the groups along the inputs of row-parallel ones (act-order's group index
+    follows the inputs, its groups stay whole)."""
+    if shard.world == 1:
+        return grid
+    if COLUMN_PARALLEL.search(weight_name):
+        rows = (None if t is None else _rows(weight_name, t, hf_config, shard).clone() for t in (grid.scales, grid.zeros))
+        return CheckpointGrid(*rows, grid.g_idx)
+    if not ROW_PARALLEL.search(weight_name) or grid.zeros is None:  # int8: one scale per output channel
+        return grid
+    if grid.g_idx is not None:
+        return CheckpointGrid(grid.scales, grid.zeros, grid.g_idx.chunk(shard.world)[shard.rank].clone())
+    groups = grid.scales.shape[1]
+    if groups == 1:  # per channel: the one group spans every rank's inputs
+        return grid
+    if groups % shard.world:
+        raise ValueError(f"{weight_name}: {groups} quantization groups along the inputs do not split over {shard.world} ranks")
+    return CheckpointGrid(*(t.chunk(shard.world, dim=1)[shard.rank].clone() for t in (grid.scales, grid.zeros)))
 
 
 def _rows(name: str, tensor: torch.Tensor, hf_config: dict, shard: Shard) -> torch.Tensor:

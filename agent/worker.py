@@ -70,6 +70,7 @@ class Worker:
             linear_kernel=config.model_config.linear_kernel,
             quantization=config.model_config.quantization,
             quantize_lm_head=config.model_config.quantize_lm_head,
+            quantization_group_size=config.model_config.quantization_group_size,
             max_seq_len=self.max_seq_len,
         )
         self.shared_all_reduce = None

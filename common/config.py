@@ -39,7 +39,8 @@ class ModelConfig:
     chat_template: Optional[str] = None
     attention_backend: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/attention
     linear_kernel: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/linear
-    quantization: Literal["none", "int8"] = "none"  # see agent/layers/quantization
+    quantization: Literal["none", "int8", "int4"] = "none"  # see agent/layers/quantization
+    quantization_group_size: int = 128  # int4: weights per scale and min along the inputs (a multiple of 64)
     quantize_lm_head: bool = False  # with quantization: the LM head too (else it keeps the model dtype)
 
     def validate(self) -> None:
@@ -59,6 +60,9 @@ class ModelConfig:
                 raise ValueError(f"end_token_id: {token_id!r} is not a token id (an integer >= 0)")
         if self.quantization != "none" and self.model_dtype == "float16":
             raise ValueError(f"quantization: {self.quantization} takes a float32 or bfloat16 model, not float16")
+        if self.quantization_group_size <= 0 or self.quantization_group_size % 64:
+            raise ValueError(f"quantization_group_size: {self.quantization_group_size} is not a positive multiple of 64 "
+                             "(the int4 kernel's unit)")
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,8 @@ def _add_serve(verbs) -> None:
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="model_config.model_name: the {name} of /models/{name}/generate and the OpenAI model")
     serve.add_argument("--dtype", choices=DTYPES, help="model_config.model_dtype")
-    serve.add_argument("--quantization", choices=("none", "int8"),
-                       help="model_config.quantization: int8 weights and activations for the decoder's linear layers")
+    serve.add_argument("--quantization", choices=("none", "int8", "int4"),
+                       help="model_config.quantization: int8 weights and activations (W8A8), or int4 weights, for the decoder's linear layers")
     serve.add_argument("--max-model-len", type=int, metavar="TOKENS", help="model_config.max_seq_len")
     serve.add_argument("--tokenizer", metavar="PATH", help="model_config.tokenizer_path (default: the checkpoint's)")
     serve.add_argument("--chat-template", metavar="FILE",

@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads of each agent")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="agents (tensor-parallel ranks) to serve with")
-    parser.add_argument("--quantization", choices=["none", "int8"], default=None, help="model_config.quantization")
+    parser.add_argument("--quantization", choices=["none", "int8", "int4"], default=None, help="model_config.quantization")
     parser.add_argument("--quantize-lm-head", action="store_true", help="model_config.quantize_lm_head")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_decode.json"))
     args = parser.parse_args()

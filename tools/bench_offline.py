@@ -212,7 +212,7 @@ def parse_args(argv: Optional[list[str]], prog: Optional[str]) -> argparse.Names
     parser.add_argument("--ctranslate2", nargs="*", default=["float32", "int8"], metavar="COMPUTE_TYPE",
                         help="CTranslate2 runs beside (when installed); none with an empty list")
     parser.add_argument("--ct2-batch-size", type=int, default=32)
-    parser.add_argument("--quantization", choices=["none", "int8"], default="none",
+    parser.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
                         help="llmserve's model_config.quantization (the peers keep their own settings)")
     parser.add_argument("--quantize-lm-head", action="store_true", help="llmserve's model_config.quantize_lm_head")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger("llmserve.agent")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("gemv.cpp", "attention.cpp")
+SOURCES = ("gemv.cpp", "attention.cpp", "int4.cpp")
 HEADERS = ("simd.h",)  # included by the sources: part of what a build is keyed by
 VARIANTS = {  # the ISA an agent's CPU reports -> the compiler flags of its build
     "avx512": ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"),

@@ -9,6 +9,7 @@ from torch import nn
 
 from llmserve.agent.layers.attention import KVCache, PagedAttention, StepAttention
 from llmserve.agent.layers.norm import RMSNorm
+from llmserve.agent.layers.quantization import checkpoint_grid, merged_grid
 from llmserve.agent.layers.activation import SiluAndMul
 from llmserve.agent.layers.rotary import Rope, RotaryEmbedding, rope_parameters
 
@@ -177,9 +178,9 @@ def merged_linear(*linears: nn.Linear) -> nn.Linear:
         if first.bias is not None:
             merged.bias.copy_(torch.cat([l.bias for l in linears]))
     merged.requires_grad_(False)
-    parts = [getattr(l.weight, "checkpoint_scales", None) for l in linears]
-    if all(part is not None for part in parts):  # a pre-quantized checkpoint's scales follow the rows
-        merged.weight.checkpoint_scales = torch.cat(parts)
+    grid = merged_grid([checkpoint_grid(l) for l in linears])
+    if grid is not None:  # a pre-quantized checkpoint's grids follow the rows
+        merged.weight.checkpoint_grid = grid
     return merged
 
 

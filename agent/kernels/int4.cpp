@@ -1,0 +1,149 @@
+// y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with 4-bit weights in groups along K (weight-only int4):
+// W[n, k] = q[n, k] * scale[n, g] + min[n, g], q in 0..15, g = k / group_size.
+// x is quantized to int8 per row and group (scale = max |x| / 127, round half to even), as llama.cpp pairs
+// its 4-bit weights with 8-bit activations; then, per group, the integer dot of q and x_q (u8 x s8 pairs
+// summed into int16 by vpmaddubsw: at most 2 * 15 * 127, no saturation; then into int32) times both
+// scales, plus min * x_scale * sum(x_q): the arithmetic of agent/layers/quantization.py's Int4Linear.
+// Packing: every 64 weights along K are 32 bytes; byte j holds weight j (low nibble) and j + 32 (high),
+// so one 32-byte load gives two vectors of 32 weights that meet 32 contiguous activations each.
+// 256-bit integer vectors in both builds (AVX2; AVX-512 with VL): at one row the weights' bandwidth
+// limits, not the instructions.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+constexpr int64_t kUnit = 64;       // weights per 32 packed bytes
+constexpr int64_t kRowBlock = 64;   // rows of x per pass over the weights (their int8 copy stays in L2)
+constexpr int kPrefetchBytes = 512;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+struct QuantizedRows {
+  const int8_t* q;      // [M, K]
+  const float* scale;   // [M, groups]: x_scale per row and group
+  const float* offset;  // [M, groups]: x_scale * sum(x_q) per row and group, for the groups' mins
+};
+
+// Output channel n for R rows of x (m .. m + R - 1).
+template <int R>
+inline void row_dot(const uint8_t* w_row, const float* w_scale, const float* w_min, const QuantizedRows& x,
+                    int64_t m, int64_t K, int64_t groups, int64_t group_size, float* out) {
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 total[R];
+  float mins[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kUnit) {
+      const uint8_t* packed = w_row + k / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(packed + kPrefetchBytes), _MM_HINT_T0);
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+      const __m256i lo = _mm256_and_si256(bytes, low_nibbles);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibbles);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xr = x.q + (m + r) * K + k;
+        const __m256i pairs = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float x_scale = x.scale[(m + r) * groups + g];
+      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(w_scale[g] * x_scale), total[r]);
+      mins[r] += w_min[g] * x.offset[(m + r) * groups + g];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(total[r]) + mins[r];
+}
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group_size, int8_t* q, float* scales, float* offsets) {
+  const int64_t groups = K / group_size;
+#pragma omp parallel for schedule(static) if (M >= 8)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* part = x + m * K + g * group_size;
+      float amax = 0.f;
+      for (int64_t k = 0; k < group_size; ++k) amax = std::max(amax, std::abs(part[k]));
+      const float scale = std::max(amax, 1e-12f) / 127.f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < group_size; ++k) {
+        const int8_t v = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(part[k] / scale))));
+        q[m * K + g * group_size + k] = v;
+        sum += v;
+      }
+      scales[m * groups + g] = scale;
+      offsets[m * groups + g] = scale * float(sum);
+    }
+  }
+}
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                     int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_gemm: x float32 [M, K]");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.size(1) * 2 == x.size(1),
+              "int4_gemm: qweight uint8 [N, K / 2]");
+  const int64_t M = x.size(0), N = qweight.size(0), K = x.size(1);
+  TORCH_CHECK(group_size > 0 && group_size % kUnit == 0 && K % group_size == 0,
+              "int4_gemm: the group size is a multiple of 64 that divides K");
+  const int64_t groups = K / group_size;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scales.numel() == N * groups &&
+              mins.numel() == N * groups, "int4_gemm: scales and mins float32 [N, K / group_size]");
+  at::Tensor xc = x.contiguous(), wc = qweight.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
+  at::Tensor y = at::empty({M, N}, xc.options());
+  if (M == 0) return y;
+  const float* b = nullptr;
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kFloat, "int4_gemm: bias [N] float32");
+    b = bc.data_ptr<float>();
+  }
+  omp_set_num_threads(at::get_num_threads());
+  at::Tensor xq = at::empty({M, K}, xc.options().dtype(at::kChar));
+  at::Tensor x_scales = at::empty({M, groups}, xc.options()), x_offsets = at::empty({M, groups}, xc.options());
+  quantize_rows(xc.data_ptr<float>(), M, K, group_size, xq.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
+                x_offsets.data_ptr<float>());
+  const QuantizedRows rows{xq.data_ptr<int8_t>(), x_scales.data_ptr<float>(), x_offsets.data_ptr<float>()};
+  const uint8_t* w = wc.data_ptr<uint8_t>();
+  const float *ws = sc.data_ptr<float>(), *wm = mc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+    const int64_t m1 = std::min(M, m0 + kRowBlock);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* w_row = w + n * (K / 2);
+      float out[4];
+      for (int64_t m = m0; m < m1; m += 4) {
+        const int64_t count = std::min<int64_t>(4, m1 - m);
+        switch (count) {
+          case 1: row_dot<1>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
+          case 2: row_dot<2>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
+          case 3: row_dot<3>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
+          default: row_dot<4>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
+        }
+        for (int64_t r = 0; r < count; ++r) yp[(m + r) * N + n] = b ? out[r] + b[n] : out[r];
+      }
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmserve, m) {
+  m.def("int4_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, Tensor? bias) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(llmserve, CPU, m) { m.impl("int4_gemm", &int4_gemm); }
