@@ -21,7 +21,7 @@ namespace {
 
 constexpr int64_t kUnit = 64;       // weights per 32 packed bytes
 constexpr int64_t kRowBlock = 64;   // rows of x per pass over the weights (their int8 copy stays in L2)
-constexpr int kPrefetchBytes = 512;
+constexpr int kPrefetchBytes = 2048;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -46,19 +46,30 @@ inline void row_dot(const uint8_t* w_row, const float* w_scale, const float* w_m
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kUnit) {
-      const uint8_t* packed = w_row + k / 2;
+    // two units' u8 x s8 pair sums fit int16 together (4 * 15 * 127), so one widening per 128 weights
+    const uint8_t* packed = w_row + g * group_size / 2;
+    const int8_t* xg = x.q + m * K + g * group_size;
+    for (int64_t u = 0; u < group_size / kUnit; u += 2) {
       _mm_prefetch(reinterpret_cast<const char*>(packed + kPrefetchBytes), _MM_HINT_T0);
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
-      const __m256i lo = _mm256_and_si256(bytes, low_nibbles);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibbles);
+      const bool pair = u + 1 < group_size / kUnit;
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+      const __m256i b1 = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32)) : _mm256_setzero_si256();
+      const __m256i lo0 = _mm256_and_si256(b0, low_nibbles), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low_nibbles);
+      const __m256i lo1 = _mm256_and_si256(b1, low_nibbles), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low_nibbles);
       for (int r = 0; r < R; ++r) {
-        const int8_t* xr = x.q + (m + r) * K + k;
-        const __m256i pairs = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))));
+        const int8_t* xr = xg + r * K;
+        __m256i pairs = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+            _mm256_maddubs_epi16(hi0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))));
+        if (pair) {
+          pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64))),
+              _mm256_maddubs_epi16(hi1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 96)))));
+        }
         acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
       }
+      packed += 64;
+      xg += 2 * kUnit;
     }
     for (int r = 0; r < R; ++r) {
       const float x_scale = x.scale[(m + r) * groups + g];
