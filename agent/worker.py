@@ -71,6 +71,7 @@ class Worker:
             quantization=config.model_config.quantization,
             quantize_lm_head=config.model_config.quantize_lm_head,
             quantization_group_size=config.model_config.quantization_group_size,
+            kv_cache_dtype=config.pa_config.kv_cache_dtype,
             max_seq_len=self.max_seq_len,
         )
         self.shared_all_reduce = None
@@ -103,8 +104,8 @@ class Worker:
         except ValueError as exc:
             raise ValueError(f"pa_config.{exc}") from None
         logger.info(
-            "agent %d: KV cache of %d blocks (%d tokens, %.2f GiB)", self.rank, size.num_blocks,
-            size.num_blocks * config.pa_config.block_size, size.num_bytes / 2**30,
+            "agent %d: KV cache of %d blocks (%d tokens, %.2f GiB, %s)", self.rank, size.num_blocks,
+            size.num_blocks * config.pa_config.block_size, size.num_bytes / 2**30, config.pa_config.kv_cache_dtype,
         )
         return size.num_blocks
 

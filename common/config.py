@@ -176,6 +176,7 @@ class PagedAttentionConfig:
     block_size: int = 16
     kv_cache_memory: Union[int, str, None] = None  # bytes per agent, or "4GiB"
     memory_utilization: Optional[float] = None  # share of the memory available after the weights
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"  # int8: K and V per token and head, about half of 16-bit's memory
 
     DEFAULT_MEMORY_UTILIZATION: ClassVar[float] = 0.5
 

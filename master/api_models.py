@@ -178,6 +178,7 @@ class HealthResponse(Answer):
     kv_blocks_total: int
     kv_blocks_free: int
     kv_cache_tokens: int = Field(description="Tokens the KV cache holds: kv_blocks_total x the block size.")
+    kv_cache_dtype: str = Field(description="What the KV cache stores: auto (the model's dtype) or int8 (pa_config.kv_cache_dtype).")
     agent_restarts: int = Field(description="Times dead agents were replaced (serving_config.agent_restart_limit).")
     processes: list[ProcessInfo] = Field(description="Memory and CPU time of the master and of the agents on its host.")
     kernels: dict[str, str] = Field(description="What the agents compute with: attention backend, linear kernels.")

@@ -161,8 +161,8 @@ class Engine:
         self.scheduler.num_preemptions = preemptions
         num_tokens = num_blocks * pa.block_size
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per agent), %.1f sequences of the longest %d tokens",
-            num_blocks, pa.block_size, num_tokens, max(r.kv_cache_bytes for r in readies) / 2**30,
+            "KV cache (%s): %d blocks of %d tokens = %d tokens (%.2f GiB per agent), %.1f sequences of the longest %d tokens",
+            pa.kv_cache_dtype, num_blocks, pa.block_size, num_tokens, max(r.kv_cache_bytes for r in readies) / 2**30,
             num_tokens / self.model.max_seq_len, self.model.max_seq_len,
         )
 
@@ -516,6 +516,7 @@ class Engine:
             "kv_blocks_total": self.block_manager.num_blocks,
             "kv_blocks_free": self.block_manager.num_free_blocks,
             "kv_cache_tokens": self.block_manager.num_blocks * self.block_manager.block_size,
+            "kv_cache_dtype": self.config.pa_config.kv_cache_dtype,
             "agent_restarts": self.num_agent_restarts,
             "processes": [dataclasses.asdict(process) for process in self.processes.stats()],
             "kernels": self.kernels,

@@ -2,8 +2,11 @@
 // KV group against that group's blocks, online softmax one block at a time. Pools are
 // [num_blocks, num_kv_heads, block_size, head_dim] in size, laid out as vLLM's CPU kernels write them
 // (cpu_attn_reshape_and_cache): a block's K transposed, [head_dim][block_size], its V as
-// [block_size][head_dim]; float32 or bfloat16, block_size a multiple of 16. Work is split over OpenMP
-// threads by (sequence, KV head). Registered as torch.ops.llmserve.paged_decode_attention.
+// [block_size][head_dim]; float32 or bfloat16, block_size a multiple of 16. An 8-bit cache (int8 pools in
+// the same layout, written by agent/layers/attention/cpu_backend.py) brings one scale per token and head,
+// [num_blocks, num_kv_heads, block_size], for K and for V: K's scales multiply the scores, V's the
+// probabilities. Work is split over OpenMP threads by (sequence, KV head). Registered as
+// torch.ops.llmserve.paged_decode_attention.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -51,6 +54,27 @@ inline Vec vexp(Vec x) {
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+}  // namespace
+
+namespace llmserve_simd {  // beside the float overloads, so one lookup finds them all
+inline Vec vload(const int8_t* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+}
+}  // namespace llmserve_simd
+
+namespace {
+
+// x[t0:t1] *= factors[t0:t1]
+inline void multiply(float* x, const float* factors, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + kWidth <= t1; t += kWidth) vstore(x + t, vmul(vload(x + t), vload(factors + t)));
+  for (; t < t1; ++t) x[t] *= factors[t];
+}
 
 // scores[t:t + N * kWidth] = q . K[t'] for the tokens t' of N vector chunks of a block whose K is stored
 // transposed, [head_dim][block_size] (vLLM's CPU layout): 2N independent accumulators hide the FMA latency
@@ -149,7 +173,8 @@ inline float exp_in_place(float* scores, int64_t t0, int64_t t1, float max_score
 // [start, context_len). Blocks outer, heads inner: a block's heads lie side by side in the pool, so each
 // block is one contiguous read the hardware prefetcher follows; the next block is prefetched by hand.
 template <typename KV>
-void attend_heads(const float* q, const KV* k_pool, const KV* v_pool, const int32_t* table, int64_t start,
+void attend_heads(const float* q, const KV* k_pool, const KV* v_pool, const float* k_scales, const float* v_scales,
+                  const int32_t* table, int64_t start,
                   int64_t context_len, int64_t G, int64_t D, int64_t block_size, int64_t h0, int64_t h1,
                   int64_t num_kv_heads, float* out, std::vector<float>& scores, std::vector<float>& max_score,
                   std::vector<float>& denom) {
@@ -175,10 +200,12 @@ void attend_heads(const float* q, const KV* k_pool, const KV* v_pool, const int3
     for (int64_t h = h0; h < h1; ++h) {
       const KV* k_block = k_pool + block * block_stride + h * head_stride;
       const KV* v_block = v_pool + block * block_stride + h * head_stride;
+      const int64_t scale_offset = (block * num_kv_heads + h) * block_size;  // 8-bit pools: this block's scales
       for (int64_t g = 0; g < G; ++g) {
         const int64_t row = (h - h0) * G + g;
         float* s = scores.data();
         block_scores(q + row * D, k_block, D, block_size, s);
+        if (k_scales) multiply(s, k_scales + scale_offset, t0, t1);
         float block_max = -std::numeric_limits<float>::infinity();
         for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[t]);
         const float new_max = std::max(max_score[row], block_max);
@@ -186,6 +213,7 @@ void attend_heads(const float* q, const KV* k_pool, const KV* v_pool, const int3
         max_score[row] = new_max;
         if (correction != 1.f) scale(out + row * D, correction, D);
         denom[row] = denom[row] * correction + exp_in_place(s, t0, t1, new_max);
+        if (v_scales) multiply(s, v_scales + scale_offset, t0, t1);
         block_values(out + row * D, s, v_block, t0, t1, D);
       }
     }
@@ -198,7 +226,8 @@ void attend_heads(const float* q, const KV* k_pool, const KV* v_pool, const int3
 
 template <typename KV>
 void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& block_tables,
-            const at::Tensor& context_lens, double scale, int64_t window, at::Tensor& out_f32) {
+            const at::Tensor& context_lens, double scale, int64_t window, const float* k_scales, const float* v_scales,
+            at::Tensor& out_f32) {
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t num_kv_heads = k_pool.size(1), block_size = k_pool.size(2), G = H / num_kv_heads;
   const int64_t width = block_tables.size(1);
@@ -224,7 +253,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
       if (h0 >= h1) continue;
       const int64_t context_len = lens[seq];
       const int64_t start = window > 0 ? std::max<int64_t>(0, context_len - window) : 0;
-      attend_heads<KV>(qp + (seq * H + h0 * G) * D, kp, vp, tables + seq * width, start, context_len, G, D,
+      attend_heads<KV>(qp + (seq * H + h0 * G) * D, kp, vp, k_scales, v_scales, tables + seq * width, start, context_len, G, D,
                        block_size, h0, h1, num_kv_heads, op + (seq * H + h0 * G) * D, scores, max_score, denom);
     }
   }
@@ -232,7 +261,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t window) {
+                                  int64_t window, const c10::optional<at::Tensor>& k_scales,
+                                  const c10::optional<at::Tensor>& v_scales) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(),
               "paged_decode_attention: q [seqs, heads, dim], pools [blocks, kv_heads, block_size, dim]");
   TORCH_CHECK(q.size(2) == k_pool.size(3) && q.size(1) % k_pool.size(1) == 0, "paged_decode_attention: head shapes");
@@ -254,11 +284,20 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     }
   }
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  if (k_pool.scalar_type() == at::kFloat) {
-    decode<float>(q, k_pool, v_pool, tables, lens, scale, window, out);
+  if (k_pool.scalar_type() == at::kChar) {
+    TORCH_CHECK(k_scales.has_value() && v_scales.has_value(), "paged_decode_attention: int8 pools need their scales");
+    const std::vector<int64_t> scale_shape{num_blocks, k_pool.size(1), block_size};
+    for (const at::Tensor& scales : {*k_scales, *v_scales}) {
+      TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.sizes() == scale_shape,
+                  "paged_decode_attention: float32 scales [blocks, kv_heads, block_size]");
+    }
+    decode<int8_t>(q, k_pool, v_pool, tables, lens, scale, window, k_scales->data_ptr<float>(),
+                   v_scales->data_ptr<float>(), out);
+  } else if (k_pool.scalar_type() == at::kFloat) {
+    decode<float>(q, k_pool, v_pool, tables, lens, scale, window, nullptr, nullptr, out);
   } else {
-    TORCH_CHECK(k_pool.scalar_type() == at::kBFloat16, "paged_decode_attention: float32 or bfloat16 pools");
-    decode<c10::BFloat16>(q, k_pool, v_pool, tables, lens, scale, window, out);
+    TORCH_CHECK(k_pool.scalar_type() == at::kBFloat16, "paged_decode_attention: float32, bfloat16 or int8 pools");
+    decode<c10::BFloat16>(q, k_pool, v_pool, tables, lens, scale, window, nullptr, nullptr, out);
   }
   return out.to(q.scalar_type());
 }
@@ -267,6 +306,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
 
 TORCH_LIBRARY_FRAGMENT(llmserve, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
-        "Tensor context_lens, float scale, int window) -> Tensor");
+        "Tensor context_lens, float scale, int window, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

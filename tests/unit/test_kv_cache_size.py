@@ -18,8 +18,13 @@ def size(available: int = 8 * 1024 * MIB, ranks: int = 1, **pa) -> int:
 def test_block_bytes_count_k_and_v_of_every_layer():
     import torch
 
-    assert block_bytes(num_layers=4, block_size=16, num_kv_heads=4, head_dim=32, dtype=torch.float32) == 2 * 4 * 16 * 4 * 32 * 4
-    assert block_bytes(4, 16, 4, 32, torch.bfloat16) == 2 * 4 * 16 * 4 * 32 * 2
+    from llmserve.agent.layers.attention.torch_backend import TorchAttention
+
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        backend = TorchAttention(16, 4, 32, dtype, torch.device("cpu"))
+        assert block_bytes(num_layers=4, pools_of_one_block=backend.pools(1)) == 2 * 4 * 16 * 4 * 32 * size
+    int8 = TorchAttention(16, 4, 32, torch.bfloat16, torch.device("cpu"), kv_cache_dtype="int8")
+    assert block_bytes(4, int8.pools(1)) == 2 * 4 * 16 * 4 * (32 + 4)  # a byte a value, a float32 scale a head
 
 
 def test_a_block_count_is_taken_as_it_is():

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmserve.agent.layers.attention.base import AttentionBackend, KVCache, LayerShape, StepAttention
+from llmserve.agent.layers.attention.base import KV_CACHE_DTYPES, AttentionBackend, KVCache, LayerShape, StepAttention
 
 logger = logging.getLogger("llmserve.agent")
 
@@ -41,17 +41,21 @@ class PagedAttention(nn.Module):
 
 
 def attention_backend(
-    name: str, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    name: str, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+    kv_cache_dtype: str = "auto",
 ) -> AttentionBackend:
-    """The backend `name` names (`auto`: the first of AUTO_ORDER that runs here); ValueError if a named one cannot."""
+    """The backend `name` names (`auto`: the first of AUTO_ORDER that runs here) with pools of `kv_cache_dtype`
+    (auto: the model's dtype; int8); ValueError if a named one cannot run."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     names = AUTO_ORDER.get(device.type, ("torch",)) if name == "auto" else (name,)
     if any(candidate not in BACKENDS for candidate in names):
         raise ValueError(f"attention_backend: {name!r} is not one of auto, {', '.join(BACKENDS)}")
     for candidate in names:
         cls = _backend_class(candidate)
-        problem = cls.unsupported(block_size, head_dim, dtype, device)
+        problem = cls.unsupported(block_size, head_dim, dtype, device, kv_cache_dtype)
         if problem is None:
-            return cls(block_size, num_kv_heads, head_dim, dtype, device)
+            return cls(block_size, num_kv_heads, head_dim, dtype, device, kv_cache_dtype)
         if name != "auto":
             raise ValueError(f"attention_backend: {name} cannot run here: {problem}")
         logger.warning("attention backend %s cannot run here (%s); trying the next", candidate, problem)

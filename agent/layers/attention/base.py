@@ -11,7 +11,15 @@ from typing import Optional
 
 import torch
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's K pool and V pool, block ids first
+# One layer's K pool and V pool, block ids first; an 8-bit cache adds the K and V scales, one per token and head.
+KVCache = tuple[torch.Tensor, ...]
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, heads, head_dim] -> (int8 like x, float32 scales [tokens, heads]): symmetric per token and head."""
+    scales = x.float().abs().amax(dim=-1).clamp(min=1e-8) / 127
+    return torch.round(x.float() / scales[..., None]).clamp(-127, 127).to(torch.int8), scales
 
 
 @dataclass(frozen=True)
@@ -42,26 +50,42 @@ class AttentionBackend(abc.ABC):
 
     name = ""
 
-    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+        kv_cache_dtype: str = "auto",
+    ):
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
+        self.quantized_kv = kv_cache_dtype == "int8"
 
     @staticmethod
-    def unsupported(block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    def unsupported(
+        block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device, kv_cache_dtype: str = "auto"
+    ) -> Optional[str]:
         """Why this backend cannot run this model here, or None when it can."""
         return None
 
     @property
     def description(self) -> str:
         """What runs, for the start-up log and /health."""
-        return self.name
+        return self.name + (", int8 KV cache" if self.quantized_kv else "")
 
     @abc.abstractmethod
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
         """The shape of one K (or V) pool of `num_blocks` blocks; the block index comes first."""
+
+    @abc.abstractmethod
+    def scale_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """An 8-bit cache's K (or V) scales: the pool's shape without head_dim."""
+
+    def pools(self, num_blocks: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of each tensor of one layer's KVCache."""
+        if not self.quantized_kv:
+            return [(self.pool_shape(num_blocks), self.dtype)] * 2
+        return [(self.pool_shape(num_blocks), torch.int8)] * 2 + [(self.scale_shape(num_blocks), torch.float32)] * 2
 
     @abc.abstractmethod
     def build(

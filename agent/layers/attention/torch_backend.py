@@ -1,7 +1,8 @@
 """The reference attention backend, in plain torch on any device: gather each sequence's blocks, then SDPA.
 
 The oracle of the other backends' tests and the fallback where they cannot run. Pools are
-[num_blocks, block_size, num_kv_heads, head_dim].
+[num_blocks, block_size, num_kv_heads, head_dim]; an 8-bit cache's scales [num_blocks, block_size, num_kv_heads].
+With an 8-bit cache every key and value attended is the cache's (this step's too): quantized, then read back.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llmserve.agent.layers.attention.base import AttentionBackend, KVCache, LayerShape, StepAttention
+from llmserve.agent.layers.attention.base import AttentionBackend, KVCache, LayerShape, StepAttention, quantize_kv
 
 
 @dataclass
@@ -20,7 +21,8 @@ class DecodeBatch:
 
     token_indices: Optional[torch.Tensor]  # [num_decodes] their rows in the step; None when every row decodes
     block_ids: torch.Tensor  # [num_decodes * blocks_per_seq] each sequence's blocks, row after row
-    gathered: KVCache  # where each layer gathers those blocks: [num_decodes * blocks_per_seq, block_size, ...]
+    gathered: Optional[KVCache]  # where each layer gathers those blocks, [num_decodes * blocks_per_seq, block_size, ...]
+    # (an 8-bit cache's are dequantized into fresh tensors)
     context_lens: torch.Tensor  # [num_decodes] on the device
     num_slots: int  # blocks_per_seq * block_size: the K/V length gathered per sequence
     dtype: torch.dtype
@@ -79,9 +81,7 @@ class TorchStepAttention(StepAttention):
         return self.decode is not None and self.decode.token_indices is None
 
     def attend(self, layer: LayerShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        k_pool, v_pool = kv_cache
-        k_pool.view(-1, layer.num_kv_heads, layer.head_dim)[self.slot_mapping] = k
-        v_pool.view(-1, layer.num_kv_heads, layer.head_dim)[self.slot_mapping] = v
+        k, v = self._write(layer, k, v, kv_cache)
         if self.is_all_decode:
             return _decode(layer, q, kv_cache, self.decode)
         out = torch.empty_like(q)
@@ -93,20 +93,40 @@ class TorchStepAttention(StepAttention):
             out[rows] = _prefill(layer, q[rows], k[rows], v[rows], kv_cache, seq)
         return out
 
+    def _write(self, layer: LayerShape, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v at their slots; the values attention reads back (8-bit: as the cache holds them)."""
+        if len(kv_cache) == 2:
+            for pool, x in zip(kv_cache, (k, v)):
+                pool.view(-1, layer.num_kv_heads, layer.head_dim)[self.slot_mapping] = x
+            return k, v
+        stored = []
+        for pool, scale_pool, x in zip(kv_cache[:2], kv_cache[2:], (k, v)):
+            x_q, scales = quantize_kv(x)
+            pool.view(-1, layer.num_kv_heads, layer.head_dim)[self.slot_mapping] = x_q
+            scale_pool.view(-1, layer.num_kv_heads)[self.slot_mapping] = scales
+            stored.append((x_q.to(x.dtype) * scales.to(x.dtype)[..., None]))
+        return stored[0], stored[1]
+
 
 class TorchAttention(AttentionBackend):
     """Builds each step's TorchStepAttention, reusing the decode gather buffers across steps."""
 
     name = "torch"
 
-    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        super().__init__(block_size, num_kv_heads, head_dim, dtype, device)
+    def __init__(
+        self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+        kv_cache_dtype: str = "auto",
+    ):
+        super().__init__(block_size, num_kv_heads, head_dim, dtype, device, kv_cache_dtype)
         # A fresh megabyte-sized gather per layer per step costs more in page faults than the gather itself.
         empty = torch.empty((0, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
         self.gathered_k = self.gathered_v = empty
 
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
         return (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def scale_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (num_blocks, self.block_size, self.num_kv_heads)
 
     def build(
         self,
@@ -144,7 +164,7 @@ class TorchAttention(AttentionBackend):
         return DecodeBatch(
             token_indices,
             block_ids,
-            self._gather_buffers(len(block_ids)),
+            None if self.quantized_kv else self._gather_buffers(len(block_ids)),
             context_lens.to(self.device),
             blocks_per_seq * self.block_size,
             self.dtype,
@@ -168,6 +188,21 @@ class TorchAttention(AttentionBackend):
         return PrefillSequence(start, start + query_len, cached_len, block_ids, self.device, self.dtype)
 
 
+def _read_blocks(
+    kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype, out: Optional[KVCache] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V of blocks `block_ids` [n] as [n, block_size, num_kv_heads, head_dim] of `dtype` (into `out`
+    where the pools are of that dtype already; an 8-bit cache's dequantized)."""
+    if len(kv_cache) == 2:
+        if out is None:
+            return kv_cache[0].index_select(0, block_ids), kv_cache[1].index_select(0, block_ids)
+        return tuple(torch.index_select(pool, 0, block_ids, out=buffer) for pool, buffer in zip(kv_cache, out))
+    return tuple(
+        pool.index_select(0, block_ids).to(dtype) * scales.index_select(0, block_ids).to(dtype)[..., None]
+        for pool, scales in zip(kv_cache[:2], kv_cache[2:])
+    )
+
+
 def _additive(is_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(is_visible.shape, dtype=dtype, device=is_visible.device)
     return mask.masked_fill_(~is_visible, float("-inf"))
@@ -177,10 +212,9 @@ def _decode(layer: LayerShape, q: torch.Tensor, kv_cache: KVCache, decode: Decod
     """q [num_decodes, num_heads, head_dim] -> like q, one SDPA call for the whole batch."""
     num_decodes = q.shape[0]
     k, v = (
-        torch.index_select(pool, 0, decode.block_ids, out=gathered)
-        .view(num_decodes, decode.num_slots, layer.num_kv_heads, layer.head_dim)
+        blocks.view(num_decodes, decode.num_slots, layer.num_kv_heads, layer.head_dim)
         .transpose(1, 2)  # [num_decodes, num_kv_heads, num_slots, head_dim]
-        for pool, gathered in zip(kv_cache, decode.gathered)
+        for blocks in _read_blocks(kv_cache, decode.block_ids, q.dtype, decode.gathered)
     )
     mask = decode.mask(layer.sliding_window)
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
@@ -193,7 +227,7 @@ def _prefill(
     """q [query_len, num_heads, head_dim], this step's k and v [query_len, num_kv_heads, head_dim] -> like q."""
     if seq.block_ids is not None:
         context_len = seq.cached_len + q.shape[0]
-        k, v = (pool.index_select(0, seq.block_ids).flatten(0, 1)[:context_len] for pool in kv_cache)
+        k, v = (blocks.flatten(0, 1)[:context_len] for blocks in _read_blocks(kv_cache, seq.block_ids, q.dtype))
     mask = seq.mask(layer.sliding_window)
     q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [heads, len, head_dim]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
