@@ -21,7 +21,7 @@ logger = logging.getLogger("llmserve.agent")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("gemv.cpp", "attention.cpp", "int4.cpp")
-HEADERS = ("simd.h",)  # included by the sources: part of what a build is keyed by
+HEADERS = ("simd.h", "bias.h")  # included by the sources: part of what a build is keyed by
 VARIANTS = {  # the ISA an agent's CPU reports -> the compiler flags of its build
     "avx512": ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"),
     "avx2": ("-mavx2", "-mfma"),

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "bias.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -57,13 +58,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const int64_t M = xc.size(0), N = wc.size(0), K = wc.size(1);
   at::Tensor y = at::empty({M, N}, xc.options());
-  const float* b = nullptr;
   at::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kFloat, "gemv: bias [N] float32");
-    b = bc.data_ptr<float>();
-  }
+  const float* b = llmserve_kernels::bias_data(bias, N, bc, "gemv");
   omp_set_num_threads(at::get_num_threads());  // this library's OpenMP pool, as wide as torch's
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
@@ -179,13 +175,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w_q, const at::Tenso
   const int64_t M = xc.size(0), N = wc.size(0), K = wc.size(1);
   at::Tensor y = at::empty({M, N}, xc.options());
   if (M == 0) return y;
-  const float* b = nullptr;
   at::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kFloat, "int8_gemv: bias [N] float32");
-    b = bc.data_ptr<float>();
-  }
+  const float* b = llmserve_kernels::bias_data(bias, N, bc, "int8_gemv");
   omp_set_num_threads(at::get_num_threads());
   at::Tensor xq = at::empty({M, K}, xc.options().dtype(at::kShort));
   at::Tensor x_scales = at::empty({M}, xc.options());

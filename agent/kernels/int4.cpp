@@ -14,6 +14,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "bias.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -115,13 +117,8 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor xc = x.contiguous(), wc = qweight.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
   at::Tensor y = at::empty({M, N}, xc.options());
   if (M == 0) return y;
-  const float* b = nullptr;
   at::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kFloat, "int4_gemm: bias [N] float32");
-    b = bc.data_ptr<float>();
-  }
+  const float* b = llmserve_kernels::bias_data(bias, N, bc, "int4_gemm");
   omp_set_num_threads(at::get_num_threads());
   at::Tensor xq = at::empty({M, K}, xc.options().dtype(at::kChar));
   at::Tensor x_scales = at::empty({M, groups}, xc.options()), x_offsets = at::empty({M, groups}, xc.options());

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,7 +22,7 @@ from llmserve.agent.model_runner import ModelRunner
 from llmserve.agent.tensor_parallel import Shard
 from llmserve.common.config import ConfigError, config_from_dict
 from llmserve.common.model_info import check_tensor_parallel, checkpoint_quantization
-from tests.integration.test_quantization import prefill_logits
+from tests.integration.test_quantization import prefill_logits, write_checkpoint_pair
 
 HAS_LLMSERVE = not isinstance(kernels.load(), kernels.Unavailable)
 KERNELS = [pytest.param("llmserve", marks=pytest.mark.skipif(not HAS_LLMSERVE, reason="no llmserve kernels")), "torch"]
@@ -179,16 +179,8 @@ def packed(request, float_checkpoint, tmp_path_factory):
             written[name] = q
         else:
             packed_weights[name] = dequantized[name] = tensor
-    with open(f"{float_checkpoint}/config.json") as f:
-        config = json.load(f)
-    paths = []
-    for kind, tensors, extra in (("packed", packed_weights, {"quantization_config": quantization_config}),
-                                 ("dequantized", dequantized, {})):
-        path = tmp_path_factory.mktemp(f"{request.param}-{kind}")
-        save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
-        with open(f"{path}/config.json", "w") as f:
-            json.dump({**config, **extra}, f)
-        paths.append(str(path))
+    paths = write_checkpoint_pair(float_checkpoint, packed_weights, quantization_config, dequantized, tmp_path_factory,
+                                  request.param)
     return request.param, paths[0], paths[1], written
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -182,14 +183,30 @@ COMPRESSED_TENSORS_INT8 = {
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def write_checkpoint_pair(
+    float_checkpoint: str, packed: dict, quantization_config: dict, dequantized: dict, tmp_path_factory, name: str
+) -> tuple[str, str]:
+    """(a checkpoint of `packed` tensors with `quantization_config`, one of their `dequantized` float weights),
+    both with the float checkpoint's config.json otherwise."""
+    with open(f"{float_checkpoint}/config.json") as f:
+        config = json.load(f)
+    paths = []
+    for kind, tensors, extra in (("packed", packed, {"quantization_config": quantization_config}),
+                                 ("dequantized", dequantized, {})):
+        path = tmp_path_factory.mktemp(f"{name}-{kind}")
+        save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+        with open(f"{path}/config.json", "w") as f:
+            json.dump({**config, **extra}, f)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
 @pytest.fixture(scope="module")
 def compressed_tensors_checkpoint(checkpoint, tmp_path_factory):
     """(the int8 checkpoint, the same weights dequantized as a float checkpoint, {weight name: (q, scale)}).
 
     Written as llm-compressor writes W8A8: each decoder projection's `weight` in int8 and its `weight_scale`
     [out, 1]; every other channel's scale leaves headroom (max |q| < 127), as non-min-max observers do."""
-    from safetensors.torch import load_file, save_file
-
     float_weights = load_file(f"{checkpoint}/model.safetensors")
     quantized, dequantized, stored = {}, {}, {}
     for name, tensor in float_weights.items():
@@ -202,16 +219,7 @@ def compressed_tensors_checkpoint(checkpoint, tmp_path_factory):
             stored[name] = (q, scale)
         else:
             quantized[name] = dequantized[name] = tensor
-    with open(f"{checkpoint}/config.json") as f:
-        config = json.load(f)
-    paths = []
-    for kind, weights, extra in (("int8", quantized, {"quantization_config": COMPRESSED_TENSORS_INT8}),
-                                 ("dequantized", dequantized, {})):
-        path = tmp_path_factory.mktemp(kind)
-        save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
-        with open(f"{path}/config.json", "w") as f:
-            json.dump({**config, **extra}, f)
-        paths.append(str(path))
+    paths = write_checkpoint_pair(checkpoint, quantized, COMPRESSED_TENSORS_INT8, dequantized, tmp_path_factory, "int8")
     return paths[0], paths[1], stored
 
 
