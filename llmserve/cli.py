@@ -52,6 +52,7 @@ SERVE_KEYS = {
     "num_blocks": ("pa_config", "num_blocks"),
     "kv_cache_memory": ("pa_config", "kv_cache_memory"),
     "memory_utilization": ("pa_config", "memory_utilization"),
+    "kv_cache_dtype": ("pa_config", "kv_cache_dtype"),
     "max_num_seqs": ("scheduler_config", "decode_batch_size"),
 }
 KV_CACHE_SIZES = {"num_blocks": "auto", "kv_cache_memory": None, "memory_utilization": None}  # each key when unused
@@ -112,6 +113,8 @@ def _add_serve(verbs) -> None:
                        help="model_config.chat_template: a jinja template overriding the checkpoint's")
     serve.add_argument("--seed", type=int, help="model_config.seed: of the sampler, and of load_format dummy's weights")
     serve.add_argument("--block-size", type=int, metavar="TOKENS", help="pa_config.block_size")
+    serve.add_argument("--kv-cache-dtype", choices=("auto", "int8"),
+                       help="pa_config.kv_cache_dtype: int8 keeps K and V in 8 bits (about twice the tokens of 16-bit)")
     serve.add_argument("--num-blocks", type=_num_blocks, metavar="N|auto", help="pa_config.num_blocks, per agent")
     serve.add_argument("--kv-cache-memory", metavar="SIZE",
                        help="pa_config.kv_cache_memory: the KV cache's bytes per agent, or a size such as 4GiB")

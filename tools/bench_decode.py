@@ -32,11 +32,13 @@ from llmserve.tools.local_config import free_port, write_local_config  # noqa: E
 
 
 def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None,
-                 world: int = 1, model_keys: dict | None = None, **serving_keys) -> tuple[subprocess.Popen, str]:
+                 world: int = 1, model_keys: dict | None = None, pa_keys: dict | None = None,
+                 **serving_keys) -> tuple[subprocess.Popen, str]:
     serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {}), **serving_keys}
     if world > 1:
         serving.update(agent_ports=[free_port() for _ in range(world)], dist_port=free_port())
-    path = write_local_config(config_path, workdir, serving_config=serving, model_config=model_keys or {})
+    path = write_local_config(config_path, workdir, serving_config=serving, model_config=model_keys or {},
+                              pa_config=pa_keys or {})
     with open(path) as f:
         port = yaml.safe_load(f)["serving_config"]["server_port"]
     process = subprocess.Popen([sys.executable, "-m", "llmserve", "serve", "--config", path], cwd=ROOT)
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--tensor-parallel", type=int, default=1, help="agents (tensor-parallel ranks) to serve with")
     parser.add_argument("--quantization", choices=["none", "int8", "int4"], default=None, help="model_config.quantization")
     parser.add_argument("--quantize-lm-head", action="store_true", help="model_config.quantize_lm_head")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default=None, help="pa_config.kv_cache_dtype")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_decode.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
@@ -103,7 +106,9 @@ def main() -> None:
         model_keys = {"quantization": args.quantization} if args.quantization else {}
         if args.quantize_lm_head:
             model_keys["quantize_lm_head"] = True
-        process, url = start_server(args.config, trace_path, workdir, args.num_threads, args.tensor_parallel, model_keys)
+        pa_keys = {"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype else {}
+        process, url = start_server(args.config, trace_path, workdir, args.num_threads, args.tensor_parallel, model_keys,
+                                    pa_keys)
         try:
             run_batch(url, 2, args.prompt_len, 8)  # warm-up
             results = []
