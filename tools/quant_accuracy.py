@@ -1,19 +1,23 @@
 """How far quantization moves a model's next-token distributions, as llama.cpp's `perplexity --kl-divergence` reports it.
 
 Builds the config's model twice on the CPU, in float and with each quantization scheme asked, runs the same
-random token sequences through one prefill on both and compares the logits at every position: the absolute
+token sequences (random ids, or --text: consecutive windows of a text file in the model's tokenizer) through
+one prefill on both and compares the logits at every position: the absolute
 error, the KL divergence of the quantized distribution from the float one (mean, 99th percentile, max) and how
 often the most likely token stays the same. Logit error alone says little (adding a constant to every logit
 changes nothing a sampler sees); KL and top-1 agreement are what generation feels. The reference's mean entropy
 says whether there is anything to disturb: random weights at the default initializer_range (0.02) give nearly
-uniform distributions (entropy close to ln(vocab)), so pass a larger --initializer-range to a dummy model.
+uniform distributions (entropy close to ln(vocab)), so pass a larger --initializer-range to a dummy model,
+or better, a trained checkpoint (--model-path, e.g. tools/train_tiny.py's) and real text.
 Prints one markdown row per scheme and appends one JSON line per scheme to --results.
 
     python tools/quant_accuracy.py --config configs/bench.yaml --quantization int8 int4 --initializer-range 0.1
+    python tools/quant_accuracy.py --model-path results/tiny-llama --text results/tiny-llama/heldout.txt
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +32,9 @@ if __package__ in (None, ""):
 
 from llmserve.agent.model_runner import ModelRunner  # noqa: E402
 from llmserve.common.config import Config, load_config, packaged_config  # noqa: E402
+from llmserve.common.errors import ConfigError  # noqa: E402
 from llmserve.common.model_info import read_hf_config  # noqa: E402
+from llmserve.master.tokenizer import load_tokenizer  # noqa: E402
 
 BLOCK_SIZE = 16
 HEADER = ("| model | scheme | max abs err | mean abs err | KL mean | KL p99 | KL max | top-1 agreement | ref entropy |\n"
@@ -98,6 +104,42 @@ def measure(reference: ModelRunner, candidate: ModelRunner, sequences: torch.Ten
                       for ids in sequences])
 
 
+def with_model_path(config: Config, model_path: str) -> Config:
+    """`config` with its model loaded from the checkpoint in `model_path` (load_format auto, its own tokenizer)."""
+    model = dataclasses.replace(config.model_config, model_path=model_path, load_format="auto", dummy_config=None,
+                                tokenizer_path=None)
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"--model-path: {model_path} is not a directory")
+    model.validate()
+    return dataclasses.replace(config, model_config=model)
+
+
+def text_windows(token_ids: list[int], num_windows: int, length: int) -> torch.Tensor:
+    """The first `num_windows` consecutive non-overlapping windows of `length` ids: [num_windows, length]."""
+    needed = num_windows * length
+    if len(token_ids) < needed:
+        raise ValueError(f"{len(token_ids)} tokens are fewer than {num_windows} windows of {length} ({needed})")
+    return torch.tensor(token_ids[:needed], dtype=torch.long).view(num_windows, length)
+
+
+def text_sequences(config: Config, path: str, num_windows: int, length: int) -> torch.Tensor:
+    """Windows (text_windows) of the text file at `path` in the model's tokenizer, without special tokens."""
+    with open(path, encoding="utf-8") as f:
+        token_ids = load_tokenizer(config.model_config).encode(f.read(), add_special_tokens=False).ids
+    try:
+        return text_windows(token_ids, num_windows, length)
+    except ValueError as exc:
+        raise SystemExit(f"--text {path}: {exc}; pass a longer file or fewer --sequences / a smaller --length") from None
+
+
+def input_sequences(args: argparse.Namespace, config: Config, vocab_size: int) -> torch.Tensor:
+    """--text's windows, else random ids past the special ones (seeded by --seed): [--sequences, --length]."""
+    if args.text is not None:
+        return text_sequences(config, args.text, args.sequences, args.length)
+    generator = torch.Generator().manual_seed(args.seed)
+    return torch.randint(3, vocab_size, (args.sequences, args.length), generator=generator)
+
+
 def model_label(config: Config, hf_config: dict) -> str:
     """The checkpoint's directory name, or the dummy model's shape and initializer range."""
     model = config.model_config
@@ -119,6 +161,10 @@ def table_row(model: str, scheme: str, m: dict) -> str:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=packaged_config("bench.yaml"), help="config whose model_config is the model")
+    parser.add_argument("--model-path", default=None,
+                        help="a checkpoint directory to use instead of the config's model (load_format auto)")
+    parser.add_argument("--text", default=None,
+                        help="take the sequences from this text file in the model's tokenizer, not random ids")
     parser.add_argument("--quantization", nargs="+", choices=["none", "int8", "int4"], default=["int8", "int4"],
                         help="schemes to compare with the float model (none: a check that the runs repeat)")
     parser.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head too (or the config's)")
@@ -127,7 +173,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--length", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--initializer-range", type=float, default=None,
                         help="dummy weights' standard deviation (dummy_config.initializer_range, default 0.02)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids (without --text)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--results", default=os.path.join("results", "quant_accuracy.jsonl"), help="JSON lines appended")
     return parser.parse_args(argv)
@@ -139,6 +185,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(args.config)
+    if args.model_path is not None:
+        config = with_model_path(config, args.model_path)
     hf_config = read_hf_config(config.model_config)
     if args.initializer_range is not None:
         if config.model_config.load_format != "dummy":
@@ -147,8 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     group_size = args.group_size or config.model_config.quantization_group_size
     lm_head = args.quantize_lm_head or config.model_config.quantize_lm_head
     reference = build_runner(config, hf_config, args.length)
-    generator = torch.Generator().manual_seed(args.seed)
-    sequences = torch.randint(3, reference.vocab_size, (args.sequences, args.length), generator=generator)
+    sequences = input_sequences(args, config, reference.vocab_size)
     model = model_label(config, hf_config)
     print(HEADER, flush=True)
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
@@ -158,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         label = scheme_label(scheme, group_size, lm_head)
         print(table_row(model, label, metrics), flush=True)
         record = {"config": args.config, "model": model, "scheme": label, "quantization": candidate.quantization,
-                  "sequences": args.sequences, "length": args.length, "seed": args.seed,
+                  "text": args.text, "sequences": args.sequences, "length": args.length, "seed": args.seed,
                   "vocab_size": reference.vocab_size, "threads": torch.get_num_threads(), **metrics}
         with open(args.results, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llmserve.tools.quant_accuracy import compare_logits, position_errors, summarize
+from llmserve.tools.quant_accuracy import compare_logits, position_errors, summarize, text_windows
 
 
 def random_logits(positions: int = 8, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -61,3 +61,13 @@ def test_metrics_of_sequences_measured_apart_equal_those_of_all_at_once():
     pieces = [position_errors(reference[i:i + 4], candidate[i:i + 4]) for i in range(0, 12, 4)]
     whole = compare_logits(reference, candidate)
     assert summarize(pieces) == pytest.approx(whole, rel=1e-12)
+
+
+def test_text_windows_are_consecutive_and_do_not_overlap():
+    windows = text_windows(list(range(10)), num_windows=3, length=3)
+    assert windows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_text_too_short_for_the_windows_asked_is_an_error():
+    with pytest.raises(ValueError, match="fewer than 4 windows of 3"):
+        text_windows(list(range(10)), num_windows=4, length=3)
