@@ -37,42 +37,48 @@ struct QuantizedRows {
   const float* offset;  // [M, groups]: x_scale * sum(x_q) per row and group, for the groups' mins
 };
 
-// Output channel n for R rows of x (m .. m + R - 1).
-template <int R>
+// acc[r] += the integer dot of 64 (kBoth: 128) packed weights and row r of x: the pair sums of two units fit
+// int16 together (4 * 15 * 127), so one widening per 128 weights
+template <int R, bool kBoth>
+inline void add_units(const uint8_t* packed, const int8_t* x, int64_t K, __m256i* acc) {
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  _mm_prefetch(reinterpret_cast<const char*>(packed + kPrefetchBytes), _MM_HINT_T0);
+  const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+  const __m256i lo0 = _mm256_and_si256(b0, low_nibbles), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low_nibbles);
+  __m256i lo1, hi1;
+  if (kBoth) {
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32));
+    lo1 = _mm256_and_si256(b1, low_nibbles), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low_nibbles);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256i* xr = reinterpret_cast<const __m256i*>(x + r * K);
+    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256(xr)),
+                                     _mm256_maddubs_epi16(hi0, _mm256_loadu_si256(xr + 1)));
+    if (kBoth) {
+      pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256(xr + 2)),
+                                                       _mm256_maddubs_epi16(hi1, _mm256_loadu_si256(xr + 3))));
+    }
+    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
+  }
+}
+
+// Output channel n for R rows of x (m .. m + R - 1). kUnits: the group's 64-weight units when known at
+// compile time (groups of 64 and 128, unrolled: 1.5x the speed of the loop), else 0 (any group size).
+template <int R, int kUnits>
 inline void row_dot(const uint8_t* w_row, const float* w_scale, const float* w_min, const QuantizedRows& x,
                     int64_t m, int64_t K, int64_t groups, int64_t group_size, float* out) {
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 total[R];
   float mins[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  const int64_t units = kUnits ? kUnits : group_size / kUnit;
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-    // two units' u8 x s8 pair sums fit int16 together (4 * 15 * 127), so one widening per 128 weights
     const uint8_t* packed = w_row + g * group_size / 2;
     const int8_t* xg = x.q + m * K + g * group_size;
-    for (int64_t u = 0; u < group_size / kUnit; u += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(packed + kPrefetchBytes), _MM_HINT_T0);
-      const bool pair = u + 1 < group_size / kUnit;
-      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
-      const __m256i b1 = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32)) : _mm256_setzero_si256();
-      const __m256i lo0 = _mm256_and_si256(b0, low_nibbles), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low_nibbles);
-      const __m256i lo1 = _mm256_and_si256(b1, low_nibbles), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low_nibbles);
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xr = xg + r * K;
-        __m256i pairs = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
-            _mm256_maddubs_epi16(hi0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))));
-        if (pair) {
-          pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64))),
-              _mm256_maddubs_epi16(hi1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 96)))));
-        }
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
-      }
-      packed += 64;
-      xg += 2 * kUnit;
-    }
+    int64_t u = 0;
+    for (; u + 2 <= units; u += 2) add_units<R, true>(packed + u * kUnit / 2, xg + u * kUnit, K, acc);
+    if (u < units) add_units<R, false>(packed + u * kUnit / 2, xg + u * kUnit, K, acc);
     for (int r = 0; r < R; ++r) {
       const float x_scale = x.scale[(m + r) * groups + g];
       total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(w_scale[g] * x_scale), total[r]);
@@ -80,6 +86,27 @@ inline void row_dot(const uint8_t* w_row, const float* w_scale, const float* w_m
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(total[r]) + mins[r];
+}
+
+template <int R>
+inline void rows_dot_r(int64_t group_size, const uint8_t* w_row, const float* w_scale, const float* w_min,
+                       const QuantizedRows& x, int64_t m, int64_t K, int64_t groups, float* out) {
+  switch (group_size) {
+    case kUnit: row_dot<R, 1>(w_row, w_scale, w_min, x, m, K, groups, group_size, out); break;
+    case 2 * kUnit: row_dot<R, 2>(w_row, w_scale, w_min, x, m, K, groups, group_size, out); break;
+    default: row_dot<R, 0>(w_row, w_scale, w_min, x, m, K, groups, group_size, out); break;
+  }
+}
+
+// row_dot for `count` (1 to 4) rows
+inline void rows_dot(int64_t count, int64_t group_size, const uint8_t* w_row, const float* w_scale, const float* w_min,
+                     const QuantizedRows& x, int64_t m, int64_t K, int64_t groups, float* out) {
+  switch (count) {
+    case 1: rows_dot_r<1>(group_size, w_row, w_scale, w_min, x, m, K, groups, out); break;
+    case 2: rows_dot_r<2>(group_size, w_row, w_scale, w_min, x, m, K, groups, out); break;
+    case 3: rows_dot_r<3>(group_size, w_row, w_scale, w_min, x, m, K, groups, out); break;
+    default: rows_dot_r<4>(group_size, w_row, w_scale, w_min, x, m, K, groups, out); break;
+  }
 }
 
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group_size, int8_t* q, float* scales, float* offsets) {
@@ -136,12 +163,7 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
       float out[4];
       for (int64_t m = m0; m < m1; m += 4) {
         const int64_t count = std::min<int64_t>(4, m1 - m);
-        switch (count) {
-          case 1: row_dot<1>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
-          case 2: row_dot<2>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
-          case 3: row_dot<3>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
-          default: row_dot<4>(w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, group_size, out); break;
-        }
+        rows_dot(count, group_size, w_row, ws + n * groups, wm + n * groups, rows, m, K, groups, out);
         for (int64_t r = 0; r < count; ++r) yp[(m + r) * N + n] = b ? out[r] + b[n] : out[r];
       }
     }
