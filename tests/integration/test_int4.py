@@ -275,3 +275,14 @@ def test_gptq_groups_of_32_are_refused_at_load(float_checkpoint, tmp_path):
     linear_layer.weight.checkpoint_grid = grids["o.weight"]
     with pytest.raises(ValueError, match="groups of 32 inputs: llmserve's int4 kernel takes groups of a multiple of 64"):
         Int4Linear(linear_layer, 128, "torch")
+
+
+def test_weights_quantized_at_load_split_over_ranks_compute_the_whole_layer(float_checkpoint):
+    hf_config = hf_config_of(float_checkpoint)
+    models = [load_model(hf_config, float_checkpoint, "auto", torch.float32, torch.device("cpu"), shard=Shard(rank, world))
+              for rank, world in ((0, 1), (0, 2), (1, 2))]
+    whole, *ranks = [model.model.layers[1].mlp.down_proj for model in models]
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7))
+    full = Int4Linear(whole, 64, "torch")(x)  # each rank's inputs are whole groups: the same groups, the same grid
+    summed = sum(Int4Linear(rank, 64, "torch")(part) for rank, part in zip(ranks, x.chunk(2, dim=1)))
+    torch.testing.assert_close(summed / full.abs().max(), full / full.abs().max(), atol=1e-5, rtol=0)
