@@ -230,6 +230,7 @@ class SchedulerConfig:
     batch_waiting_time: float = 0.0
     decode_batch_waiting_time: float = 0.0
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before (master/block_manager)
     max_queue_size: int = 1024
 
     def validate(self) -> None:

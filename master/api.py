@@ -13,7 +13,9 @@ from llmserve.common.errors import ModelNotFound
 from llmserve.common.sampling import ParamNames
 from llmserve.master.api_errors import NATIVE_PREFIX, ApiKeyMiddleware, BodyLimit, error_response, install_error_handlers
 from llmserve.master.api_schema import finish_openapi, stream_response
-from llmserve.master.api_models import GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError
+from llmserve.master.api_models import (
+    GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse, NativeError, ResetPrefixCacheResponse,
+)
 from llmserve.master.chat_template import ChatTemplate, load_chat_template
 from llmserve.master.engine import Engine, FinishEvent, RequestHandle, TokenEvent
 from llmserve.master.openai_api import openai_router
@@ -80,6 +82,11 @@ def _add_server_routes(app: FastAPI, engine: Engine) -> None:
             return JSONResponse({"status": "ok", **stats})
         reason = engine.failure or engine.transport.failure()
         return JSONResponse({"status": "unhealthy", "reason": reason, **stats}, 503)
+
+    @app.post("/reset_prefix_cache", response_model=ResetPrefixCacheResponse, tags=["server"])
+    async def reset_prefix_cache() -> JSONResponse:
+        """Forget the prefix cache's blocks no running sequence holds (needs the API key when one is set)."""
+        return JSONResponse({"forgotten_blocks": engine.block_manager.reset_cache()})
 
     @app.get("/version", response_model=VersionResponse, tags=["server"])
     async def get_version() -> JSONResponse:

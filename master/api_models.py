@@ -169,6 +169,10 @@ class ProcessInfo(Answer):
     cpu_seconds: float = Field(description="User + system CPU time since the process started.")
 
 
+class ResetPrefixCacheResponse(Answer):
+    forgotten_blocks: int = Field(description="Cached blocks no sequence held, now forgotten (held ones stay).")
+
+
 class HealthResponse(Answer):
     status: Literal["ok", "unhealthy"]
     reason: Optional[str] = None
@@ -178,6 +182,8 @@ class HealthResponse(Answer):
     kv_blocks_total: int
     kv_blocks_free: int
     kv_cache_tokens: int = Field(description="Tokens the KV cache holds: kv_blocks_total x the block size.")
+    prefix_cache_queries: int = Field(description="Prompt tokens looked up in the prefix cache since the start.")
+    prefix_cache_hits: int = Field(description="Prompt tokens found there: their KV blocks were reused, not computed.")
     kv_cache_dtype: str = Field(description="What the KV cache stores: auto (the model's dtype) or int8 (pa_config.kv_cache_dtype).")
     agent_restarts: int = Field(description="Times dead agents were replaced (serving_config.agent_restart_limit).")
     processes: list[ProcessInfo] = Field(description="Memory and CPU time of the master and of the agents on its host.")

@@ -1,23 +1,49 @@
-"""Accounting of KV-cache blocks: a free list, reference counts, block tables."""
+"""Accounting of KV-cache blocks: reference counts, an LRU free queue and block tables, with prefix caching.
+
+Automatic prefix caching (scheduler_config.enable_prefix_caching): each full block of a sequence is named by
+a chained hash of (its parent block's hash, its token ids); a hash -> block map finds blocks whose contents
+another sequence computed. A freed block keeps its contents and hash in the free queue, least recently freed
+first, until an allocation takes it (evicting its hash). A new or preempted sequence starts from the cached
+blocks of its longest cached prefix, never covering its last token (whose logits must be computed).
+"""
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
 
 from llmserve.master.sequence import Sequence
 
 
-class BlockManager:
-    """Hands out fixed-size KV blocks to sequences as they grow."""
+def block_hash(parent: Optional[bytes], token_ids: list[int]) -> bytes:
+    """The name of a full block: a digest of its parent's name and its token ids."""
+    digest = hashlib.blake2b(parent or b"", digest_size=16)
+    digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return digest.digest()
 
-    def __init__(self, num_blocks: int, block_size: int):
+
+class BlockManager:
+    """Hands out fixed-size KV blocks to sequences as they grow, and finds the blocks of prefixes computed before."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.ref_counts = [0] * num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.enable_caching = enable_caching
+        self._ref_counts = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
+        self._hash_of: dict[int, bytes] = {}  # cached block -> its hash
+        self._block_of: dict[bytes, int] = {}  # hash -> the cached block holding it
+        self.num_queried_tokens = 0  # prompt tokens looked up in the cache, and those found
+        self.num_hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_ids)
+        return len(self._free)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks a sequence of `num_tokens` tokens occupies."""
@@ -28,7 +54,7 @@ class BlockManager:
         return max(0, self.blocks_for(num_tokens) - len(seq.block_ids)) + len(self._shared_written(seq, num_tokens))
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.num_missing(seq, num_tokens) <= len(self.free_ids)
+        return self.num_missing(seq, num_tokens) <= len(self._free)
 
     def grow(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]]:
         """Give `seq` its own blocks for every token up to `num_tokens`; the caller checked can_grow.
@@ -40,7 +66,7 @@ class BlockManager:
         for index in self._shared_written(seq, num_tokens):
             source = seq.block_ids[index]
             destination = self._take()
-            self.ref_counts[source] -= 1
+            self._ref_counts[source] -= 1
             seq.block_ids[index] = destination
             copies.append((source, destination))
         for _ in range(max(0, self.blocks_for(num_tokens) - len(seq.block_ids))):
@@ -50,24 +76,100 @@ class BlockManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares every block of `parent` (its block table is a copy of the parent's)."""
         child.block_ids = list(parent.block_ids)
-        for block_id in child.block_ids:
-            self.ref_counts[block_id] += 1
+        child.block_hashes = list(parent.block_hashes)
+        self.share(child.block_ids)
+
+    def share(self, block_ids: list[int]) -> None:
+        """One more reference to each of `block_ids` (a cached free block leaves the free queue)."""
+        for block_id in block_ids:
+            if self._ref_counts[block_id] == 0:
+                del self._free[block_id]
+            self._ref_counts[block_id] += 1
+
+    def lookup(self, seq: Sequence) -> list[int]:
+        """The cached blocks of `seq`'s longest cached prefix of full blocks, short of its last token."""
+        if not self.enable_caching:
+            return []
+        hashes, found = self._prefix_hashes(seq, (seq.num_tokens - 1) // self.block_size), []
+        for digest in hashes:
+            block_id = self._block_of.get(digest)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def num_needed(self, cached: list[int], num_tokens: int) -> int:
+        """Free blocks a sequence holding none takes to start from `cached` and hold `num_tokens` tokens."""
+        return self.blocks_for(num_tokens) - len(cached) + sum(self._ref_counts[block_id] == 0 for block_id in cached)
+
+    def start_from_cache(self, seq: Sequence, cached: list[int]) -> None:
+        """`seq` (holding no blocks) starts with the cached blocks of lookup(seq) as computed."""
+        if not self.enable_caching:
+            return
+        self.share(cached)
+        seq.block_ids = list(cached)
+        seq.block_hashes = self._prefix_hashes(seq, len(cached))
+        seq.num_computed = len(cached) * self.block_size
+        self.num_queried_tokens += seq.num_prompt_tokens
+        self.num_hit_tokens += min(seq.num_computed, seq.num_prompt_tokens)
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Name every block `seq` has filled with computed tokens, so later sequences can find it."""
+        if not self.enable_caching:
+            return
+        full = min(seq.num_computed // self.block_size, len(seq.block_ids))
+        for index in range(len(seq.block_hashes), full):
+            tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
+            digest = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(digest)
+            block_id = seq.block_ids[index]
+            if digest not in self._block_of and block_id not in self._hash_of:
+                self._block_of[digest], self._hash_of[block_id] = block_id, digest
+
+    def reset_cache(self) -> int:
+        """Forget every cached block no sequence holds; how many were forgotten."""
+        forgotten = [block_id for block_id in self._free if block_id in self._hash_of]
+        for block_id in forgotten:
+            del self._block_of[self._hash_of.pop(block_id)]
+        return len(forgotten)
+
+    def _prefix_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        hashes = list(seq.block_hashes[:num_blocks])
+        for index in range(len(hashes), num_blocks):
+            tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
+            hashes.append(block_hash(hashes[-1] if hashes else None, tokens))
+        return hashes
 
     def _shared_written(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Indexes of blocks `seq` shares with another sequence and will write tokens num_computed.. into."""
         first = seq.num_computed // self.block_size
         last = min(self.blocks_for(num_tokens), len(seq.block_ids))
-        return [i for i in range(first, last) if self.ref_counts[seq.block_ids[i]] > 1]
+        return [i for i in range(first, last) if self._ref_counts[seq.block_ids[i]] > 1]
 
     def _take(self) -> int:
-        block_id = self.free_ids.popleft()
-        self.ref_counts[block_id] = 1
+        block_id, _ = self._free.popitem(last=False)
+        digest = self._hash_of.pop(block_id, None)
+        if digest is not None:  # evicted: its contents are about to be overwritten
+            del self._block_of[digest]
+        self._ref_counts[block_id] = 1
         return block_id
 
     def free(self, seq: Sequence) -> None:
-        """Return every block of `seq` whose last reference it held."""
+        """Drop `seq`'s references; blocks no one holds go to the free queue, its last blocks nearest eviction."""
         for block_id in reversed(seq.block_ids):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free_ids.append(block_id)
+            self._ref_counts[block_id] -= 1
+            if self._ref_counts[block_id] == 0:
+                self._free[block_id] = None
         seq.block_ids.clear()
+        seq.block_hashes.clear()
+
+    def check_consistent(self, seqs: list[Sequence]) -> None:
+        """AssertionError unless every count equals the tables of `seqs` holding the block, the free queue holds
+        exactly the unreferenced blocks, and the hash map and its inverse agree."""
+        held = [0] * self.num_blocks
+        for seq in seqs:
+            for block_id in seq.block_ids:
+                held[block_id] += 1
+        assert held == self._ref_counts, "reference counts differ from the block tables"
+        assert set(self._free) == {b for b in range(self.num_blocks) if held[b] == 0}, "free queue != unreferenced"
+        assert {v: k for k, v in self._block_of.items()} == self._hash_of, "hash map and its inverse disagree"

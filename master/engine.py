@@ -156,7 +156,8 @@ class Engine:
         if self.block_manager is not None and self.block_manager.num_blocks == num_blocks:
             return
         preemptions = self.scheduler.num_preemptions if self.scheduler is not None else 0
-        self.block_manager = BlockManager(num_blocks, pa.block_size)  # empty: no request is in flight now
+        # empty, its cache too (a restarted agent's pools are new): no request is in flight now
+        self.block_manager = BlockManager(num_blocks, pa.block_size, self.config.scheduler_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__)
         self.scheduler.num_preemptions = preemptions
         num_tokens = num_blocks * pa.block_size
@@ -517,6 +518,8 @@ class Engine:
             "kv_blocks_free": self.block_manager.num_free_blocks,
             "kv_cache_tokens": self.block_manager.num_blocks * self.block_manager.block_size,
             "kv_cache_dtype": self.config.pa_config.kv_cache_dtype,
+            "prefix_cache_queries": self.block_manager.num_queried_tokens,
+            "prefix_cache_hits": self.block_manager.num_hit_tokens,
             "agent_restarts": self.num_agent_restarts,
             "processes": [dataclasses.asdict(process) for process in self.processes.stats()],
             "kernels": self.kernels,

@@ -40,6 +40,10 @@ class _EngineState(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_requests_preempted", "Sequences preempted (blocks freed, recomputed later).", stats["num_preemptions"]
         )
+        yield CounterMetricFamily(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  stats["prefix_cache_queries"])
+        yield CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "Prompt tokens whose KV blocks the prefix cache held.",
+                                  stats["prefix_cache_hits"])
         yield CounterMetricFamily(f"{PREFIX}_agent_restarts", "Times dead agents were replaced and served again.", stats["agent_restarts"])
         memory = GaugeMetricFamily(f"{PREFIX}_process_resident_memory_bytes", "Resident memory of the master and its "
                                    "agents on this host.", labels=["process"])

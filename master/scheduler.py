@@ -175,12 +175,15 @@ class Scheduler:
                 break
             if plan.num_prefill_seqs >= self.config.prefill_batch_size:
                 break
-            num_new = min(seq.num_uncomputed, budget - plan.num_tokens)
-            if num_new < seq.num_uncomputed and not self._may_chunk(seq):
+            cached = self.blocks.lookup(seq)  # a waiting sequence holds no blocks: new, or preempted
+            num_computed = len(cached) * self.blocks.block_size
+            num_new = min(seq.num_tokens - num_computed, budget - plan.num_tokens)
+            if num_computed + num_new < seq.num_tokens and not self._may_chunk(seq):
                 break
-            if not self.blocks.can_grow(seq, seq.num_computed + num_new):
+            if self.blocks.num_needed(cached, num_computed + num_new) > self.blocks.num_free_blocks:
                 break
             self.waiting.popleft()
+            self.blocks.start_from_cache(seq, cached)
             plan.block_copies.extend(self.blocks.grow(seq, seq.num_computed + num_new))
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
@@ -221,6 +224,7 @@ class Scheduler:
             if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed += item.num_new_tokens
+            self.blocks.cache_computed(seq)
             if not item.samples:
                 continue
             if seq.beam is not None:
@@ -270,10 +274,10 @@ class Scheduler:
             np.stack([group.candidates[beam.seq_id][1] for beam in beams]),
         )
         group.candidates.clear()
-        parents = [(list(beam.token_ids), list(beam.block_ids), beam.num_computed) for beam in beams]
+        parents = [(list(beam.token_ids), list(beam.block_ids), list(beam.block_hashes), beam.num_computed)
+                   for beam in beams]
         for chosen in next_beams:  # take the new references before dropping the old ones
-            for block_id in parents[chosen.parent][1]:
-                self.blocks.ref_counts[block_id] += 1
+            self.blocks.share(parents[chosen.parent][1])
         for beam in beams:
             self.blocks.free(beam)
         targets = beams[: len(next_beams)]
@@ -283,9 +287,10 @@ class Scheduler:
             outcome.forked.append((beams[0], child))
             targets.append(child)
         for target, chosen in zip(targets, next_beams):
-            token_ids, block_ids, num_computed = parents[chosen.parent]
+            token_ids, block_ids, block_hashes, num_computed = parents[chosen.parent]
             target.token_ids = token_ids + [chosen.token_id]
             target.block_ids = list(block_ids)
+            target.block_hashes = list(block_hashes)
             target.num_computed = num_computed
             group.scores[target.seq_id] = chosen.score
             outcome.new_tokens.append((target, chosen.token_id))

@@ -46,6 +46,7 @@ class Sequence:
     first_scheduled_time: Optional[float] = None  # when it left the queue the first time
     token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: the names of its first full blocks
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[FinishReason] = None
@@ -126,6 +127,7 @@ class Sequence:
             first_scheduled_time=self.first_scheduled_time,
             token_ids=list(self.token_ids),
             block_ids=list(self.block_ids),
+            block_hashes=list(self.block_hashes),
             num_computed=self.num_computed,
             status=self.status,
             sample_index=sample_index,

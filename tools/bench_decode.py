@@ -32,13 +32,15 @@ from llmserve.tools.local_config import free_port, write_local_config  # noqa: E
 
 
 def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None,
-                 world: int = 1, model_keys: dict | None = None, pa_keys: dict | None = None,
+                 world: int = 1, model_keys: dict | None = None, sections: dict | None = None,
                  **serving_keys) -> tuple[subprocess.Popen, str]:
+    """`llmserve serve` on free ports with the config's keys overridden: model_config's by `model_keys`,
+    serving_config's by `serving_keys`, other sections' by `sections` ({section: {key: value}})."""
     serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {}), **serving_keys}
     if world > 1:
         serving.update(agent_ports=[free_port() for _ in range(world)], dist_port=free_port())
     path = write_local_config(config_path, workdir, serving_config=serving, model_config=model_keys or {},
-                              pa_config=pa_keys or {})
+                              **(sections or {}))
     with open(path) as f:
         port = yaml.safe_load(f)["serving_config"]["server_port"]
     process = subprocess.Popen([sys.executable, "-m", "llmserve", "serve", "--config", path], cwd=ROOT)
@@ -106,9 +108,9 @@ def main() -> None:
         model_keys = {"quantization": args.quantization} if args.quantization else {}
         if args.quantize_lm_head:
             model_keys["quantize_lm_head"] = True
-        pa_keys = {"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype else {}
+        sections = {"pa_config": {"kv_cache_dtype": args.kv_cache_dtype}} if args.kv_cache_dtype else {}
         process, url = start_server(args.config, trace_path, workdir, args.num_threads, args.tensor_parallel, model_keys,
-                                    pa_keys)
+                                    sections)
         try:
             run_batch(url, 2, args.prompt_len, 8)  # warm-up
             results = []

@@ -75,6 +75,9 @@ def test_concurrent_greedy_outputs_equal_transformers(tmp_path, checkpoints, kin
     path, expected = checkpoints[kind]
     with running_server(write_config(tmp_path, {"model_path": str(path)})) as server:
         assert concurrent_outputs(server.url) == expected
+        assert concurrent_outputs(server.url) == expected  # again: the longer prompts start from cached blocks
+        health = server.health().json()
+        assert 0 < health["prefix_cache_hits"] < health["prefix_cache_queries"]
 
 
 def test_outputs_survive_preemption(tmp_path, checkpoints):
@@ -82,7 +85,8 @@ def test_outputs_survive_preemption(tmp_path, checkpoints):
     config = write_config(tmp_path, {"model_path": str(path)}, pa_config={"num_blocks": 20, "block_size": 4})
     with running_server(config) as server:
         assert concurrent_outputs(server.url) == expected
-        assert server.health().json()["num_preemptions"] > 0
+        health = server.health().json()
+        assert health["num_preemptions"] > 0 and health["prefix_cache_hits"] > 0  # recomputes start from the cache
 
 
 def finish_order(url: str) -> list[str]:

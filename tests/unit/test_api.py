@@ -244,3 +244,20 @@ def test_answers_match_the_models_the_openapi_schema_publishes():
     assert [GenerateStreamEvent.model_validate(event).token is not None for event in events] == [True] * 4 + [False]
     assert NativeError.model_validate(bad.json()).error_type == "validation_error"
     assert HealthResponse.model_validate(health.json()).status == "ok"
+
+
+def test_reset_prefix_cache_forgets_the_cached_blocks_and_a_repeat_computes_its_prompt_again():
+    async def requests(client, engine):
+        body = {"inputs": "the same long prompt " * 8, "parameters": {"max_new_tokens": 2}}
+        first = await client.post(URL, json=body)
+        hits_before = engine.stats()["prefix_cache_hits"]
+        await client.post(URL, json=body)
+        hits_after_repeat = engine.stats()["prefix_cache_hits"]
+        reset = await client.post("/reset_prefix_cache")
+        await client.post(URL, json=body)
+        return first, hits_before, hits_after_repeat, reset.json(), engine.stats()["prefix_cache_hits"]
+
+    first, hits_before, hits_after_repeat, reset, hits_after_reset = call(requests)
+    assert first.status_code == 200 and hits_before == 0 and hits_after_repeat > 0
+    assert reset["forgotten_blocks"] > 0
+    assert hits_after_reset == hits_after_repeat  # nothing left to find

@@ -265,7 +265,7 @@ def test_n_samples_share_the_prompt_blocks_and_copy_the_partial_block_on_write()
     children = [child for _, child in outcome.forked]
     assert [s.output_ids for s in [seq, *children]] == [[5], [6], [7]]
     assert all(child.block_ids == seq.block_ids for child in children)
-    assert [scheduler.blocks.ref_counts[b] for b in seq.block_ids] == [3, 3, 3]
+    assert [scheduler.blocks.ref_count(b) for b in seq.block_ids] == [3, 3, 3]
     assert scheduler.blocks.num_free_blocks == 16 - 3  # one prompt's worth, not three
     plan, _ = run_step(scheduler)
     shared_last = seq.block_ids[0:2]
@@ -291,7 +291,7 @@ def test_preempting_one_sample_keeps_the_blocks_its_siblings_share():
     _, outcome = run_step(scheduler)
     child = outcome.forked[0][1]
     scheduler._preempt(child)
-    assert seq.block_ids and all(scheduler.blocks.ref_counts[b] == 1 for b in seq.block_ids)
+    assert seq.block_ids and all(scheduler.blocks.ref_count(b) == 1 for b in seq.block_ids)
     assert scheduler.blocks.num_free_blocks == 16 - len(seq.block_ids)
 
 

@@ -1,0 +1,178 @@
+"""Automatic prefix caching in the block manager and the scheduler: plans in, plans out, no processes."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from llmserve.common.config import SchedulerConfig
+from llmserve.common.sampling import SamplingParams
+from llmserve.master.block_manager import BlockManager
+from llmserve.master.scheduler import Scheduler, StepSamples
+from llmserve.master.sequence import Sequence
+from tests.unit.test_scheduler import EOS, make_seq, run_step
+
+BLOCK = 4
+
+
+def caching_scheduler(num_blocks: int = 64, caching: bool = True, **overrides) -> Scheduler:
+    return Scheduler(SchedulerConfig(**overrides), BlockManager(num_blocks, BLOCK, enable_caching=caching))
+
+
+def serve(scheduler: Scheduler, seq: Sequence) -> list[int]:
+    """Run `seq` alone to its end; the blocks it held."""
+    scheduler.add(seq)
+    held: list[int] = []
+    while not seq.is_finished:
+        plan = scheduler.schedule(0.0)
+        assert plan is not None
+        held = list(seq.block_ids)  # before the step's update frees them
+        scheduler.update(plan, StepSamples(np.full(sum(i.num_rows for i in plan.scheduled), 5, dtype=np.int64)), 0.0)
+    return held
+
+
+def test_a_second_request_with_the_same_prompt_starts_from_the_first_ones_blocks():
+    scheduler = caching_scheduler()
+    first_blocks = serve(scheduler, make_seq(0, prompt_len=10, max_new_tokens=3))
+    second = make_seq(1, prompt_len=10, max_new_tokens=3)
+    scheduler.add(second)
+    plan, _ = run_step(scheduler)
+    assert [(item.seq, item.num_new_tokens) for item in plan.scheduled] == [(second, 2)]  # 8 of 10 were cached
+    assert second.block_ids[:2] == first_blocks[:2]
+    assert scheduler.blocks.num_hit_tokens == 8 and scheduler.blocks.num_queried_tokens == 20
+
+
+def test_the_last_prompt_token_is_always_computed():
+    scheduler = caching_scheduler()
+    serve(scheduler, make_seq(0, prompt_len=8, max_new_tokens=2))
+    second = make_seq(1, prompt_len=8, max_new_tokens=2)
+    scheduler.add(second)
+    plan, outcome = run_step(scheduler)
+    assert plan.scheduled[0].num_new_tokens == 4 and plan.scheduled[0].samples  # block 2 holds the last token
+    assert outcome.new_tokens == [(second, 5)]
+
+
+def test_without_caching_every_prompt_is_computed_whole():
+    scheduler = caching_scheduler(caching=False)
+    serve(scheduler, make_seq(0, prompt_len=10, max_new_tokens=2))
+    scheduler.add(make_seq(1, prompt_len=10, max_new_tokens=2))
+    plan, _ = run_step(scheduler)
+    assert plan.scheduled[0].num_new_tokens == 10
+
+
+def test_running_sequences_with_a_common_prefix_share_its_blocks():
+    scheduler = caching_scheduler()
+    first = make_seq(0, prompt_len=9, max_new_tokens=8)
+    scheduler.add(first)
+    run_step(scheduler)
+    second = make_seq(1, prompt_len=9, max_new_tokens=8)
+    second.prompt_ids = first.prompt_ids[:8] + [99]  # same first two blocks, another last token
+    second.token_ids = list(second.prompt_ids)
+    scheduler.add(second)
+    run_step(scheduler)
+    assert second.block_ids[:2] == first.block_ids[:2]
+    assert [scheduler.blocks.ref_count(b) for b in first.block_ids[:2]] == [2, 2]
+    scheduler.blocks.check_consistent(scheduler.running)
+
+
+def test_a_different_prefix_misses_from_its_first_different_block():
+    scheduler = caching_scheduler()
+    serve(scheduler, make_seq(0, prompt_len=12, max_new_tokens=1))
+    other = make_seq(1, prompt_len=12, max_new_tokens=1)
+    other.prompt_ids = other.prompt_ids[:4] + [77] + other.prompt_ids[5:]
+    other.token_ids = list(other.prompt_ids)
+    scheduler.add(other)
+    plan, _ = run_step(scheduler)
+    assert plan.scheduled[0].num_new_tokens == 8  # block 1 differs, so block 2 (same tokens) cannot match either
+
+
+def test_eviction_takes_the_least_recently_freed_blocks_a_prefixs_last_first():
+    scheduler = caching_scheduler(num_blocks=4)
+    serve(scheduler, make_seq(0, prompt_len=8, max_new_tokens=1))  # blocks 0, 1 cached, freed
+    other = make_seq(1, prompt_len=12, max_new_tokens=1)
+    other.prompt_ids = [50 + i for i in range(12)]
+    other.token_ids = list(other.prompt_ids)
+    serve(scheduler, other)  # needs 3 of the 4 blocks: evicts the oldest free ones
+    again = make_seq(2, prompt_len=8, max_new_tokens=1)
+    scheduler.add(again)
+    plan, _ = run_step(scheduler)
+    # the request between took 3 of the 4 blocks, the least recently freed first: the prefix's last block
+    # (freed before its first) went, its first block stayed
+    assert plan.scheduled[0].num_new_tokens == 4
+    scheduler.blocks.check_consistent([] if again.is_finished else [again])
+
+
+def test_a_preempted_sequence_resumes_from_its_cached_blocks():
+    scheduler = caching_scheduler(num_blocks=16)
+    seq = make_seq(0, prompt_len=10, max_new_tokens=20)
+    scheduler.add(seq)
+    for _ in range(4):
+        run_step(scheduler)
+    scheduler._preempt(seq)
+    plan, _ = run_step(scheduler)
+    assert plan.scheduled[0].seq is seq and plan.scheduled[0].num_new_tokens == seq.num_tokens - 1 - 12
+    assert seq.num_computed == seq.num_tokens - 1
+
+
+def test_reset_forgets_only_the_blocks_no_sequence_holds():
+    scheduler = caching_scheduler()
+    serve(scheduler, make_seq(0, prompt_len=10, max_new_tokens=1))
+    running = make_seq(1, prompt_len=6, max_new_tokens=8)
+    running.prompt_ids = [70 + i for i in range(6)]
+    running.token_ids = list(running.prompt_ids)
+    scheduler.add(running)
+    run_step(scheduler)
+    assert scheduler.blocks.reset_cache() == 2  # the finished request's two full blocks
+    assert scheduler.blocks.lookup(make_seq(2, prompt_len=10)) == []
+    scheduler.blocks.check_consistent(scheduler.running)
+
+
+class HistoryModel:
+    """A deterministic stand-in for the model: each sampled token is a function of the sequence's tokens."""
+
+    def tokens(self, plan) -> StepSamples:
+        ids = []
+        for item in plan.scheduled:
+            base = sum(item.seq.token_ids) * 31 + len(item.seq.token_ids)
+            ids += [EOS if base % 23 == 0 else 3 + (base + row) % 50 for row in range(item.num_rows)]
+        return StepSamples(np.asarray(ids, dtype=np.int64))
+
+
+def simulate(caching: bool, seed: int) -> dict[tuple[int, int], list[int]]:
+    """Requests with shared prefixes arriving over time, some with n = 2, some aborted, on a tiny pool;
+    the block manager checked after every step. The outputs of every sample that finished on its own, by
+    (request, sample)."""
+    rng = random.Random(seed)
+    scheduler = caching_scheduler(num_blocks=24, caching=caching, max_num_batched_tokens=32, decode_batch_size=8)
+    prefixes = [[rng.randrange(3, 60) for _ in range(rng.randrange(4, 14))] for _ in range(3)]
+    requests, samples_of, model = [], {}, HistoryModel()
+    for step in range(400):
+        if len(requests) < 30 and rng.random() < 0.3:
+            prompt = rng.choice(prefixes) + [rng.randrange(3, 60) for _ in range(rng.randrange(1, 6))]
+            seq = make_seq(1000 + len(requests), prompt_len=len(prompt), max_new_tokens=rng.randrange(1, 12))
+            seq.prompt_ids, seq.token_ids = prompt, list(prompt)
+            if rng.random() < 0.2:
+                seq.params = SamplingParams(max_new_tokens=seq.params.max_new_tokens, do_sample=True, n=2)
+                seq.pending_forks = 1
+            requests.append(seq)
+            samples_of[seq.seq_id] = [seq]
+            scheduler.add(seq)
+        if requests and rng.random() < 0.02:
+            scheduler.abort(rng.choice(requests))  # the sequences it forked run on
+        plan = scheduler.schedule(float(step))
+        if plan is not None:
+            for parent, child in scheduler.update(plan, model.tokens(plan), float(step)).forked:
+                samples_of[parent.seq_id].append(child)
+        scheduler.blocks.check_consistent(list(scheduler.running))
+    assert not scheduler.running and not scheduler.waiting, "every request ends (no deadlock)"
+    assert (scheduler.blocks.num_hit_tokens > 0) == caching
+    return {(request_id, seq.sample_index): seq.output_ids for request_id, seqs in samples_of.items() for seq in seqs
+            if seq.finish_reason is not None and seq.finish_reason.name != "ABORT"}
+
+
+def test_a_random_workload_keeps_the_blocks_consistent_and_the_outputs_unchanged_by_caching():
+    for seed in range(3):
+        cached, uncached = simulate(caching=True, seed=seed), simulate(caching=False, seed=seed)
+        common = cached.keys() & uncached.keys()
+        assert len(common) >= 20
+        assert {key: cached[key] for key in common} == {key: uncached[key] for key in common}
