@@ -154,10 +154,15 @@ class Engine:
         logger.info("kernels: %s", ", ".join(f"{part}: {what}" for part, what in self.kernels.items()) or "unknown")
         num_blocks = min(ready.num_kv_blocks for ready in readies)
         if self.block_manager is not None and self.block_manager.num_blocks == num_blocks:
+            self.block_manager.reset_cache()  # restarted agents' pools are new: no cached block holds anything now
             return
-        preemptions = self.scheduler.num_preemptions if self.scheduler is not None else 0
-        # empty, its cache too (a restarted agent's pools are new): no request is in flight now
+        previous = self.block_manager
+        # empty, its cache too: no request is in flight now
         self.block_manager = BlockManager(num_blocks, pa.block_size, self.config.scheduler_config.enable_prefix_caching)
+        if previous is not None:  # counters only go up
+            self.block_manager.num_queried_tokens = previous.num_queried_tokens
+            self.block_manager.num_hit_tokens = previous.num_hit_tokens
+        preemptions = self.scheduler.num_preemptions if self.scheduler is not None else 0
         self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__)
         self.scheduler.num_preemptions = preemptions
         num_tokens = num_blocks * pa.block_size

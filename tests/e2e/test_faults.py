@@ -187,7 +187,10 @@ def test_killed_agent_is_restarted_until_the_restart_budget_is_spent(tmp_path):
     """Under load: each death fails the requests in flight at once, then a fresh agent serves; the third death is final."""
     serving = {"agent_restart_backoff": 0.1, "agent_restart_limit": 2}
     with running_server(write_config(tmp_path, serving_config=serving, scheduler_config=SLOW_DECODE)) as server:
+        long_prompt = {"inputs": "one two three four five six " * 8, "parameters": {"max_new_tokens": 2}}
         for restarts in (1, 2):
+            assert httpx.post(f"{server.url}/models/llama/generate", json=long_prompt, timeout=60).status_code == 200
+            hits = server.health().json()["prefix_cache_hits"]
             streams = [open_stream(server.url) for _ in range(3)]
             for _, _, lines in streams:
                 next_event(lines)
@@ -199,6 +202,9 @@ def test_killed_agent_is_restarted_until_the_restart_budget_is_spent(tmp_path):
             assert wait_for(lambda: server.health().status_code == 200, timeout=60)
             health = server.health().json()
             assert health["agent_restarts"] == restarts and health["kv_blocks_free"] == health["kv_blocks_total"]
+            # the new agent's pools are empty: the prompt cached before the death is computed again, not found
+            assert httpx.post(f"{server.url}/models/llama/generate", json=long_prompt, timeout=60).status_code == 200
+            assert server.health().json()["prefix_cache_hits"] == hits
             short = {"inputs": "again", "parameters": {"max_new_tokens": 3, "ignore_eos": True}}
             assert httpx.post(f"{server.url}/models/llama/generate", json=short, timeout=60).status_code == 200
             assert f"llmserve_agent_restarts_total {restarts}.0" in httpx.get(f"{server.url}/metrics").text

@@ -38,9 +38,11 @@ class CpuAttention(AttentionBackend):
     ):
         super().__init__(block_size, num_kv_heads, head_dim, dtype, device, kv_cache_dtype)
         self.ops = cpu_ops.load().ops
-        self.isa = _kernel_isa(block_size, head_dim, dtype)
+        # AMX's pools are packed in tiles: neither llmserve's kernel nor the 8-bit cache's plain blocks read them
+        self.isa = _kernel_isa(block_size, head_dim, dtype, allow_amx=not self.quantized_kv)
         built = kernels.load()
-        self.has_decode_kernel = not isinstance(built, kernels.Unavailable) and dtype in DECODE_KERNEL_DTYPES
+        self.has_decode_kernel = (not isinstance(built, kernels.Unavailable) and dtype in DECODE_KERNEL_DTYPES
+                                  and self.isa != "amx")
 
     @staticmethod
     def unsupported(
@@ -164,8 +166,9 @@ def _dequantized_blocks(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch
     return k, v
 
 
-def _kernel_isa(block_size: int, head_dim: int, dtype: torch.dtype) -> str:
-    """The kernels' variant: AMX tiles for bfloat16 where the CPU has them, else 32- or 16-wide vectors."""
-    if dtype == torch.bfloat16 and block_size % 32 == 0 and torch.cpu._is_amx_tile_supported():
+def _kernel_isa(block_size: int, head_dim: int, dtype: torch.dtype, allow_amx: bool = True) -> str:
+    """The kernels' variant: AMX tiles for bfloat16 where the CPU has them (and `allow_amx`), else 32- or
+    16-wide vectors."""
+    if allow_amx and dtype == torch.bfloat16 and block_size % 32 == 0 and torch.cpu._is_amx_tile_supported():
         return "amx"
     return "vec" if block_size % 32 == 0 and head_dim % 32 == 0 else "vec16"
