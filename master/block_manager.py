@@ -110,8 +110,11 @@ class BlockManager:
         seq.block_ids = list(cached)
         seq.block_hashes = self._prefix_hashes(seq, len(cached))
         seq.num_computed = len(cached) * self.block_size
+        hit = min(seq.num_computed, seq.num_prompt_tokens)
+        if seq.first_scheduled_time is None:  # its first admission, not a resume after preemption
+            seq.num_cached_tokens = hit
         self.num_queried_tokens += seq.num_prompt_tokens
-        self.num_hit_tokens += min(seq.num_computed, seq.num_prompt_tokens)
+        self.num_hit_tokens += hit
 
     def cache_computed(self, seq: Sequence) -> None:
         """Name every block `seq` has filled with computed tokens, so later sequences can find it."""

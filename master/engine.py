@@ -593,6 +593,7 @@ def request_record(handle: RequestHandle, reason: FinishReason) -> dict:
     return {
         "request_id": handle.request_id,
         "prompt_tokens": handle.seq.num_prompt_tokens,
+        "cached_tokens": handle.seq.num_cached_tokens,
         "output_tokens": handle.num_output_tokens,
         "finish_reason": reason.value,
         "first_token_time": None if first is None else round(first - handle.start_time, 6),

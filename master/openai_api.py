@@ -223,7 +223,9 @@ class OpenAIJob:
     def usage(self) -> dict:
         prompt = sum(handle.seq.num_prompt_tokens for handle in self.handles)
         completion = sum(len(out.output_ids) for handle in self.handles for out in handle.outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(handle.seq.num_cached_tokens for handle in self.handles)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def opening_choices(self) -> list[dict]:
         return []

@@ -249,10 +249,15 @@ class ChatCompletionRequest(SamplingFields):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(Answer):
+    cached_tokens: int = Field(description="Prompt tokens whose KV blocks the prefix cache held (not computed again).")
+
+
 class Usage(Answer):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(Answer):

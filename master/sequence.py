@@ -48,6 +48,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: the names of its first full blocks
     num_computed: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[FinishReason] = None
     num_preemptions: int = 0

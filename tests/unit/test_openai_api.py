@@ -46,6 +46,22 @@ def post(path: str, body: dict | str, engine=None):
 # ---------------------------------------------------------------- completions
 
 
+def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held():
+    from tests.unit.test_api import call
+
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    prompt_ids = encode(TOKENIZER, prompt)
+
+    async def twice(client, engine):
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        return [(await client.post("/v1/completions", json=body)).json()["usage"] for _ in range(2)]
+
+    first, second = call(twice)
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (len(prompt_ids) - 1) // 4 * 4 > 0  # every full block short of the last prompt token
+
+
 def test_completion_returns_the_text_usage_and_length_finish():
     response = post("/v1/completions", {"model": "llama", "prompt": "Hello there", "max_tokens": 5, "temperature": 0})
     assert response.status_code == 200
@@ -54,7 +70,8 @@ def test_completion_returns_the_text_usage_and_length_finish():
     assert body["choices"] == [
         {"index": 0, "text": following_text(prompt_ids, 5), "logprobs": None, "finish_reason": "length"}
     ]
-    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 5, "total_tokens": len(prompt_ids) + 5}
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 5, "total_tokens": len(prompt_ids) + 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert body["id"].startswith("cmpl-") and body["model"] == "llama"
 
 
