@@ -94,6 +94,10 @@ class GenerateRequest(BaseModel):
     inputs: str = Field(description="The prompt.")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
+    cache_salt: Optional[str] = Field(
+        None, min_length=1, max_length=256,
+        description="Prompts share prefix-cache blocks only with requests of the same salt (tenant isolation).",
+    )
 
 
 # ---------------------------------------------------------------- responses (for the OpenAPI schema and the tests)

@@ -1,7 +1,8 @@
 """Accounting of KV-cache blocks: reference counts, an LRU free queue and block tables, with prefix caching.
 
 Automatic prefix caching (scheduler_config.enable_prefix_caching): each full block of a sequence is named by
-a chained hash of (its parent block's hash, its token ids); a hash -> block map finds blocks whose contents
+a chained hash of (its parent block's hash, or the request's cache salt for the first, its token ids); a
+hash -> block map finds blocks whose contents
 another sequence computed. A freed block keeps its contents and hash in the free queue, least recently freed
 first, until an allocation takes it (evicting its hash). A new or preempted sequence starts from the cached
 blocks of its longest cached prefix, never covering its last token (whose logits must be computed).
@@ -22,6 +23,11 @@ def block_hash(parent: Optional[bytes], token_ids: list[int]) -> bytes:
     digest = hashlib.blake2b(parent or b"", digest_size=16)
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return digest.digest()
+
+
+def _root(seq: Sequence) -> Optional[bytes]:
+    """What a sequence's first block is chained to: its cache salt, so different salts never share a block."""
+    return None if seq.cache_salt is None else b"salt:" + seq.cache_salt.encode()
 
 
 class BlockManager:
@@ -123,7 +129,7 @@ class BlockManager:
         full = min(seq.num_computed // self.block_size, len(seq.block_ids))
         for index in range(len(seq.block_hashes), full):
             tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
-            digest = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            digest = block_hash(seq.block_hashes[-1] if seq.block_hashes else _root(seq), tokens)
             seq.block_hashes.append(digest)
             block_id = seq.block_ids[index]
             if digest not in self._block_of and block_id not in self._hash_of:
@@ -140,7 +146,7 @@ class BlockManager:
         hashes = list(seq.block_hashes[:num_blocks])
         for index in range(len(hashes), num_blocks):
             tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens))
+            hashes.append(block_hash(hashes[-1] if hashes else _root(seq), tokens))
         return hashes
 
     def _shared_written(self, seq: Sequence, num_tokens: int) -> list[int]:

@@ -192,9 +192,10 @@ class Engine:
 
     def submit(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True,
-        names: ParamNames = ParamNames(),
+        names: ParamNames = ParamNames(), cache_salt: Optional[str] = None,
     ) -> RequestHandle:
-        """Queue a request; raise RequestError, Overloaded or AgentFailure if it cannot be.
+        """Queue a request; raise RequestError, Overloaded or AgentFailure if it cannot be. `cache_salt`: its
+        prompt shares prefix-cache blocks only with requests of the same salt.
 
         Without `stream` the handle gets only the finish event: no per-token work is done for it.
         Errors name the parameter as the client's API spells it (`names`).
@@ -213,6 +214,7 @@ class Engine:
             eos_token_ids=frozenset(self.model.eos_token_ids),
             max_seq_len=self.model.max_seq_len,
             arrival_time=now,
+            cache_salt=cache_salt,
         )
         if params.is_beam_search:
             search = BeamSearch(

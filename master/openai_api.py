@@ -171,7 +171,8 @@ class OpenAIJob:
         try:
             for i, prompt_ids in enumerate(prompts):
                 request_id = self.request_id if len(prompts) == 1 else f"{self.request_id}-{i}"
-                self.handles.append(self.engine.submit(request_id, prompt_ids, params, self.body.stream, names))
+                self.handles.append(self.engine.submit(request_id, prompt_ids, params, self.body.stream, names,
+                                                       cache_salt=self.body.cache_salt))
         except Exception:
             for handle in self.handles:
                 self.engine.withdraw(handle)

@@ -73,6 +73,10 @@ class SamplingFields(OpenAIRequest):
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=0, description="Not supported: must be absent or empty.")
     user: Optional[str] = Field(None, description="Accepted and ignored.")
     # extras (not in OpenAI's API)
+    cache_salt: Optional[str] = Field(
+        None, min_length=1, max_length=256,
+        description="Extra: prompts share prefix-cache blocks only with requests of the same salt (tenant isolation).",
+    )
     top_k: Optional[TopK] = Field(0, description="Extra: sample among the k most likely tokens; 0 or -1 means all.")
     min_p: Optional[float] = Field(
         0.0, ge=0.0, le=1.0, allow_inf_nan=False,

@@ -49,6 +49,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: the names of its first full blocks
     num_computed: int = 0
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
+    cache_salt: Optional[str] = None  # shares prefix-cache blocks only with sequences of the same salt
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[FinishReason] = None
     num_preemptions: int = 0
@@ -130,6 +131,7 @@ class Sequence:
             block_ids=list(self.block_ids),
             block_hashes=list(self.block_hashes),
             num_computed=self.num_computed,
+            cache_salt=self.cache_salt,
             status=self.status,
             sample_index=sample_index,
             logprobs=list(self.logprobs),

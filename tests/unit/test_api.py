@@ -261,3 +261,17 @@ def test_reset_prefix_cache_forgets_the_cached_blocks_and_a_repeat_computes_its_
     assert first.status_code == 200 and hits_before == 0 and hits_after_repeat > 0
     assert reset["forgotten_blocks"] > 0
     assert hits_after_reset == hits_after_repeat  # nothing left to find
+
+
+def test_the_native_api_takes_a_cache_salt_and_refuses_an_empty_one():
+    async def requests(client, engine):
+        body = {"inputs": "the same long prompt " * 8, "parameters": {"max_new_tokens": 2}}
+        await client.post(URL, json=body)
+        salted = await client.post(URL, json={**body, "cache_salt": "tenant-b"})
+        hits = engine.stats()["prefix_cache_hits"]
+        empty = await client.post(URL, json={**body, "cache_salt": ""})
+        return salted, hits, empty
+
+    salted, hits, empty = call(requests)
+    assert salted.status_code == 200 and hits == 0  # another tenant's identical prompt found nothing
+    assert empty.status_code == 400 and "cache_salt" in empty.text

@@ -61,6 +61,13 @@ def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held():
     cached = second["prompt_tokens_details"]["cached_tokens"]
     assert cached == (len(prompt_ids) - 1) // 4 * 4 > 0  # every full block short of the last prompt token
 
+    async def salted(client, engine):
+        bodies = [{"model": "llama", "prompt": prompt, "max_tokens": 2, "cache_salt": salt} for salt in ("a", "b", "a")]
+        return [(await client.post("/v1/completions", json=body)).json()["usage"] for body in bodies]
+
+    usages = call(salted)
+    assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 0, cached]  # another salt: no share
+
 
 def test_completion_returns_the_text_usage_and_length_finish():
     response = post("/v1/completions", {"model": "llama", "prompt": "Hello there", "max_tokens": 5, "temperature": 0})

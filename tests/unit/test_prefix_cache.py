@@ -176,3 +176,16 @@ def test_a_random_workload_keeps_the_blocks_consistent_and_the_outputs_unchanged
         common = cached.keys() & uncached.keys()
         assert len(common) >= 20
         assert {key: cached[key] for key in common} == {key: uncached[key] for key in common}
+
+
+def test_a_cache_salt_keeps_identical_prompts_of_two_tenants_apart():
+    scheduler = caching_scheduler()
+    first = make_seq(0, prompt_len=10, max_new_tokens=1)
+    first.cache_salt = "tenant-a"
+    serve(scheduler, first)
+    for seq_id, salt, expected_new in ((1, "tenant-b", 10), (2, None, 10), (3, "tenant-a", 2)):
+        seq = make_seq(seq_id, prompt_len=10, max_new_tokens=1)
+        seq.cache_salt = salt
+        scheduler.add(seq)
+        plan, _ = run_step(scheduler)
+        assert plan.scheduled[0].num_new_tokens == expected_new, salt
