@@ -2,9 +2,8 @@
 
 Automatic prefix caching (scheduler_config.enable_prefix_caching): each full block of a sequence is named by
 a chained hash of (its parent block's hash, or the request's cache salt for the first, its token ids); a
-hash -> block map finds blocks whose contents
-another sequence computed. A freed block keeps its contents and hash in the free queue, least recently freed
-first, until an allocation takes it (evicting its hash). A new or preempted sequence starts from the cached
+hash -> block map finds blocks whose contents another sequence computed. A freed block keeps its contents
+and hash in the free queue, least recently freed first, until an allocation takes it (evicting its hash). A new or preempted sequence starts from the cached
 blocks of its longest cached prefix, never covering its last token (whose logits must be computed).
 """
 from __future__ import annotations
@@ -126,14 +125,11 @@ class BlockManager:
         """Name every block `seq` has filled with computed tokens, so later sequences can find it."""
         if not self.enable_caching:
             return
-        full = min(seq.num_computed // self.block_size, len(seq.block_ids))
-        for index in range(len(seq.block_hashes), full):
-            tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
-            digest = block_hash(seq.block_hashes[-1] if seq.block_hashes else _root(seq), tokens)
-            seq.block_hashes.append(digest)
-            block_id = seq.block_ids[index]
+        hashes = self._prefix_hashes(seq, min(seq.num_computed // self.block_size, len(seq.block_ids)))
+        for digest, block_id in zip(hashes[len(seq.block_hashes):], seq.block_ids[len(seq.block_hashes):]):
             if digest not in self._block_of and block_id not in self._hash_of:
                 self._block_of[digest], self._hash_of[block_id] = block_id, digest
+        seq.block_hashes = hashes
 
     def reset_cache(self) -> int:
         """Forget every cached block no sequence holds; how many were forgotten."""

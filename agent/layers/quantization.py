@@ -266,9 +266,8 @@ class Int4Linear(nn.Module):
     def _reference(self, rows: torch.Tensor) -> torch.Tensor:
         """The kernel's arithmetic in torch: activations int8 per row and group, integer dots exact in float64."""
         groups = self.scales.shape[1]
-        parts = rows.reshape(len(rows), groups, self.group_size)
-        x_scales = parts.abs().amax(dim=2).clamp(min=1e-12) / 127
-        x_q = torch.round(parts / x_scales[..., None]).clamp(-127, 127).double()
+        x_q, x_scales = quantize_per_token(rows.reshape(-1, self.group_size))  # each group of each row
+        x_q, x_scales = x_q.view(len(rows), groups, self.group_size).double(), x_scales.view(len(rows), groups)
         q = self.unpacked().reshape(self.out_features, groups, self.group_size).double()
         dots = torch.einsum("mgk,ngk->mng", x_q, q)
         out = (dots * (x_scales.double()[:, None, :] * self.scales.double()[None])).sum(dim=2)

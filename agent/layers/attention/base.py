@@ -22,6 +22,11 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() / scales[..., None]).clamp(-127, 127).to(torch.int8), scales
 
 
+def dequantize_kv(x_q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """quantize_kv's values back, as `dtype`: int8 [..., head_dim] times their scales [...]."""
+    return x_q.to(dtype) * scales.to(dtype)[..., None]
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What one attention layer looks like to a backend."""

