@@ -231,13 +231,16 @@ class SchedulerConfig:
     decode_batch_waiting_time: float = 0.0
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before (master/block_manager)
+    # admission keeps KV room for each running sequence's next reserve_new_tokens tokens (up to its
+    # max_new_tokens); 0 admits whenever a prompt fits; preempted sequences resume with their whole rest reserved
+    reserve_new_tokens: int = 16
     max_queue_size: int = 1024
 
     def validate(self) -> None:
         for name in ("prefill_batch_size", "decode_batch_size", "max_num_batched_tokens", "max_queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
-        for name in ("batch_waiting_time", "decode_batch_waiting_time"):
+        for name in ("batch_waiting_time", "decode_batch_waiting_time", "reserve_new_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must not be negative")
         if self.max_num_batched_tokens < self.decode_batch_size:

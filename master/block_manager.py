@@ -50,6 +50,10 @@ class BlockManager:
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
+    def num_exclusive(self, seq: Sequence) -> int:
+        """Blocks only `seq` holds: what freeing it gives back."""
+        return sum(self._ref_counts[block_id] == 1 for block_id in seq.block_ids)
+
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks a sequence of `num_tokens` tokens occupies."""
         return -(-num_tokens // self.block_size)

@@ -25,6 +25,7 @@ class ScheduledSeq:
     num_new_tokens: int
     samples: bool  # this chunk reaches the last known token, so a next token is drawn
     num_samples: int = 1  # sampled rows: 1, or n / best_of at a request's first token
+    is_prefill: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -69,6 +70,17 @@ class StepSamples:
             return None
         top = [] if num_top == 0 else list(zip(self.topk_ids[row, :num_top].tolist(), self.topk_logprobs[row, :num_top].tolist()))
         return TokenLogprobs(float(self.logprobs[row]), top)
+
+
+def _unplan(plan: StepPlan, seq: Sequence) -> None:
+    """Take a sequence about to be preempted back out of the plan, with the block copies into its blocks."""
+    plan.block_copies = [(src, dst) for src, dst in plan.block_copies if dst not in seq.block_ids]
+    for item in plan.scheduled:
+        if item.seq is seq:
+            plan.scheduled.remove(item)
+            plan.num_tokens -= item.num_new_tokens
+            plan.num_prefill_seqs -= item.is_prefill
+            return
 
 
 class Scheduler:
@@ -123,28 +135,35 @@ class Scheduler:
 
     def _schedule_running(self, plan: StepPlan) -> None:
         budget = self.config.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and plan.num_tokens < budget:
-            seq = self.running[i]
-            if seq.num_uncomputed == 0:  # a beam waiting for its siblings' candidates
-                i += 1
-                continue
+        for seq in list(self.running):
+            if plan.num_tokens >= budget:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed == 0:
+                continue  # preempted for an older sequence, or a beam waiting for its siblings' candidates
             num_new = min(seq.num_uncomputed, budget - plan.num_tokens)
-            if not self._make_room(seq, seq.num_computed + num_new, plan):
-                break  # seq itself was preempted; it was the newest, so nothing is left after it
-            self._add_to_plan(plan, seq, num_new, is_prefill=seq.num_uncomputed > 1)
-            i += 1
+            if self._make_room(seq, seq.num_computed + num_new, plan):
+                self._add_to_plan(plan, seq, num_new, is_prefill=seq.num_uncomputed > 1)
 
     def _make_room(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
-        """Preempt the newest running sequences until `seq` can grow; False if `seq` was the one."""
+        """Preempt running sequences until `seq` can grow; False if `seq` was the one."""
         while not self.blocks.can_grow(seq, num_tokens):
-            victim = self.running[-1]
+            victim = self._victim(self.running)
+            _unplan(plan, victim)
             self._preempt(victim)
             plan.preempted.append(victim)
             if victim is seq:
                 return False
         plan.block_copies.extend(self.blocks.grow(seq, num_tokens))
         return True
+
+    @staticmethod
+    def _victim(candidates: list[Sequence]) -> Sequence:
+        """The newest candidate never preempted before, else the newest: a resumed sequence goes on while
+        another can make room, so no request is preempted again and again."""
+        for seq in reversed(candidates):
+            if seq.num_preemptions == 0:
+                return seq
+        return candidates[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         """Free `seq`'s blocks and queue it first in line to be recomputed."""
@@ -180,7 +199,10 @@ class Scheduler:
             num_new = min(seq.num_tokens - num_computed, budget - plan.num_tokens)
             if num_computed + num_new < seq.num_tokens and not self._may_chunk(seq):
                 break
-            if self.blocks.num_needed(cached, num_computed + num_new) > self.blocks.num_free_blocks:
+            num_taken = self.blocks.num_needed(cached, num_computed + num_new)
+            if num_taken > self.blocks.num_free_blocks:
+                break
+            if self.running and not self._leaves_room_to_grow(seq, self.blocks.blocks_for(num_computed + num_new), num_taken):
                 break
             self.waiting.popleft()
             self.blocks.start_from_cache(seq, cached)
@@ -191,13 +213,39 @@ class Scheduler:
             self.running.append(seq)
             self._add_to_plan(plan, seq, num_new, is_prefill=True)
 
+    def _leaves_room_to_grow(self, seq: Sequence, num_held: int, num_taken: int) -> bool:
+        """Admitting `seq` (then holding `num_held` blocks, `num_taken` of them from the free queue) leaves room
+        for the reserved growth of it and of every running sequence, as each adds a token per step and frees
+        its own blocks when done: the projected need peaks just before one of them ends."""
+        seqs = self.running + [seq]
+        reserved, ends = zip(*(self._reservation(s) for s in seqs))
+        reserved, ends = np.array(reserved), np.array(ends)
+        tokens = np.array([s.num_tokens for s in seqs])
+        held = np.array([len(s.block_ids) for s in self.running] + [num_held])
+        slots = np.array([s.num_slots for s in seqs])
+        own = np.array([self.blocks.num_exclusive(s) for s in self.running] + [num_taken])
+        times = reserved[:, None]  # [time, 1]: the last step of each sequence's reservation
+        size = self.blocks.block_size
+        grown = -(-(tokens + np.minimum(times, reserved)) // size)  # [time, seq] blocks held then
+        alive = (times <= reserved) | ~ends
+        extra = np.where(alive, np.maximum(grown - held, 0) * slots, -own)
+        return int(extra.sum(axis=1).max()) <= self.blocks.num_free_blocks - num_taken
+
+    def _reservation(self, seq: Sequence) -> tuple[int, bool]:
+        """New tokens admission keeps room for, and whether that is all `seq` may still generate: up to
+        reserve_new_tokens, or everything for a sequence preempted before."""
+        rest = max(0, min(seq.params.max_new_tokens - seq.num_output_tokens, seq.max_seq_len - seq.num_tokens))
+        if seq.num_preemptions == 0 and rest > self.config.reserve_new_tokens:
+            return self.config.reserve_new_tokens, False
+        return rest, True
+
     def _may_chunk(self, seq: Sequence) -> bool:
         """Chunked prefill is on, or `seq` (a long prompt, or a preempted one with its outputs) never fits one step."""
         return self.config.enable_chunked_prefill or seq.num_uncomputed > self.config.max_num_batched_tokens
 
     def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int, is_prefill: bool) -> None:
         samples = seq.num_computed + num_new == seq.num_tokens
-        plan.scheduled.append(ScheduledSeq(seq, num_new, samples, 1 + seq.pending_forks))
+        plan.scheduled.append(ScheduledSeq(seq, num_new, samples, 1 + seq.pending_forks, is_prefill))
         plan.num_tokens += num_new
         plan.num_prefill_seqs += is_prefill
 

@@ -33,9 +33,10 @@ from llmserve.tools.local_config import free_port, write_local_config  # noqa: E
 
 def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None,
                  world: int = 1, model_keys: dict | None = None, sections: dict | None = None,
-                 **serving_keys) -> tuple[subprocess.Popen, str]:
+                 log_path: str | None = None, **serving_keys) -> tuple[subprocess.Popen, str]:
     """`llmserve serve` on free ports with the config's keys overridden: model_config's by `model_keys`,
-    serving_config's by `serving_keys`, other sections' by `sections` ({section: {key: value}})."""
+    serving_config's by `serving_keys`, other sections' by `sections` ({section: {key: value}}); its output
+    goes to `log_path` when given."""
     serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {}), **serving_keys}
     if world > 1:
         serving.update(agent_ports=[free_port() for _ in range(world)], dist_port=free_port())
@@ -43,7 +44,9 @@ def start_server(config_path: str, trace_path: str, workdir: str, num_threads: i
                               **(sections or {}))
     with open(path) as f:
         port = yaml.safe_load(f)["serving_config"]["server_port"]
-    process = subprocess.Popen([sys.executable, "-m", "llmserve", "serve", "--config", path], cwd=ROOT)
+    log = open(log_path, "w") if log_path else None
+    process = subprocess.Popen([sys.executable, "-m", "llmserve", "serve", "--config", path], cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT if log else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

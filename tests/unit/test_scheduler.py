@@ -149,7 +149,7 @@ def test_without_chunked_prefill_a_long_prompt_waits_for_a_whole_budget():
 
 
 def test_preempts_newest_when_blocks_run_out():
-    scheduler = make_scheduler(num_blocks=4, block_size=4)
+    scheduler = make_scheduler(num_blocks=4, block_size=4, reserve_new_tokens=0)  # admitted as soon as the prompts fit
     old, new = make_seq(0, 4, max_new_tokens=20), make_seq(1, 4, max_new_tokens=20)
     scheduler.add(old)
     scheduler.add(new)
@@ -164,7 +164,7 @@ def test_preempts_newest_when_blocks_run_out():
 
 
 def test_preempted_sequence_is_recomputed_with_its_outputs_and_finishes():
-    scheduler = make_scheduler(num_blocks=4, block_size=4)
+    scheduler = make_scheduler(num_blocks=4, block_size=4, reserve_new_tokens=0)
     seqs = [make_seq(i, 4, max_new_tokens=6) for i in range(2)]
     for seq in seqs:
         scheduler.add(seq)
@@ -178,6 +178,73 @@ def test_preempted_sequence_is_recomputed_with_its_outputs_and_finishes():
     assert all(seq.is_finished and seq.num_output_tokens == 6 for seq in seqs)
     assert recompute_sizes, "the preempted sequence was recomputed from prompt plus outputs"
     assert scheduler.blocks.num_free_blocks == 4
+
+
+def run_to_end(scheduler: Scheduler, max_steps: int = 2000) -> list:
+    """Steps until nothing is left; every plan."""
+    plans = []
+    while scheduler.num_unfinished and len(plans) < max_steps:
+        plan, _ = run_step(scheduler)
+        plans.append(plan)
+    assert not scheduler.num_unfinished, "every request ends (no deadlock)"
+    return plans
+
+
+def test_admission_keeps_room_for_the_reserved_growth_of_running_sequences():
+    scheduler = make_scheduler(num_blocks=12, block_size=4, reserve_new_tokens=64)
+    seqs = [make_seq(i, 4, max_new_tokens=16) for i in range(6)]  # 5 blocks each at the end
+    for seq in seqs:
+        scheduler.add(seq)
+    plans = run_to_end(scheduler)
+    assert scheduler.num_preemptions == 0
+    assert len(plans[0].scheduled) == 2  # a third starting with them would outgrow the 12 blocks
+    assert max(len(plan.scheduled) for plan in plans) == 3  # one starts while two others are near their end
+    assert all(seq.num_output_tokens == 16 for seq in seqs)
+
+
+def test_without_a_reservation_a_request_is_preempted_at_most_once_and_outputs_are_unchanged():
+    outputs = {}
+    for num_blocks in (12, 200):
+        scheduler = make_scheduler(num_blocks=num_blocks, block_size=4, reserve_new_tokens=0)
+        seqs = [make_seq(i, 4, max_new_tokens=16) for i in range(8)]
+        for seq in seqs:
+            scheduler.add(seq)
+        for plan in run_to_end(scheduler):
+            assert plan.num_tokens <= scheduler.config.max_num_batched_tokens
+        outputs[num_blocks] = [seq.output_ids for seq in seqs]
+        assert max(seq.num_preemptions for seq in seqs) <= 1
+    assert outputs[12] == outputs[200]
+
+
+def test_a_preempted_sequence_resumes_before_newer_requests_are_admitted():
+    scheduler = make_scheduler(num_blocks=6, block_size=4, reserve_new_tokens=0)
+    old, new = make_seq(0, 4, max_new_tokens=12), make_seq(1, 4, max_new_tokens=12)
+    scheduler.add(old)
+    scheduler.add(new)
+    while not new.num_preemptions:
+        run_step(scheduler)
+    late = make_seq(2, 2, max_new_tokens=2)
+    scheduler.add(late)
+    first_admitted = None
+    while first_admitted is None:
+        plan, _ = run_step(scheduler)
+        first_admitted = next((i.seq for i in plan.scheduled if i.seq is not old), None)
+    assert first_admitted is new
+
+
+def test_a_resumed_sequence_is_not_the_victim_while_one_never_preempted_can_be():
+    scheduler = make_scheduler(num_blocks=8, block_size=4, reserve_new_tokens=0)
+    resumed = make_seq(0, 4, max_new_tokens=16)
+    resumed.num_preemptions = 1  # as if preempted before: it may not be again while others can make room
+    fresh = make_seq(1, 4, max_new_tokens=16)
+    scheduler.running += [fresh, resumed]
+    for seq in (fresh, resumed):
+        scheduler.blocks.grow(seq, 4)
+        seq.status, seq.num_computed = SequenceStatus.RUNNING, 4
+        seq.token_ids.append(5)
+    plans = run_to_end(scheduler)
+    assert resumed.num_preemptions == 1 and fresh.num_preemptions >= 1
+    assert any(fresh in plan.preempted for plan in plans)
 
 
 def test_a_single_sequence_larger_than_free_blocks_never_deadlocks():
