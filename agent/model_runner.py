@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Union
 
 import numpy as np
@@ -121,14 +122,27 @@ class ModelRunner:
     ) -> Optional[torch.Tensor]:
         """Copy the shared blocks about to be written, write the step's K/V and return float32 logits
         [len(logits_indices), vocab_size] of the rows asked for (an index may repeat), when `needs_logits`."""
+        hidden = self.forward(input_ids, positions, slot_mapping, query_lens, context_lens, block_tables, timer, block_copies)
+        return self.logits(hidden, logits_indices, timer) if needs_logits else None
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        block_tables: np.ndarray,
+        timer: Optional[StageTimer] = None,
+        block_copies: Optional[np.ndarray] = None,
+    ) -> torch.Tensor:
+        """Copy the shared blocks about to be written, write the step's K/V; the last hidden states [tokens, hidden]."""
         with torch.inference_mode():
             with _stage(timer, "preprocess"):
                 if block_copies is not None and len(block_copies):
                     copy_blocks(self.kv_caches, torch.from_numpy(block_copies).to(self.device))
                 # from_numpy shares the (possibly shared-memory) arrays; nothing keeps them past this call.
-                input_ids_t, positions_t, logits_indices_t = (
-                    torch.from_numpy(array).to(self.device) for array in (input_ids, positions, logits_indices)
-                )
+                input_ids_t, positions_t = (torch.from_numpy(array).to(self.device) for array in (input_ids, positions))
                 attention = self.attention.build(
                     torch.from_numpy(slot_mapping),
                     torch.from_numpy(query_lens),
@@ -136,8 +150,45 @@ class ModelRunner:
                     torch.from_numpy(block_tables),
                 )
             with _stage(timer, "predict"):
-                hidden = self.model(input_ids_t, positions_t, self.kv_caches, attention)
-                return self.model.compute_logits(hidden[logits_indices_t]).float() if needs_logits else None
+                return self.model(input_ids_t, positions_t, self.kv_caches, attention)
+
+    def logits(self, hidden: torch.Tensor, indices: np.ndarray, timer: Optional[StageTimer] = None) -> torch.Tensor:
+        """float32 logits [len(indices), vocab_size] of the hidden rows `indices` (an index may repeat)."""
+        if not len(indices):  # a chunk of a prompt, sampling nothing
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        with torch.inference_mode(), _stage(timer, "predict"):
+            return self.model.compute_logits(hidden[torch.from_numpy(indices).to(self.device)]).float()
+
+    def score_tokens(self, hidden: torch.Tensor, indices: np.ndarray, targets: np.ndarray, num_top: int) -> TokenScores:
+        """How the hidden rows `indices` predict `targets`: raw log-probabilities, ranks and the top `num_top`,
+        a chunk of rows at a time (a prompt's logits would not fit at once)."""
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(indices), SCORE_CHUNK_ROWS):
+                logprobs = torch.log_softmax(self.logits(hidden, indices[start : start + SCORE_CHUNK_ROWS]), dim=-1)
+                target = torch.from_numpy(targets[start : start + SCORE_CHUNK_ROWS]).to(self.device).unsqueeze(1)
+                chosen = logprobs.gather(1, target)
+                top = logprobs.topk(num_top, dim=-1) if num_top else None
+                parts.append((chosen.squeeze(1), (logprobs > chosen).sum(dim=1) + 1, top))
+        return TokenScores(
+            torch.cat([p[0] for p in parts]).cpu().numpy(),
+            torch.cat([p[1] for p in parts]).int().cpu().numpy(),
+            torch.cat([p[2].indices for p in parts]).int().cpu().numpy() if num_top else None,
+            torch.cat([p[2].values for p in parts]).cpu().numpy() if num_top else None,
+        )
+
+
+SCORE_CHUNK_ROWS = 256
+
+
+@dataclass
+class TokenScores:
+    """How the model scored given tokens: raw log-probabilities, ranks (1 the most likely), the top alternatives."""
+
+    logprobs: np.ndarray  # [rows] float32
+    ranks: np.ndarray  # [rows] int32
+    topk_ids: Optional[np.ndarray] = None  # [rows, num_top]
+    topk_logprobs: Optional[np.ndarray] = None
 
 
 def _stage(timer: Optional[StageTimer], name: str) -> ContextManager:

@@ -33,6 +33,8 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
         ("num_sample", header.num_sample, capacity.max_num_seqs),
         ("block_table_width", header.block_table_width, capacity.max_blocks_per_seq),
         ("num_block_copies", header.num_block_copies, capacity.max_num_seqs),
+        ("num_prompt_positions", header.num_prompt_positions, header.num_tokens),
+        ("prompt_num_top", header.prompt_num_top, capacity.topk_width),
     )
     for name, value, most in counts:
         if not 0 <= value <= most:
@@ -54,6 +56,8 @@ def check_inputs(batch: StepInputs, pool: PoolShape) -> None:
     _within("slot_mapping", batch.slot_mapping, pool.num_blocks * pool.block_size - 1)
     _within("block_tables", batch.block_tables, pool.num_blocks - 1)
     _within("block_copies", batch.block_copies, pool.num_blocks - 1)
+    _within("prompt_positions", batch.prompt_positions, len(batch.input_ids) - 1)
+    _within("prompt_targets", batch.prompt_targets, pool.vocab_size - 1)
 
 
 def _within(name: str, values: np.ndarray, high: int) -> None:

@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from llmserve.agent.kv_cache import available_memory, kv_cache_size
-from llmserve.agent.model_runner import ModelRunner
+from llmserve.agent.model_runner import ModelRunner, TokenScores
 from llmserve.agent.sampler import Sampler, SamplerOutput
 from llmserve.agent.step_check import PoolShape, check_header, check_inputs
 from llmserve.agent.tensor_parallel import (
@@ -152,29 +152,26 @@ class Worker:
         timer = self.timer
         with timer.stage("deserialize"):
             batch = self.accept(header, frames)
-        logits = self.runner.execute(
-            batch.input_ids,
-            batch.positions,
-            batch.slot_mapping,
-            batch.query_lens,
-            batch.context_lens,
-            batch.block_tables,
-            batch.logits_indices,
-            timer=timer,
-            block_copies=batch.block_copies,
-            needs_logits=self.rank == 0,
-        )
+        runner = self.runner
+        hidden = runner.forward(batch.input_ids, batch.positions, batch.slot_mapping, batch.query_lens,
+                                batch.context_lens, batch.block_tables, timer, batch.block_copies)
         if self.shard.world > 1:
             timer.add("all_reduce", self.all_reduce_timer.take())  # part of predict
-        if logits is None:  # only rank 0 samples and answers with tokens
+        if self.rank != 0:  # only rank 0 samples and answers with tokens
             return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
+        logits = runner.logits(hidden, batch.logits_indices, timer)
         if header.dump_names is not None and self.logits_dump_dir is not None:
             with timer.stage("dump"):
                 self.dump_logits(logits, header.dump_names)
         with timer.stage("sample"):
             output = self.sampler(logits, batch.sampling, header.is_all_greedy)
+        if header.num_prompt_positions:
+            with timer.stage("score_prompt"):
+                scores = runner.score_tokens(hidden, batch.prompt_positions, batch.prompt_targets, header.prompt_num_top)
         with timer.stage("write_back"):
             self.write_back(output, header.num_sample)
+            if header.num_prompt_positions:
+                self.write_prompt_scores(scores)
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
 
     def accept(self, header: StepRequest, frames: Sequence[zmq.Frame]) -> StepInputs:
@@ -215,17 +212,26 @@ class Worker:
             topk_logprobs = arrays["topk_logprobs"][: num_rows * width].reshape(num_rows, width)
             topk_logprobs[:, :used] = output.topk_logprobs[:, :used].cpu().numpy()
 
+    def write_prompt_scores(self, scores: TokenScores) -> None:
+        arrays, rows = self.output_arrays, len(scores.logprobs)
+        arrays["prompt_logprobs"][:rows] = scores.logprobs
+        arrays["prompt_ranks"][:rows] = scores.ranks
+        if scores.topk_ids is not None:
+            width, used = self.capacity.topk_width, scores.topk_ids.shape[1]
+            arrays["prompt_topk_ids"][: rows * width].reshape(rows, width)[:, :used] = scores.topk_ids
+            arrays["prompt_topk_logprobs"][: rows * width].reshape(rows, width)[:, :used] = scores.topk_logprobs
+
     def dump_logits(self, logits: torch.Tensor, names: list[str]) -> None:
         """Save each sampled row's raw float32 logits as `<logits_dump_dir>/<name>`."""
         rows = logits.cpu().numpy()
         for name, row in zip(names, rows, strict=True):
             np.save(os.path.join(self.logits_dump_dir, name), row)
 
-    def output_frames(self, result: StepResult, num_rows: int) -> list:
-        """With the inline transport, rank 0 sends the sampled rows back in the reply."""
+    def output_frames(self, result: StepResult, header: StepRequest) -> list:
+        """With the inline transport, rank 0 sends the sampled rows and prompt scores back in the reply."""
         if not self.is_inline or self.rank != 0 or result.error:
             return []
-        lengths = output_lengths(num_rows, self.capacity.topk_width)
+        lengths = output_lengths(header.num_sample, self.capacity.topk_width, header.num_prompt_positions)
         return pack_arrays(self.output_arrays, output_layout(self.capacity), lengths)
 
     def close(self) -> None:
@@ -302,7 +308,7 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
                 continue
             extra = []
             if isinstance(reply, StepResult):
-                extra = worker.output_frames(reply, message.num_sample)
+                extra = worker.output_frames(reply, message)
                 reply.received_at, reply.replied_at = received_at, time.perf_counter()
             socket.send_multipart([identity, encode(reply), *extra])
     finally:

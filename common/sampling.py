@@ -61,6 +61,7 @@ class SamplingParams:
     n: int = 1
     best_of: Optional[int] = None
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None  # each prompt token's log-probability (after the first) and this many top ones
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, str] = False
@@ -99,6 +100,11 @@ class SamplingParams:
         return 0 if self.num_samples > self.n and not self.is_beam_search else -1
 
     @property
+    def scores_prompt_only(self) -> bool:
+        """max_new_tokens 0: the request only wants its prompt's log-probabilities (lm-eval's loglikelihood)."""
+        return self.max_new_tokens == 0 and self.prompt_logprobs is not None and not self.is_beam_search
+
+    @property
     def is_beam_search(self) -> bool:
         return self.num_beams > 1
 
@@ -109,7 +115,9 @@ class SamplingParams:
                 raise RequestError(f"{names(name)}: {problem}", param=names(name))
 
     def _checks(self, limits: SamplingLimits, names: ParamNames):
-        yield "max_new_tokens", 1 <= self.max_new_tokens <= MAX_INT32, f"must be between 1 and {MAX_INT32}"
+        yield "max_new_tokens", (1 if not self.scores_prompt_only else 0) <= self.max_new_tokens <= MAX_INT32, (
+            f"must be between 1 and {MAX_INT32} (0 only with the prompt's log-probabilities, without beams)"
+        )
         yield "min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, f"must be between 0 and {names('max_new_tokens')}"
         yield "temperature", 0.0 <= self.temperature <= MAX_FLOAT32, f"must be between 0 and {MAX_FLOAT32:g} (float32)"
         yield "top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be between 0 (all tokens) and {MAX_TOP_K}"
@@ -139,6 +147,9 @@ class SamplingParams:
             f"greedy decoding gives the same output every time; sample (do_sample, temperature > 0) with best_of > {names('n')}"
         )
         yield "logprobs", self.logprobs is None or 0 <= self.logprobs <= limits.max_logprobs, (
+            f"must be between 0 and {limits.max_logprobs}"
+        )
+        yield "prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= limits.max_logprobs, (
             f"must be between 0 and {limits.max_logprobs}"
         )
         yield "num_beams", 1 <= self.num_beams <= limits.max_num_beams, f"must be between 1 and {limits.max_num_beams}"

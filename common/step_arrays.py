@@ -41,17 +41,23 @@ def input_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
         *((name, dtype, seqs) for name, dtype in SAMPLING_ROW_FIELDS),
         ("history", np.int32, max(cap.history_capacity, 1)),
         ("suppress_ids", np.int32, seqs * cap.suppress_width),
+        ("prompt_positions", np.int64, tokens),  # step tokens whose logits score the next prompt token
+        ("prompt_targets", np.int64, tokens),  # that next prompt token
     ]
 
 
 def output_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
     """Agent -> master arrays."""
-    seqs = cap.max_num_seqs
+    seqs, tokens = cap.max_num_seqs, cap.max_num_tokens
     return [
         ("sampled_ids", np.int64, seqs),
         ("sampled_logprobs", np.float32, seqs),
         ("topk_ids", np.int32, seqs * cap.topk_width),
         ("topk_logprobs", np.float32, seqs * cap.topk_width),
+        ("prompt_logprobs", np.float32, tokens),  # raw log-probability of each prompt_targets token
+        ("prompt_ranks", np.int32, tokens),  # its rank among the vocabulary, 1 the most likely
+        ("prompt_topk_ids", np.int32, tokens * cap.topk_width),
+        ("prompt_topk_logprobs", np.float32, tokens * cap.topk_width),
     ]
 
 
@@ -187,6 +193,8 @@ class StepInputs:
     block_copies: np.ndarray  # [num_block_copies, 2]: (source, destination) KV blocks
     logits_indices: np.ndarray  # one per sampled row; rows may share an index (n samples of one prompt)
     sampling: SamplingRows
+    prompt_positions: np.ndarray  # step tokens whose logits score prompt_targets
+    prompt_targets: np.ndarray
 
 
 def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> StepInputs:
@@ -202,6 +210,8 @@ def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_wid
         block_copies=arrays["block_copies"][: 2 * header.num_block_copies].reshape(-1, 2),
         logits_indices=arrays["logits_indices"][:n],
         sampling=sampling_rows(arrays, n, suppress_width),
+        prompt_positions=arrays["prompt_positions"][: header.num_prompt_positions],
+        prompt_targets=arrays["prompt_targets"][: header.num_prompt_positions],
     )
 
 
@@ -222,15 +232,18 @@ def row_lengths(header: StepRequest, suppress_width: int) -> dict[str, int]:
         "input_ids": t, "positions": t, "slot_mapping": t, "query_lens": s, "context_lens": s,
         "block_tables": s * header.block_table_width, "block_copies": 2 * header.num_block_copies,
         "logits_indices": n, "suppress_ids": n * suppress_width,
+        "prompt_positions": header.num_prompt_positions, "prompt_targets": header.num_prompt_positions,
     }
     lengths.update((name, n) for name, _ in SAMPLING_ROW_FIELDS)
     return lengths
 
 
-def output_lengths(num_rows: int, topk_width: int) -> dict[str, int]:
-    """How many leading elements of each output array a step with `num_rows` sampled rows fills."""
+def output_lengths(num_rows: int, topk_width: int, num_scored: int = 0) -> dict[str, int]:
+    """How many leading elements of each output array a step with `num_rows` sampled rows and `num_scored`
+    prompt positions fills."""
     return {"sampled_ids": num_rows, "sampled_logprobs": num_rows, "topk_ids": num_rows * topk_width,
-            "topk_logprobs": num_rows * topk_width}
+            "topk_logprobs": num_rows * topk_width, "prompt_logprobs": num_scored, "prompt_ranks": num_scored,
+            "prompt_topk_ids": num_scored * topk_width, "prompt_topk_logprobs": num_scored * topk_width}
 
 
 def pack_arrays(arrays: dict[str, np.ndarray], layout: list, lengths: dict[str, int]) -> list[memoryview]:

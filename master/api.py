@@ -21,7 +21,7 @@ from llmserve.master.engine import Engine, FinishEvent, RequestHandle, TokenEven
 from llmserve.master.openai_api import openai_router
 from llmserve.master.openai_models import ChatCompletionChunk, ErrorResponse, VersionResponse
 from llmserve.master.outputs import GenerationOutput
-from llmserve.master.sequence import TokenLogprobs
+from llmserve.master.sequence import Sequence, TokenLogprobs
 from llmserve.master.streams import RequestStream, sse, wait_finished
 
 NATIVE_NAMES = ParamNames(prefix="parameters.")
@@ -173,7 +173,21 @@ def _details(engine: Engine, handle: RequestHandle, finish: FinishEvent) -> dict
         details["logprobs"] = _logprobs(engine, handle.outputs[0])
     if params.n > 1 or params.is_beam_search:
         details["sequences"] = [_sequence(engine, output, params.logprobs is not None) for output in handle.outputs]
+    if params.prompt_logprobs is not None:
+        details["prefill"] = _prefill(engine, handle.seq)
     return details
+
+
+def _prefill(engine: Engine, seq: Sequence) -> list[dict]:
+    """The prompt's tokens, each after the first with its log-probability (and top ones when asked)."""
+    first = seq.prompt_ids[0]
+    entries = [{"id": first, "text": engine.token_text(first), "logprob": None}]
+    for token_id, logprobs in zip(seq.prompt_ids[1:], seq.prompt_logprobs):
+        entry = {"id": token_id, "text": engine.token_text(token_id), **_logprob_entry(engine, token_id, logprobs)}
+        if not seq.params.prompt_logprobs:
+            del entry["top_logprobs"]
+        entries.append(entry)
+    return entries
 
 
 def _sequence(engine: Engine, output: GenerationOutput, with_logprobs: bool) -> dict:

@@ -76,9 +76,17 @@ class GenerateParameters(BaseModel):
         False, description="Beam search stops: true when num_beams are done, false by heuristic, \"never\"."
     )
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
+    decoder_input_details: bool = Field(
+        False, description="Return the prompt's tokens with their log-probabilities in details.prefill (TGI's name)."
+    )
+    prompt_logprobs: Optional[NonNegative] = Field(
+        None, description="details.prefill with each prompt token's log-probability and this many top ones (vLLM's name)."
+    )
 
     def sampling_params(self) -> SamplingParams:
-        fields = self.model_dump(exclude={"return_full_text"})
+        fields = self.model_dump(exclude={"return_full_text", "decoder_input_details"})
+        if self.decoder_input_details and self.prompt_logprobs is None:
+            fields["prompt_logprobs"] = 0
         fields["stop"] = tuple(fields["stop"])
         fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
         return SamplingParams(**fields)
@@ -118,6 +126,15 @@ class TokenInfo(Answer):
     top_logprobs: Optional[list[TopToken]] = None
 
 
+class PrefillToken(Answer):
+    """A prompt token; the first has no log-probability (nothing before it predicts it)."""
+
+    id: int
+    text: str
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list[TopToken]] = Field(None, description="With prompt_logprobs > 0.")
+
+
 class SequenceDetails(Answer):
     """One of the n returned sequences (n > 1 or beam search)."""
 
@@ -139,6 +156,7 @@ class GenerateDetails(Answer):
     res_time: float = Field(description="Seconds from arrival to the end.")
     logprobs: Optional[list[TokenInfo]] = None
     sequences: Optional[list[SequenceDetails]] = None
+    prefill: Optional[list[PrefillToken]] = Field(None, description="With decoder_input_details or prompt_logprobs.")
 
 
 class GenerateResponse(Answer):

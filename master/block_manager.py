@@ -96,10 +96,14 @@ class BlockManager:
             self._ref_counts[block_id] += 1
 
     def lookup(self, seq: Sequence) -> list[int]:
-        """The cached blocks of `seq`'s longest cached prefix of full blocks, short of its last token."""
+        """The cached blocks of `seq`'s longest cached prefix of full blocks, short of its last token and of
+        any prompt position whose log-probability it still wants."""
         if not self.enable_caching:
             return []
-        hashes, found = self._prefix_hashes(seq, (seq.num_tokens - 1) // self.block_size), []
+        num_blocks = (seq.num_tokens - 1) // self.block_size
+        if seq.params.prompt_logprobs is not None:  # positions not scored yet must be computed
+            num_blocks = min(num_blocks, len(seq.prompt_logprobs) // self.block_size)
+        hashes, found = self._prefix_hashes(seq, num_blocks), []
         for digest in hashes:
             block_id = self._block_of.get(digest)
             if block_id is None:

@@ -26,7 +26,7 @@ from llmserve.master.metrics import Metrics
 from llmserve.master.beam_search import BeamSearch
 from llmserve.master.processes import ProcessWatch
 from llmserve.master.outputs import GenerationOutput, TextOutput, sequence_output
-from llmserve.master.scheduler import Scheduler, StepOutcome, StepPlan, StepSamples
+from llmserve.master.scheduler import PromptScores, Scheduler, StepOutcome, StepPlan, StepSamples
 from llmserve.master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
 from llmserve.master.step_builder import write_step
 from llmserve.master.text_worker import TextWorker
@@ -371,18 +371,24 @@ class Engine:
         if result.error:
             return self._fail_step(plan, result.error), header, result.timings_ms
         with timer.stage("update"):
-            outcome = self.scheduler.update(plan, self._samples(header.num_sample), time.monotonic())
+            outcome = self.scheduler.update(plan, self._samples(header), time.monotonic())
         return outcome, header, result.timings_ms
 
-    def _samples(self, num_rows: int) -> StepSamples:
-        """Views of the agent's answer for the step's sampled rows."""
+    def _samples(self, header: StepRequest) -> StepSamples:
+        """Views of the agent's answer for the step's sampled rows and scored prompt positions."""
         outputs = self.transport.outputs
         width = self.transport.capacity.topk_width
+        rows, scored = header.num_sample, header.num_prompt_positions
         return StepSamples(
-            ids=outputs["sampled_ids"][:num_rows],
-            logprobs=outputs["sampled_logprobs"][:num_rows],
-            topk_ids=outputs["topk_ids"][: num_rows * width].reshape(num_rows, width),
-            topk_logprobs=outputs["topk_logprobs"][: num_rows * width].reshape(num_rows, width),
+            ids=outputs["sampled_ids"][:rows],
+            logprobs=outputs["sampled_logprobs"][:rows],
+            topk_ids=outputs["topk_ids"][: rows * width].reshape(rows, width),
+            topk_logprobs=outputs["topk_logprobs"][: rows * width].reshape(rows, width),
+            prompt=PromptScores(
+                outputs["prompt_logprobs"][:scored], outputs["prompt_ranks"][:scored],
+                outputs["prompt_topk_ids"][: scored * width].reshape(scored, width),
+                outputs["prompt_topk_logprobs"][: scored * width].reshape(scored, width),
+            ) if scored else None,
         )
 
     def _request_id_of(self, seq_id: int) -> str:

@@ -34,7 +34,7 @@ from llmserve.master.openai_models import (
     TokenizeResponse,
 )
 from llmserve.master.outputs import GenerationOutput
-from llmserve.master.sequence import TokenLogprobs
+from llmserve.master.sequence import Sequence, TokenLogprobs
 from llmserve.master.streams import RequestStream, events_of, sse, wait_finished
 from llmserve.master.tokenizer import token_bytes
 
@@ -70,10 +70,11 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request):
         """Text completion of one prompt or a batch (strings or token ids)."""
         check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise RequestError("logprobs: log-probabilities of the prompt (echo with logprobs) are not supported", "logprobs")
+        _check_prompt_logprobs(body)
         prompts = await _prompts(engine, body.prompt)
-        params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        echo_scores = body.logprobs if body.logprobs is not None else (0 if max_tokens == 0 else None)
+        params = body.sampling_params(max_tokens, body.logprobs, echo_scores if body.echo else None)
         job = CompletionJob(engine, request, body, served)
         job.submit([ids for ids, _ in prompts], params, body.param_names())
         if body.echo:  # token-id prompts are decoded only now that the engine has checked their ids
@@ -87,6 +88,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """The assistant's reply to `messages`, rendered with the model's chat template."""
         check_model(body.model)
+        _check_prompt_logprobs(body)
         prompt_ids = await engine.text_worker.encode(await _render(engine, chat_template, body), "messages", False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(1 if max_tokens is None else max_tokens, body.num_logprobs())
@@ -130,6 +132,11 @@ async def _render(engine: Engine, chat_template: ChatTemplate, body: Union[ChatC
     return await engine.text_worker.run(
         chat_template.render, messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
     )
+
+
+def _check_prompt_logprobs(body: Union[CompletionRequest, ChatCompletionRequest]) -> None:
+    if body.prompt_logprobs is not None and body.stream:
+        raise RequestError("prompt_logprobs: not with stream: true (they come with the whole answer)", "prompt_logprobs")
 
 
 def _room_for_answer(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -192,7 +199,7 @@ class OpenAIJob:
             await self.engine.decode_outputs(handle)
         choices = [self.choice(i * self.body.n + out.index, i, out) for i, h in enumerate(self.handles) for out in h.outputs]
         return JSONResponse({"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
-                             "choices": choices, "usage": self.usage()})
+                             "choices": choices, "usage": self.usage(), **self.response_extras()})
 
     async def stream(self) -> AsyncIterator[str]:
         """The chunks, an error event if the model failed, the usage chunk when asked for, then [DONE].
@@ -202,6 +209,8 @@ class OpenAIJob:
         for choice in self.opening_choices():
             yield sse(self.chunk(choice))
         async for handle_index, event in events_of(self.handles):
+            for choice in self.late_opening_choices(handle_index):
+                yield sse(self.chunk(choice))
             if isinstance(event, TokenEvent):
                 choice = self.token_choice(handle_index * self.body.n + event.index, event)
                 if choice is not None:
@@ -231,6 +240,13 @@ class OpenAIJob:
     def opening_choices(self) -> list[dict]:
         return []
 
+    def late_opening_choices(self, handle_index: int) -> list[dict]:
+        """Chunks sent before a prompt's first event: what needs its prompt computed (echo with logprobs)."""
+        return []
+
+    def response_extras(self) -> dict:
+        return {}
+
     def choice(self, index: int, handle_index: int, output: GenerationOutput) -> dict:
         raise NotImplementedError
 
@@ -253,22 +269,45 @@ class CompletionJob(OpenAIJob):
         super().__init__(engine, request, body, model)
         self.prompt_texts: list[str] = []  # set with echo
         self.offsets: dict[int, int] = {}  # choice -> characters of token text so far (logprobs' text_offset)
+        self.opened: set[int] = set()  # prompts whose echo (with its log-probabilities) was streamed
 
     def choice(self, index: int, handle_index: int, output: GenerationOutput) -> dict:
         prefix = self.prompt_texts[handle_index] if self.body.echo else ""
-        logprobs = None
+        seq, logprobs = self.handles[handle_index].seq, None
         if self.body.logprobs is not None:
-            logprobs = _completion_logprobs(self.engine, output.output_ids, output.logprobs, 0)
-        return {"index": index, "text": prefix + output.text, "logprobs": logprobs,
-                "finish_reason": FINISH_REASONS.get(output.finish_reason)}
+            token_ids, entries = output.output_ids, list(output.logprobs)
+            if self.body.echo:
+                token_ids, entries = seq.prompt_ids + token_ids, [None, *seq.prompt_logprobs, *entries]
+            logprobs = _completion_logprobs(self.engine, token_ids, entries, 0)
+        choice = {"index": index, "text": prefix + output.text, "logprobs": logprobs,
+                  "finish_reason": FINISH_REASONS.get(output.finish_reason)}
+        if self.body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, seq)
+        return choice
+
+    @property
+    def echoes_logprobs(self) -> bool:
+        return bool(self.body.echo) and self.body.logprobs is not None
 
     def opening_choices(self) -> list[dict]:
-        if not self.body.echo:
+        if not self.body.echo or self.echoes_logprobs:
             return []
         return [
             {"index": i * self.body.n + j, "text": text, "logprobs": None, "finish_reason": None}
             for i, text in enumerate(self.prompt_texts) for j in range(self.body.n)
         ]
+
+    def late_opening_choices(self, handle_index: int) -> list[dict]:
+        if not self.echoes_logprobs or handle_index in self.opened:
+            return []
+        self.opened.add(handle_index)
+        seq = self.handles[handle_index].seq
+        logprobs = _completion_logprobs(self.engine, seq.prompt_ids, [None, *seq.prompt_logprobs], 0)
+        first = handle_index * self.body.n
+        for index in range(first, first + self.body.n):
+            self.offsets[index] = sum(map(len, logprobs["tokens"]))
+        return [{"index": index, "text": self.prompt_texts[handle_index], "logprobs": logprobs, "finish_reason": None}
+                for index in range(first, first + self.body.n)]
 
     def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
         logprobs = None
@@ -296,6 +335,11 @@ class ChatJob(OpenAIJob):
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(self.body.n)]
 
+    def response_extras(self) -> dict:
+        if self.body.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": vllm_prompt_logprobs(self.engine, self.handles[0].seq)}
+
     def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
         logprobs = None
         if event.logprobs is not None:
@@ -304,21 +348,38 @@ class ChatJob(OpenAIJob):
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[TokenLogprobs], offset: int) -> dict:
-    """The legacy completions format: parallel lists, top alternatives as {token text: logprob}."""
+def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[Optional[TokenLogprobs]], offset: int) -> dict:
+    """The legacy completions format: parallel lists, top alternatives as {token text: logprob}; None entries
+    (an echoed prompt's first token) are nulls."""
     tokens = [token_string(engine, t)[0] for t in token_ids]
     offsets = []
     for token in tokens:
         offsets.append(offset)
         offset += len(token)
-    tops = []
+    tops: list[Optional[dict[str, float]]] = []
     for entry in logprobs:
-        top: dict[str, float] = {}
-        for token_id, logprob in entry.top:
+        top: Optional[dict[str, float]] = None if entry is None else {}
+        for token_id, logprob in entry.top if entry is not None else ():
             top.setdefault(token_string(engine, token_id)[0], logprob)  # tokens with the same text keep the likeliest
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in logprobs], "top_logprobs": tops,
-            "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [None if entry is None else entry.logprob for entry in logprobs],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(engine: Engine, seq: Sequence) -> list[Optional[dict]]:
+    """vLLM's prompt_logprobs: None for the first prompt token, then {token id: logprob, rank, decoded token}
+    for each token and its top alternatives."""
+    entries: list[Optional[dict]] = [None]
+    for token_id, logprobs in zip(seq.prompt_ids[1:], seq.prompt_logprobs):
+        entry = {str(token_id): _prompt_logprob(engine, token_id, logprobs.logprob, logprobs.rank)}
+        for rank, (top_id, logprob) in enumerate(logprobs.top, start=1):
+            entry.setdefault(str(top_id), _prompt_logprob(engine, top_id, logprob, rank))
+        entries.append(entry)
+    return entries
+
+
+def _prompt_logprob(engine: Engine, token_id: int, logprob: float, rank: int) -> dict:
+    return {"logprob": logprob, "rank": rank, "decoded_token": token_string(engine, token_id)[0]}
 
 
 def _chat_logprob(engine: Engine, token_id: int, logprobs: TokenLogprobs) -> dict:

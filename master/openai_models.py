@@ -107,13 +107,17 @@ class SamplingFields(OpenAIRequest):
         description="Extra: beam scores are divided by length ** length_penalty.",
     )
     early_stopping: Union[bool, Literal["never"], None] = Field(False, description="Extra: beam search stopping rule.")
+    prompt_logprobs: Optional[NonNegative] = Field(
+        None, description="Extra: each prompt token's log-probability and this many top ones, in prompt_logprobs.",
+    )
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_new_tokens: int, logprobs: Optional[int]) -> SamplingParams:
-        """The engine's parameters for one prompt."""
+    def sampling_params(self, max_new_tokens: int, logprobs: Optional[int],
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        """The engine's parameters for one prompt; `prompt_logprobs` when the endpoint asks for more than the field."""
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options: only allowed with stream: true", "stream_options")
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -137,10 +141,16 @@ class SamplingFields(OpenAIRequest):
             n=self.n,
             best_of=self.best_of,
             logprobs=logprobs,
+            prompt_logprobs=_most(self.prompt_logprobs, prompt_logprobs),
             num_beams=self.num_beams,
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
         )
+
+
+def _most(*counts: Optional[int]) -> Optional[int]:
+    given = [count for count in counts if count is not None]
+    return max(given) if given else None
 
 
 def _prompt_kind(value: Any) -> str:
@@ -168,12 +178,16 @@ class CompletionRequest(SamplingFields):
     """Body of POST /v1/completions."""
 
     model_config = ConfigDict(
-        json_schema_extra={"allOf": [*SAMPLING_RULES, when(equals("echo", True), fields(logprobs=ABSENT))]}
+        json_schema_extra={"allOf": SAMPLING_RULES}
     )
 
     prompt: Prompt = Field(description="A prompt, a batch of prompts, or the same as token ids.")
-    max_tokens: Optional[PositiveCount] = Field(16, description="Tokens to generate at most per choice.")
-    echo: Optional[bool] = Field(False, description="Put the prompt before each choice's text (not with logprobs).")
+    max_tokens: Optional[Count] = Field(
+        16, description="Tokens to generate at most per choice; 0 only with echo or prompt_logprobs (score the prompt).",
+    )
+    echo: Optional[bool] = Field(
+        False, description="Put the prompt before each choice's text; with logprobs, its tokens' log-probabilities too.",
+    )
     logprobs: Optional[NonNegative] = Field(
         None, description="Return the chosen token's and this many top log-probabilities (at most max_logprobs)."
     )
@@ -265,10 +279,24 @@ class Usage(Answer):
 
 
 class CompletionLogprobs(Answer):
+    """Parallel lists; with echo they start with the prompt's tokens, whose first has null log-probabilities."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
     text_offset: list[int]
+
+
+class PromptLogprob(Answer):
+    logprob: float
+    rank: int = Field(description="Among the whole vocabulary; 1 is the most likely.")
+    decoded_token: str
+
+
+PromptLogprobs = Optional[list[Optional[dict[str, PromptLogprob]]]]
+PROMPT_LOGPROBS_DESCRIPTION = (
+    "With prompt_logprobs: per prompt token (null for the first), {token id: ...} for the token and the top ones."
+)
 
 
 FinishReasonField = Optional[Literal["stop", "length"]]
@@ -279,6 +307,7 @@ class CompletionChoice(Answer):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: FinishReasonField = None
+    prompt_logprobs: PromptLogprobs = Field(None, description=PROMPT_LOGPROBS_DESCRIPTION)
 
 
 class CompletionResponse(Answer):
@@ -327,6 +356,7 @@ class ChatCompletionResponse(Answer):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs = Field(None, description=PROMPT_LOGPROBS_DESCRIPTION)
 
 
 class Delta(Answer):

@@ -26,6 +26,8 @@ class ScheduledSeq:
     samples: bool  # this chunk reaches the last known token, so a next token is drawn
     num_samples: int = 1  # sampled rows: 1, or n / best_of at a request's first token
     is_prefill: bool = False
+    num_scored: int = 0  # prompt positions from `first_scored` whose next token's log-probability is returned
+    first_scored: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -64,12 +66,33 @@ class StepSamples:
     logprobs: Optional[np.ndarray] = None  # [rows] raw log-probability of each id
     topk_ids: Optional[np.ndarray] = None  # [rows, width]
     topk_logprobs: Optional[np.ndarray] = None
+    prompt: Optional["PromptScores"] = None  # the scored prompt positions, in plan order
 
     def token_logprobs(self, row: int, num_top: int) -> Optional[TokenLogprobs]:
         if num_top < 0 or self.logprobs is None:
             return None
         top = [] if num_top == 0 else list(zip(self.topk_ids[row, :num_top].tolist(), self.topk_logprobs[row, :num_top].tolist()))
         return TokenLogprobs(float(self.logprobs[row]), top)
+
+
+
+@dataclass
+class PromptScores:
+    """What the agent returned for a step's scored prompt positions: each next prompt token's raw
+    log-probability, its rank and the top alternatives."""
+
+    logprobs: np.ndarray  # [positions]
+    ranks: np.ndarray
+    topk_ids: np.ndarray  # [positions, width]
+    topk_logprobs: np.ndarray
+
+    def token_logprobs(self, first: int, count: int, num_top: int) -> list[TokenLogprobs]:
+        """Scored positions first.. first + count - 1."""
+        rows = slice(first, first + count)
+        tops = (zip(ids[:num_top], lps[:num_top]) for ids, lps in
+                zip(self.topk_ids[rows].tolist(), self.topk_logprobs[rows].tolist()))
+        return [TokenLogprobs(logprob, list(top), rank)
+                for logprob, rank, top in zip(self.logprobs[rows].tolist(), self.ranks[rows].tolist(), tops)]
 
 
 def _unplan(plan: StepPlan, seq: Sequence) -> None:
@@ -245,7 +268,11 @@ class Scheduler:
 
     def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int, is_prefill: bool) -> None:
         samples = seq.num_computed + num_new == seq.num_tokens
-        plan.scheduled.append(ScheduledSeq(seq, num_new, samples, 1 + seq.pending_forks, is_prefill))
+        item = ScheduledSeq(seq, num_new, samples, 1 + seq.pending_forks, is_prefill)
+        if seq.num_prompt_positions_to_score:
+            item.first_scored = max(seq.num_computed, len(seq.prompt_logprobs))
+            item.num_scored = max(0, min(seq.num_computed + num_new, seq.num_prompt_tokens - 1) - item.first_scored)
+        plan.scheduled.append(item)
         plan.num_tokens += num_new
         plan.num_prefill_seqs += is_prefill
 
@@ -265,12 +292,15 @@ class Scheduler:
         self.last_step_time = now
         outcome = StepOutcome(new_tokens=[], finished=[])
         beam_groups: list[BeamState] = []
-        row = 0
+        row = scored = 0
         for item in plan.scheduled:
-            seq, first_row = item.seq, row
+            seq, first_row, first_scored = item.seq, row, scored
             row += item.num_rows
+            scored += item.num_scored
             if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
+            if item.num_scored:
+                seq.prompt_logprobs += samples.prompt.token_logprobs(first_scored, item.num_scored, seq.params.prompt_logprobs)
             seq.num_computed += item.num_new_tokens
             self.blocks.cache_computed(seq)
             if not item.samples:

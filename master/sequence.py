@@ -31,6 +31,7 @@ class TokenLogprobs:
 
     logprob: float
     top: list[tuple[int, float]]
+    rank: Optional[int] = None  # among the whole vocabulary, 1 the most likely (prompt tokens)
 
 
 @dataclass(eq=False)
@@ -56,6 +57,7 @@ class Sequence:
     sample_index: int = 0  # which of the request's samples (n / best_of) or beams
     pending_forks: int = 0  # more samples to draw at the first token, each becoming a sequence
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. (params.prompt_logprobs)
     cumulative_logprob: float = 0.0
     beam: Optional["BeamState"] = None
 
@@ -84,6 +86,14 @@ class Sequence:
         return len(self.token_ids) - self.num_computed
 
     @property
+    def num_prompt_positions_to_score(self) -> int:
+        """Prompt positions whose next token's log-probability is still to come: from the last one scored
+        to the one before the last prompt token (which predicts the first generated token)."""
+        if self.params.prompt_logprobs is None:
+            return 0
+        return max(0, self.num_prompt_tokens - 1 - len(self.prompt_logprobs))
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -104,6 +114,8 @@ class Sequence:
 
     def append_token(self, token_id: int, logprobs: Optional[TokenLogprobs] = None) -> Optional[FinishReason]:
         """Add a generated token; return why the sequence is now done, if it is."""
+        if self.params.max_new_tokens == 0:  # it wanted its prompt's log-probabilities only: the token is dropped
+            return FinishReason.LENGTH
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.cumulative_logprob += logprobs.logprob
@@ -135,6 +147,7 @@ class Sequence:
             status=self.status,
             sample_index=sample_index,
             logprobs=list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs,  # complete once a sequence forks; never changed after
             cumulative_logprob=self.cumulative_logprob,
             beam=self.beam,
         )

@@ -7,7 +7,7 @@ import numpy as np
 
 from llmserve.common.protocol import StepRequest, logits_file_name
 from llmserve.common.step_arrays import SampleRow, write_sampling_rows
-from llmserve.master.scheduler import StepPlan
+from llmserve.master.scheduler import ScheduledSeq, StepPlan
 from llmserve.master.sequence import Sequence
 
 
@@ -25,7 +25,7 @@ def write_step(
     """
     width = max(len(item.seq.block_ids) for item in plan.scheduled)
     block_tables = arrays["block_tables"][: len(plan.scheduled) * width].reshape(len(plan.scheduled), width)
-    token_pos = 0
+    token_pos = num_scored = prompt_num_top = 0
     sample_rows: list[SampleRow] = []
     for row, item in enumerate(plan.scheduled):
         seq, start, count = item.seq, item.seq.num_computed, item.num_new_tokens
@@ -44,6 +44,10 @@ def write_step(
             arrays["slot_mapping"][token_pos : token_pos + count] = block_ids * block_size + positions % block_size
         arrays["query_lens"][row] = count
         arrays["context_lens"][row] = end
+        if item.num_scored:
+            _write_scored(arrays, num_scored, item, token_pos - start)
+            num_scored += item.num_scored
+            prompt_num_top = max(prompt_num_top, seq.params.prompt_logprobs)
         token_pos += count
         for sample in range(item.num_rows):
             sample_rows.append(_sample_row(seq, token_pos - 1, sample))
@@ -59,7 +63,16 @@ def write_step(
         is_all_greedy=is_all_greedy,
         num_block_copies=len(copies),
         dump_names=None if request_id_of is None else _dump_names(plan, request_id_of),
+        num_prompt_positions=num_scored,
+        prompt_num_top=prompt_num_top,
     )
+
+
+def _write_scored(arrays: dict[str, np.ndarray], at: int, item: ScheduledSeq, offset: int) -> None:
+    """The prompt positions `item` scores (step token index = position + `offset`) and the tokens after them."""
+    first, count = item.first_scored, item.num_scored
+    arrays["prompt_positions"][at : at + count] = np.arange(first, first + count) + offset
+    arrays["prompt_targets"][at : at + count] = item.seq.token_ids[first + 1 : first + 1 + count]
 
 
 def _sample_row(seq: Sequence, logits_index: int, sample: int) -> SampleRow:

@@ -20,8 +20,8 @@ if __package__ in (None, ""):
 from llmserve.common.timers import is_own_stage  # noqa: E402
 
 ORDER = [("master", "schedule"), ("master", "build"), ("master", "ipc_out"), ("agent", "deserialize"),
-         ("agent", "preprocess"), ("agent", "predict"), ("agent", "all_reduce"), ("agent", "sample"), ("agent", "write_back"),
-         ("master", "agent_loop"), ("master", "ipc_back"), ("master", "update"), ("master", "detokenize")]
+         ("agent", "preprocess"), ("agent", "predict"), ("agent", "all_reduce"), ("agent", "sample"),
+         ("agent", "score_prompt"), ("agent", "write_back"), ("master", "agent_loop"), ("master", "ipc_back"), ("master", "update"), ("master", "detokenize")]
 
 
 @dataclass

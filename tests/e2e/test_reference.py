@@ -82,7 +82,8 @@ def test_concurrent_greedy_outputs_equal_transformers(tmp_path, checkpoints, kin
 
 def test_outputs_survive_preemption(tmp_path, checkpoints):
     path, expected = checkpoints["llama-gqa"]
-    config = write_config(tmp_path, {"model_path": str(path)}, pa_config={"num_blocks": 20, "block_size": 4})
+    config = write_config(tmp_path, {"model_path": str(path)}, pa_config={"num_blocks": 20, "block_size": 4},
+                          scheduler_config={"reserve_new_tokens": 0})  # admitted as soon as they fit: preempted later
     with running_server(config) as server:
         assert concurrent_outputs(server.url) == expected
         health = server.health().json()
@@ -119,3 +120,39 @@ def test_short_request_overtakes_a_long_one_only_with_continuous_batching(tmp_pa
     scheduler = {"batching_strategy": strategy, "decode_batch_waiting_time": 0.02, "decode_batch_size": 8}
     with running_server(write_config(tmp_path, scheduler_config=scheduler)) as server:
         assert finish_order(server.url)[0] == first
+
+
+def generate(url: str, prompt: str, **parameters) -> dict:
+    answer = httpx.post(f"{url}/models/llama/generate", json={"inputs": prompt, "parameters": parameters}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def reference_prompt_logprobs(model, prompt: str, num_top: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The prompt's ids, log_softmax of transformers' logits for each next prompt token, and the top ids."""
+    ids = encode(build_builtin_tokenizer(), prompt)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    chosen = logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return ids, chosen, logprobs[:-1].topk(num_top, dim=-1).indices
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax_chunked_and_after_cache_hits(tmp_path):
+    path = tmp_path / "llama"
+    model = save_checkpoint(path, "llama-gqa")
+    scheduler = {"max_num_batched_tokens": 16, "decode_batch_size": 8}  # the longer prompts run in chunks
+    with running_server(write_config(tmp_path, {"model_path": str(path)}, scheduler_config=scheduler)) as server:
+        for prompt in (PROMPTS[1], PROMPTS[5], PROMPTS[7]):
+            ids, expected, top_ids = reference_prompt_logprobs(model, prompt, 3)
+            generate(server.url, prompt, max_new_tokens=2)  # its blocks are cached: the next requests compute them anyway
+            parameters = {"max_new_tokens": 2, "decoder_input_details": True, "prompt_logprobs": 3}
+            prefill = generate(server.url, prompt, **parameters)["details"]["prefill"]
+            assert [token["id"] for token in prefill] == ids and prefill[0]["logprob"] is None
+            assert torch.allclose(torch.tensor([t["logprob"] for t in prefill[1:]], dtype=torch.float64), expected, atol=1e-4)
+            assert [[top["id"] for top in t["top_logprobs"]] for t in prefill[1:]] == top_ids.tolist()
+            body = {"prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 0}
+            choice = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+            assert choice["text"] == prompt and choice["finish_reason"] == "length"
+            token_logprobs = choice["logprobs"]["token_logprobs"]
+            assert len(token_logprobs) == len(ids) and token_logprobs[0] is None
+            assert torch.allclose(torch.tensor(token_logprobs[1:], dtype=torch.float64), expected, atol=1e-4)

@@ -14,10 +14,21 @@ VOCAB = 1024
 TOKENIZER = build_builtin_tokenizer()
 
 
+def fake_prompt_logprob(token_id: int) -> float:
+    """The log-probability the fake model gives a prompt token (any position)."""
+    return -float(token_id % 7) - 0.5
+
+
 def counting_step(header: StepRequest, inputs: dict, outputs: dict) -> StepResult:
     batch = step_inputs(inputs, header, suppress_width=1)  # the fake model ignores the sampling rows
     last_tokens = batch.input_ids[batch.logits_indices]
     outputs["sampled_ids"][: header.num_sample] = (last_tokens + 1) % VOCAB
+    scored, targets = header.num_prompt_positions, batch.prompt_targets
+    outputs["prompt_logprobs"][:scored] = -(targets % 7) - 0.5
+    outputs["prompt_ranks"][:scored] = 1
+    width = len(outputs["prompt_topk_ids"]) // len(outputs["prompt_logprobs"])
+    outputs["prompt_topk_ids"][: scored * width].reshape(scored, width)[:, 0] = targets
+    outputs["prompt_topk_logprobs"][: scored * width].reshape(scored, width)[:, 0] = -(targets % 7) - 0.5
     return StepResult(header.step_id, 0, {"predict": 0.1})
 
 

@@ -17,7 +17,7 @@ from llmserve.master.api import create_app
 from llmserve.master.engine import Engine
 from llmserve.master.sequence import FinishReason
 from llmserve.master.tokenizer import decode, encode
-from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
+from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine, fake_prompt_logprob
 
 URL = "/models/llama/generate"
 
@@ -244,6 +244,27 @@ def test_answers_match_the_models_the_openapi_schema_publishes():
     assert [GenerateStreamEvent.model_validate(event).token is not None for event in events] == [True] * 4 + [False]
     assert NativeError.model_validate(bad.json()).error_type == "validation_error"
     assert HealthResponse.model_validate(health.json()).status == "ok"
+
+
+def test_decoder_input_details_return_the_prompt_tokens_with_their_logprobs_even_after_a_cache_hit():
+    from llmserve.master.api_models import GenerateResponse
+    ids = encode(TOKENIZER, "Hello there, how are you today")
+
+    async def go(client, engine):
+        await client.post(URL, json={"inputs": "Hello there, how are you today"})  # its blocks are cached now
+        plain = await client.post(URL, json={"inputs": "Hello there, how are you today",
+                                             "parameters": {"decoder_input_details": True}})
+        top = await client.post(URL, json={"inputs": "Hello there, how are you today",
+                                           "parameters": {"prompt_logprobs": 1, "n": 2, "do_sample": True}})
+        return plain, top
+
+    plain, top = call(go)
+    prefill = GenerateResponse.model_validate(plain.json()).details.prefill
+    assert [token.id for token in prefill] == ids and prefill[0].logprob is None
+    assert [token.logprob for token in prefill[1:]] == [fake_prompt_logprob(t) for t in ids[1:]]
+    assert all(token.top_logprobs is None for token in prefill)
+    prefill = GenerateResponse.model_validate(top.json()).details.prefill
+    assert [[t.id for t in token.top_logprobs] for token in prefill[1:]] == [[t] for t in ids[1:]]
 
 
 def test_reset_prefix_cache_forgets_the_cached_blocks_and_a_repeat_computes_its_prompt_again():

@@ -12,7 +12,7 @@ import pytest
 from llmserve.common.sampling import SamplingParams
 from llmserve.master.openai_models import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorResponse
 from llmserve.master.tokenizer import decode, encode
-from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine
+from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine, fake_prompt_logprob
 from tests.unit.test_api import call, send_raw, serving_on_loopback, wait_until
 
 
@@ -75,7 +75,8 @@ def test_completion_returns_the_text_usage_and_length_finish():
     body = CompletionResponse.model_validate(response.json()).model_dump()
     prompt_ids = encode(TOKENIZER, "Hello there")
     assert body["choices"] == [
-        {"index": 0, "text": following_text(prompt_ids, 5), "logprobs": None, "finish_reason": "length"}
+        {"index": 0, "text": following_text(prompt_ids, 5), "logprobs": None, "finish_reason": "length",
+         "prompt_logprobs": None}
     ]
     assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 5, "total_tokens": len(prompt_ids) + 5,
                              "prompt_tokens_details": {"cached_tokens": 0}}
@@ -108,6 +109,42 @@ def test_token_id_prompts_and_echo():
     response = post("/v1/completions", {"prompt": ids, "max_tokens": 2, "temperature": 0, "echo": True})
     (choice,) = response.json()["choices"]
     assert choice["text"] == decode(TOKENIZER, ids) + following_text(ids, 2)
+
+
+def test_echo_with_logprobs_and_no_new_tokens_scores_the_prompt_as_lm_eval_asks():
+    ids = encode(TOKENIZER, "Hello there")
+    body = {"prompt": "Hello there", "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    (choice,) = CompletionResponse.model_validate(post("/v1/completions", body).json()).choices
+    assert choice.text == "Hello there" and choice.finish_reason == "length"
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) and logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == [fake_prompt_logprob(t) for t in ids[1:]]
+    assert [len(top) for top in logprobs.top_logprobs[1:]] == [1] * (len(ids) - 1)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
+
+
+def test_echo_with_logprobs_streams_the_prompt_scored_then_the_new_tokens():
+    ids = encode(TOKENIZER, "Hello there")
+    body = {"prompt": "Hello there", "max_tokens": 2, "echo": True, "logprobs": 0, "temperature": 0, "stream": True}
+    chunks = [CompletionResponse.model_validate(e) for e in events(post("/v1/completions", body).text)[:-1]]
+    first = chunks[0].choices[0]
+    assert first.text == "Hello there" and first.logprobs.token_logprobs[1:] == [fake_prompt_logprob(t) for t in ids[1:]]
+    assert "".join(c.choices[0].text for c in chunks) == "Hello there" + following_text(ids, 2)
+    assert chunks[1].choices[0].logprobs.text_offset == [sum(map(len, first.logprobs.tokens))]
+
+
+def test_prompt_logprobs_in_vllm_form_on_both_endpoints():
+    ids = encode(TOKENIZER, "Hello there")
+    body = {"prompt": "Hello there", "max_tokens": 1, "prompt_logprobs": 1, "temperature": 0}
+    (choice,) = CompletionResponse.model_validate(post("/v1/completions", body).json()).choices
+    assert choice.prompt_logprobs[0] is None and len(choice.prompt_logprobs) == len(ids)
+    entry = choice.prompt_logprobs[1][str(ids[1])]
+    assert (entry.logprob, entry.rank) == (fake_prompt_logprob(ids[1]), 1)
+    engine = fake_engine()
+    messages = [{"role": "user", "content": "Hi"}]
+    answer = post("/v1/chat/completions", {"messages": messages, "max_tokens": 1, "prompt_logprobs": 0}, engine)
+    prompt_logprobs = ChatCompletionResponse.model_validate(answer.json()).prompt_logprobs
+    assert len(prompt_logprobs) == len(chat_prompt_ids(engine, messages)) and prompt_logprobs[0] is None
 
 
 def test_completion_logprobs_list_each_token_with_offsets():
@@ -207,7 +244,9 @@ def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason():
     [
         ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, "bogus", "unknown parameter"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, 400, "prompt", "exceed the model's maximum"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "must be >= 1"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "only with the prompt's log-probabilities"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs", "stream"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 99}, 400, "prompt_logprobs", "between 0 and"),
         ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "must be <= 1"),
         ("/v1/completions", {"prompt": "x", "temperature": 1e39}, 400, "temperature", "must be <= 3.40282e+38"),
         ("/v1/completions", '{"prompt": "x", "length_penalty": 1e999}', 400, "length_penalty", "finite number"),
@@ -218,7 +257,6 @@ def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason():
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias", "not supported"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "unknown parameter"),
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs", "prompt"),
         ("/v1/completions", {"prompt": [5000]}, 400, "prompt", "not a token id"),
         ("/v1/completions", {"prompt": [-1]}, 400, "prompt.0", "must be >= 0"),
         ("/v1/completions", {"prompt": [[3, 4], [2**40]], "echo": True}, 400, "prompt.1.0", "must be <= 2147483647"),

@@ -8,7 +8,7 @@ import numpy as np
 from llmserve.common.config import SchedulerConfig
 from llmserve.common.sampling import SamplingParams
 from llmserve.master.block_manager import BlockManager
-from llmserve.master.scheduler import Scheduler, StepSamples
+from llmserve.master.scheduler import PromptScores, Scheduler, StepSamples
 from llmserve.master.sequence import Sequence
 from tests.unit.test_scheduler import EOS, make_seq, run_step
 
@@ -189,3 +189,39 @@ def test_a_cache_salt_keeps_identical_prompts_of_two_tenants_apart():
         scheduler.add(seq)
         plan, _ = run_step(scheduler)
         assert plan.scheduled[0].num_new_tokens == expected_new, salt
+
+
+def scoring_samples(plan) -> StepSamples:
+    """Token 5 for every sampled row; each scored prompt position gets -(its target token) as log-probability."""
+    targets = [t for item in plan.scheduled for t in item.seq.token_ids[item.first_scored + 1:][: item.num_scored]]
+    scored = len(targets)
+    prompt = PromptScores(-np.asarray(targets, dtype=np.float32), np.ones(scored, np.int32),
+                          np.zeros((scored, 1), np.int32), np.zeros((scored, 1), np.float32))
+    return StepSamples(np.full(sum(i.num_rows for i in plan.scheduled), 5, dtype=np.int64), prompt=prompt)
+
+
+def test_a_request_for_prompt_logprobs_scores_every_prompt_token_despite_cache_hits_and_chunks():
+    scheduler = caching_scheduler(max_num_batched_tokens=8, decode_batch_size=4)
+    serve(scheduler, make_seq(0, prompt_len=20, max_new_tokens=1))  # every full block of the prompt is cached
+    seq = make_seq(1, prompt_len=20, max_new_tokens=2)
+    seq.params = SamplingParams(max_new_tokens=2, prompt_logprobs=0)
+    scheduler.add(seq)
+    chunks = []
+    while not seq.is_finished:
+        plan = scheduler.schedule(0.0)
+        chunks += [item.num_new_tokens for item in plan.scheduled]
+        scheduler.update(plan, scoring_samples(plan), 0.0)
+    assert chunks[:3] == [8, 8, 4]  # the whole prompt computed, in chunks of the step budget
+    assert [lp.logprob for lp in seq.prompt_logprobs] == [-float(t) for t in seq.prompt_ids[1:]]
+
+
+def test_a_preempted_request_resumes_from_the_cache_only_over_the_positions_it_has_scored():
+    scheduler = caching_scheduler()
+    seq = make_seq(0, prompt_len=20, max_new_tokens=2)
+    seq.params = SamplingParams(max_new_tokens=2, prompt_logprobs=0)
+    seq.token_ids = list(seq.prompt_ids)
+    serve(scheduler, make_seq(1, prompt_len=20, max_new_tokens=1))
+    seq.prompt_logprobs = [None] * 9  # as if a preemption came after the first 9 positions were scored
+    assert len(scheduler.blocks.lookup(seq)) == 9 // BLOCK
+    seq.params = SamplingParams(max_new_tokens=2)
+    assert len(scheduler.blocks.lookup(seq)) == 19 // BLOCK
