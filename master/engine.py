@@ -26,8 +26,9 @@ from llmserve.master.metrics import Metrics
 from llmserve.master.beam_search import BeamSearch
 from llmserve.master.processes import ProcessWatch
 from llmserve.master.outputs import GenerationOutput, TextOutput, sequence_output
+from llmserve.master.groups import BeamGroup
 from llmserve.master.scheduler import PromptScores, Scheduler, StepOutcome, StepPlan, StepSamples
-from llmserve.master.sequence import BeamState, FinishReason, Sequence, TokenLogprobs
+from llmserve.master.sequence import FinishReason, Sequence, TokenLogprobs
 from llmserve.master.step_builder import write_step
 from llmserve.master.text_worker import TextWorker
 from llmserve.master.tokenizer import output_texts
@@ -221,7 +222,7 @@ class Engine:
                 params.num_beams, params.length_penalty, params.early_stopping, params.max_new_tokens,
                 self._end_token_ids(params),
             )
-            seq.beam = BeamState(search, [seq], {seq.seq_id: np.float32(0.0)})
+            seq.beam = BeamGroup(search, [seq], {seq.seq_id: np.float32(0.0)})
         else:
             seq.pending_forks = params.num_samples - 1
         handle = RequestHandle(request_id, seq, stream, start_time=now)

@@ -14,7 +14,8 @@ import numpy as np
 
 from llmserve.common.config import SchedulerConfig
 from llmserve.master.block_manager import BlockManager
-from llmserve.master.sequence import BeamState, FinishReason, Sequence, SequenceStatus, TokenLogprobs
+from llmserve.master.groups import BeamGroup, GroupChange, fork_samples
+from llmserve.master.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprobs
 
 
 @dataclass
@@ -197,7 +198,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         if seq.beam is not None:
-            seq.beam.candidates.pop(seq.seq_id, None)  # recomputed before its group moves on
+            seq.beam.drop(seq)
         self.waiting.appendleft(seq)
 
     def _may_admit(self, now: float) -> bool:
@@ -225,7 +226,7 @@ class Scheduler:
             num_taken = self.blocks.num_needed(cached, num_computed + num_new)
             if num_taken > self.blocks.num_free_blocks:
                 break
-            if self.running and not self._leaves_room_to_grow(seq, self.blocks.blocks_for(num_computed + num_new), num_taken):
+            if self._must_reserve(seq) and not self._leaves_room_to_grow(seq, self.blocks.blocks_for(num_computed + num_new), num_taken):
                 break
             self.waiting.popleft()
             self.blocks.start_from_cache(seq, cached)
@@ -235,6 +236,13 @@ class Scheduler:
                 seq.first_scheduled_time = now
             self.running.append(seq)
             self._add_to_plan(plan, seq, num_new, is_prefill=True)
+
+    def _must_reserve(self, seq: Sequence) -> bool:
+        """Admission checks growth unless nothing runs, or `seq` is a preempted beam whose running siblings
+        wait for it (they cannot go on, or give their blocks back, until it is computed)."""
+        if not self.running:
+            return False
+        return seq.beam is None or not any(beam.status is SequenceStatus.RUNNING for beam in seq.beam.beams)
 
     def _leaves_room_to_grow(self, seq: Sequence, num_held: int, num_taken: int) -> bool:
         """Admitting `seq` (then holding `num_held` blocks, `num_taken` of them from the free queue) leaves room
@@ -288,10 +296,10 @@ class Scheduler:
         return now - self.last_step_time < wait
 
     def update(self, plan: StepPlan, samples: StepSamples, now: float) -> StepOutcome:
-        """Apply a finished step: advance computed counts, append tokens, fork samples, move beams."""
+        """Apply a finished step: advance computed counts, append tokens; samples and beams act as groups."""
         self.last_step_time = now
         outcome = StepOutcome(new_tokens=[], finished=[])
-        beam_groups: list[BeamState] = []
+        beam_groups: list[BeamGroup] = []
         row = scored = 0
         for item in plan.scheduled:
             seq, first_row, first_scored = item.seq, row, scored
@@ -306,79 +314,35 @@ class Scheduler:
             if not item.samples:
                 continue
             if seq.beam is not None:
-                self._collect_candidates(seq, samples, first_row, beam_groups)
+                seq.beam.collect(seq, samples.topk_ids[first_row], samples.topk_logprobs[first_row])
+                beam_groups += [seq.beam] if seq.beam not in beam_groups else []
                 continue
-            targets = [seq] + self._fork_samples(seq, item.num_samples - 1, outcome)
-            num_top = seq.params.agent_num_logprobs
-            for offset, target in enumerate(targets):
-                token_id = int(samples.ids[first_row + offset])
-                reason = target.append_token(token_id, samples.token_logprobs(first_row + offset, num_top))
-                outcome.new_tokens.append((target, token_id))
-                if reason is not None:
-                    self.running.remove(target)
-                    self._finish(target, reason)
-                    outcome.finished.append(target)
+            children = fork_samples(seq, self.blocks, self.next_seq_id) if seq.pending_forks else []
+            self._apply(GroupChange(forked=[(seq, child) for child in children]), outcome)
+            for offset, target in enumerate([seq, *children]):
+                self._append(target, samples, first_row + offset, outcome)
         for group in beam_groups:
-            if all(beam.seq_id in group.candidates for beam in group.beams):
-                self._advance_beams(group, outcome)
+            if group.is_ready:
+                self._apply(group.advance(self.blocks, self.next_seq_id), outcome)
         return outcome
 
-    def _fork_samples(self, seq: Sequence, count: int, outcome: StepOutcome) -> list[Sequence]:
-        """The other samples of a request at its first token: sequences sharing the prompt's blocks."""
-        children = []
-        for _ in range(count):
-            child = seq.fork(self.next_seq_id(), sample_index=len(children) + 1)
-            self.blocks.fork(seq, child)
-            self.running.append(child)
-            outcome.forked.append((seq, child))
-            children.append(child)
-        seq.pending_forks = 0
-        return children
+    def _append(self, seq: Sequence, samples: StepSamples, row: int, outcome: StepOutcome) -> None:
+        token_id = int(samples.ids[row])
+        reason = seq.append_token(token_id, samples.token_logprobs(row, seq.params.agent_num_logprobs))
+        outcome.new_tokens.append((seq, token_id))
+        if reason is not None:
+            self.running.remove(seq)
+            self._finish(seq, reason)
+            outcome.finished.append(seq)
 
-    def _collect_candidates(self, seq: Sequence, samples: StepSamples, row: int, groups: list[BeamState]) -> None:
-        group = seq.beam
-        width = group.search.candidates_per_beam
-        group.candidates[seq.seq_id] = (samples.topk_ids[row, :width].copy(), samples.topk_logprobs[row, :width].copy())
-        if group not in groups:
-            groups.append(group)
-
-    def _advance_beams(self, group: BeamState, outcome: StepOutcome) -> None:
-        """Every live beam has its candidates: pick the next beams and give them their parents' blocks."""
-        beams = group.beams
-        next_beams = group.search.step(
-            [group.scores[beam.seq_id] for beam in beams],
-            [beam.output_ids for beam in beams],
-            np.stack([group.candidates[beam.seq_id][0] for beam in beams]),
-            np.stack([group.candidates[beam.seq_id][1] for beam in beams]),
-        )
-        group.candidates.clear()
-        parents = [(list(beam.token_ids), list(beam.block_ids), list(beam.block_hashes), beam.num_computed)
-                   for beam in beams]
-        for chosen in next_beams:  # take the new references before dropping the old ones
-            self.blocks.share(parents[chosen.parent][1])
-        for beam in beams:
-            self.blocks.free(beam)
-        targets = beams[: len(next_beams)]
-        for extra in range(len(beams), len(next_beams)):
-            child = beams[0].fork(self.next_seq_id(), sample_index=extra)
-            self.running.append(child)
-            outcome.forked.append((beams[0], child))
-            targets.append(child)
-        for target, chosen in zip(targets, next_beams):
-            token_ids, block_ids, block_hashes, num_computed = parents[chosen.parent]
-            target.token_ids = token_ids + [chosen.token_id]
-            target.block_ids = list(block_ids)
-            target.block_hashes = list(block_hashes)
-            target.num_computed = num_computed
-            group.scores[target.seq_id] = chosen.score
-            outcome.new_tokens.append((target, chosen.token_id))
-        for beam in beams[len(next_beams) :]:  # the search is over, or fewer beams can go on
-            self.running.remove(beam)
-            beam.status = SequenceStatus.FINISHED
-            beam.finish_reason = FinishReason.EOS if group.search.finished else FinishReason.LENGTH
-            outcome.finished.append(beam)
-        group.beams = targets
-        group.scores = {beam.seq_id: group.scores[beam.seq_id] for beam in targets}
+    def _apply(self, change: GroupChange, outcome: StepOutcome) -> None:
+        """A group's forks join the running sequences and its finished beams leave them."""
+        self.running += [child for _, child in change.forked]
+        for seq in change.finished:
+            self.running.remove(seq)
+        outcome.forked += change.forked
+        outcome.new_tokens += change.new_tokens
+        outcome.finished += change.finished
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.blocks.free(seq)

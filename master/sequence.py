@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 from llmserve.common.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from llmserve.master.beam_search import BeamSearch
+    from llmserve.master.groups import BeamGroup
 
 
 class SequenceStatus(enum.Enum):
@@ -59,7 +59,7 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. (params.prompt_logprobs)
     cumulative_logprob: float = 0.0
-    beam: Optional["BeamState"] = None
+    beam: Optional["BeamGroup"] = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -151,13 +151,3 @@ class Sequence:
             cumulative_logprob=self.cumulative_logprob,
             beam=self.beam,
         )
-
-
-@dataclass(eq=False)
-class BeamState:
-    """The beams of one request: the search, and each live beam's score and pending candidates."""
-
-    search: "BeamSearch"
-    beams: list[Sequence] = field(default_factory=list)
-    scores: dict[int, object] = field(default_factory=dict)  # seq_id -> float32 running score
-    candidates: dict[int, tuple] = field(default_factory=dict)  # seq_id -> (ids, logprobs) this round

@@ -7,9 +7,11 @@ import numpy as np
 
 from llmserve.common.config import SchedulerConfig
 from llmserve.common.sampling import SamplingParams
+from llmserve.master.beam_search import BeamSearch
 from llmserve.master.block_manager import BlockManager
+from llmserve.master.groups import BeamGroup
 from llmserve.master.scheduler import PromptScores, Scheduler, StepSamples
-from llmserve.master.sequence import Sequence
+from llmserve.master.sequence import FinishReason, Sequence
 from tests.unit.test_scheduler import EOS, make_seq, run_step
 
 BLOCK = 4
@@ -128,54 +130,97 @@ def test_reset_forgets_only_the_blocks_no_sequence_holds():
 
 
 class HistoryModel:
-    """A deterministic stand-in for the model: each sampled token is a function of the sequence's tokens."""
+    """A deterministic stand-in for the model: each sampled token, and a beam row's candidates, are a function
+    of the sequence's tokens."""
+
+    WIDTH = 8
 
     def tokens(self, plan) -> StepSamples:
-        ids = []
+        ids, top_ids, top_logprobs = [], [], []
         for item in plan.scheduled:
             base = sum(item.seq.token_ids) * 31 + len(item.seq.token_ids)
-            ids += [EOS if base % 23 == 0 else 3 + (base + row) % 50 for row in range(item.num_rows)]
-        return StepSamples(np.asarray(ids, dtype=np.int64))
+            for row in range(item.num_rows):
+                ids.append(EOS if base % 23 == 0 else 3 + (base + row) % 50)
+                candidates = [3 + (base + 7 * k) % 50 for k in range(self.WIDTH)]
+                top_ids.append([EOS, *candidates[1:]] if base % 11 == 0 else candidates)
+                top_logprobs.append([-0.3 * (k + 1) - (base % 5) * 0.01 for k in range(self.WIDTH)])
+        return StepSamples(np.asarray(ids, dtype=np.int64), topk_ids=np.asarray(top_ids, dtype=np.int32).reshape(-1, self.WIDTH),
+                           topk_logprobs=np.asarray(top_logprobs, dtype=np.float32).reshape(-1, self.WIDTH))
 
 
-def simulate(caching: bool, seed: int) -> dict[tuple[int, int], list[int]]:
-    """Requests with shared prefixes arriving over time, some with n = 2, some aborted, on a tiny pool;
-    the block manager checked after every step. The outputs of every sample that finished on its own, by
-    (request, sample)."""
+SMALLEST_POOL = 10  # blocks
+
+
+def random_request(rng: random.Random, seq_id: int, prefixes: list[list[int]]) -> Sequence:
+    """A prompt starting with one of `prefixes`: greedy, n = 2 samples, or a beam search of 2-3 beams, with
+    every sample's own blocks fitting SMALLEST_POOL (as the engine refuses requests that could not)."""
+    prompt = rng.choice(prefixes) + [rng.randrange(3, 60) for _ in range(rng.randrange(1, 6))]
+    kind, num_beams, max_new_tokens = rng.random(), rng.randrange(2, 4), rng.randrange(1, 12)
+    samples = 2 if kind < 0.2 else num_beams if kind < 0.35 else 1
+    if SMALLEST_POOL // samples * BLOCK <= len(prompt):
+        kind, samples = 1.0, 1  # too long to sample several times in the smallest pool
+    max_new_tokens = min(max_new_tokens, SMALLEST_POOL // samples * BLOCK - len(prompt))
+    seq = make_seq(seq_id, prompt_len=len(prompt), max_new_tokens=max_new_tokens)
+    seq.prompt_ids, seq.token_ids = prompt, list(prompt)
+    if kind < 0.2:
+        seq.params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, n=2)
+        seq.pending_forks = 1
+    elif kind < 0.35:
+        seq.params = SamplingParams(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        search = BeamSearch(num_beams, 1.0, False, seq.params.max_new_tokens, frozenset({EOS}))
+        seq.beam = BeamGroup(search, [seq], {seq.seq_id: np.float32(0.0)})
+    return seq
+
+
+def simulate(caching: bool, seed: int, num_blocks: int = 14, reserve: int = 16) -> dict[tuple[int, int], list[int]]:
+    """Requests with shared prefixes arriving over time (greedy, n = 2, beams), some aborted, on a pool of
+    `num_blocks`; every plan checked against the budgets and the block manager after every step. The
+    outputs of every sample and beam search that finished on its own, by (request, index)."""
     rng = random.Random(seed)
-    scheduler = caching_scheduler(num_blocks=24, caching=caching, max_num_batched_tokens=32, decode_batch_size=8)
+    config = dict(max_num_batched_tokens=32, decode_batch_size=8, prefill_batch_size=4, reserve_new_tokens=reserve)
+    scheduler = caching_scheduler(num_blocks=num_blocks, caching=caching, **config)
     prefixes = [[rng.randrange(3, 60) for _ in range(rng.randrange(4, 14))] for _ in range(3)]
     requests, samples_of, model = [], {}, HistoryModel()
-    for step in range(400):
+    for step in range(600):
         if len(requests) < 30 and rng.random() < 0.3:
-            prompt = rng.choice(prefixes) + [rng.randrange(3, 60) for _ in range(rng.randrange(1, 6))]
-            seq = make_seq(1000 + len(requests), prompt_len=len(prompt), max_new_tokens=rng.randrange(1, 12))
-            seq.prompt_ids, seq.token_ids = prompt, list(prompt)
-            if rng.random() < 0.2:
-                seq.params = SamplingParams(max_new_tokens=seq.params.max_new_tokens, do_sample=True, n=2)
-                seq.pending_forks = 1
+            seq = random_request(rng, 1000 + len(requests), prefixes)
             requests.append(seq)
             samples_of[seq.seq_id] = [seq]
             scheduler.add(seq)
         if requests and rng.random() < 0.02:
-            scheduler.abort(rng.choice(requests))  # the sequences it forked run on
+            victim = rng.choice(requests)  # a request: all its beams, or its first sample (the others run on)
+            for seq in list(victim.beam.beams) if victim.beam is not None else [victim]:
+                scheduler.abort(seq)
         plan = scheduler.schedule(float(step))
         if plan is not None:
+            assert plan.num_tokens <= config["max_num_batched_tokens"] and plan.num_prefill_seqs <= config["prefill_batch_size"]
+            assert scheduler.num_slots <= config["decode_batch_size"]
             for parent, child in scheduler.update(plan, model.tokens(plan), float(step)).forked:
                 samples_of[parent.seq_id].append(child)
         scheduler.blocks.check_consistent(list(scheduler.running))
     assert not scheduler.running and not scheduler.waiting, "every request ends (no deadlock)"
     assert (scheduler.blocks.num_hit_tokens > 0) == caching
-    return {(request_id, seq.sample_index): seq.output_ids for request_id, seqs in samples_of.items() for seq in seqs
-            if seq.finish_reason is not None and seq.finish_reason.name != "ABORT"}
+    assert max(seq.num_preemptions for seqs in samples_of.values() for seq in seqs) <= 2
+    outputs = {}
+    for request in requests:
+        if request.beam is not None and request.finish_reason is not FinishReason.ABORT:
+            outputs.update(((request.seq_id, i), h.output_ids) for i, h in enumerate(request.beam.search.results(2)))
+        elif request.beam is None:
+            outputs.update(((request.seq_id, seq.sample_index), seq.output_ids) for seq in samples_of[request.seq_id]
+                           if seq.finish_reason not in (None, FinishReason.ABORT))
+    return outputs
 
 
-def test_a_random_workload_keeps_the_blocks_consistent_and_the_outputs_unchanged_by_caching():
+def test_a_random_workload_keeps_the_blocks_consistent_and_the_outputs_unchanged_by_caching_and_preemption():
     for seed in range(3):
-        cached, uncached = simulate(caching=True, seed=seed), simulate(caching=False, seed=seed)
-        common = cached.keys() & uncached.keys()
+        runs = [simulate(caching=True, seed=seed), simulate(caching=False, seed=seed),
+                simulate(caching=True, seed=seed, num_blocks=400),  # no preemption
+                simulate(caching=True, seed=seed, num_blocks=SMALLEST_POOL, reserve=0),  # preempted often
+                simulate(caching=False, seed=seed, num_blocks=SMALLEST_POOL, reserve=0)]
+        common = set.intersection(*(set(run) for run in runs))
         assert len(common) >= 20
-        assert {key: cached[key] for key in common} == {key: uncached[key] for key in common}
+        for run in runs[1:]:
+            assert {key: run[key] for key in common} == {key: runs[0][key] for key in common}
 
 
 def test_a_cache_salt_keeps_identical_prompts_of_two_tenants_apart():
