@@ -87,6 +87,7 @@ class ServingConfig:
     step_trace_path: Optional[str] = None
     logits_dump_dir: Optional[str] = None
     log_level: str = "INFO"
+    stats_log_interval: float = 10.0  # seconds between the periodic stats lines while serving; 0: none
     max_logprobs: int = 20
     max_num_beams: int = 8
     max_n: int = 16
@@ -132,7 +133,7 @@ class ServingConfig:
             raise ValueError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.logits_dump_dir == "":
             raise ValueError("logits_dump_dir: must be a directory path, or left out")
-        for name in ("agent_restart_limit", "agent_restart_backoff"):
+        for name in ("agent_restart_limit", "agent_restart_backoff", "stats_log_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must not be negative, got {getattr(self, name)!r}")
         if self.api_key == "":

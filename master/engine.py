@@ -22,7 +22,7 @@ from llmserve.common.timers import StageTimer, own_ms
 from llmserve.master.agent_client import Transport
 from llmserve.master.agent_group import RestartPolicy
 from llmserve.master.block_manager import BlockManager
-from llmserve.master.metrics import Metrics
+from llmserve.master.metrics import Metrics, StatsLine
 from llmserve.master.beam_search import BeamSearch
 from llmserve.master.processes import ProcessWatch
 from llmserve.master.outputs import GenerationOutput, TextOutput, sequence_output
@@ -114,6 +114,7 @@ class Engine:
         self.wakeup = asyncio.Event()
         self.timer = StageTimer()
         self.metrics = Metrics(self.stats)
+        self.stats_line = StatsLine(config.serving_config.stats_log_interval)
         self.loop_task: Optional[asyncio.Task] = None
         self.watch_task: Optional[asyncio.Task] = None
         self.failure: Optional[str] = "the agents are not ready yet"
@@ -334,6 +335,7 @@ class Engine:
                 outcome, header, agent_ms = await self._step(plan)
                 self._emit(outcome)
                 self._record_step(plan, outcome, header, agent_ms, start)
+                self._log_stats()
         except AgentFailure as exc:
             self._fail_everything(str(exc))
         except Exception as exc:
@@ -523,7 +525,16 @@ class Engine:
         self.trace_file.write(json.dumps(record) + "\n")
 
     def stats(self) -> dict:
-        """Queue lengths (requests) and KV-cache usage right now."""
+        """Queue lengths (requests), KV-cache usage, agent restarts and processes right now."""
+        return {
+            **self.queue_stats(),
+            "agent_restarts": self.num_agent_restarts,
+            "processes": [dataclasses.asdict(process) for process in self.processes.stats()],
+            "kernels": self.kernels,
+        }
+
+    def queue_stats(self) -> dict:
+        """Queue lengths (requests), KV-cache usage and the prefix cache's counts right now (cheap)."""
         return {
             "num_running": self._num_requests(self.scheduler.running),
             "num_waiting": self._num_requests(self.scheduler.waiting),
@@ -534,10 +545,17 @@ class Engine:
             "kv_cache_dtype": self.config.pa_config.kv_cache_dtype,
             "prefix_cache_queries": self.block_manager.num_queried_tokens,
             "prefix_cache_hits": self.block_manager.num_hit_tokens,
-            "agent_restarts": self.num_agent_restarts,
-            "processes": [dataclasses.asdict(process) for process in self.processes.stats()],
-            "kernels": self.kernels,
         }
+
+    def _log_stats(self) -> None:
+        """Every serving_config.stats_log_interval seconds of activity: the periodic stats line."""
+        now = time.monotonic()
+        if not self.stats_line.due(now):
+            return
+        totals = {"prompt_tokens": self.metrics.num_prompt_tokens, "generation_tokens": self.metrics.num_generation_tokens}
+        line = self.stats_line.line(now, {**self.queue_stats(), **totals})
+        if line is not None:
+            logger.info("%s", line)
 
     def _num_requests(self, seqs) -> int:
         """Requests among `seqs` (a request with n samples or beams counts once)."""

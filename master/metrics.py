@@ -7,7 +7,7 @@ under a microsecond per observation).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -82,6 +82,7 @@ class Metrics:
             STAGE_BUCKETS, ["component", "stage"],
         )
         self.stage_children: dict[tuple[str, str], Histogram] = {}
+        self.num_prompt_tokens = self.num_generation_tokens = 0  # for the periodic log line
 
     def _counter(self, name: str, documentation: str, labels: tuple = ()) -> Counter:
         return Counter(f"{PREFIX}_{name}", documentation, labels, registry=self.registry)
@@ -90,6 +91,7 @@ class Metrics:
         return Histogram(f"{PREFIX}_{name}", documentation, labels, registry=self.registry, buckets=buckets)
 
     def on_first_token(self, num_prompt_tokens: int, ttft_s: float, queue_s: float) -> None:
+        self.num_prompt_tokens += num_prompt_tokens
         self.prompt_tokens.inc(num_prompt_tokens)
         self.ttft.observe(ttft_s)
         self.queue.observe(queue_s)
@@ -101,6 +103,7 @@ class Metrics:
             self.tpot.observe(tpot_s)
 
     def on_step(self, step_s: float, num_new_tokens: int, master_ms: dict, agent_ms: dict) -> None:
+        self.num_generation_tokens += num_new_tokens
         self.step.observe(step_s)
         self.generation_tokens.inc(num_new_tokens)
         self._observe_stages("master", master_ms)
@@ -116,3 +119,35 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+TOTALS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+
+
+class StatsLine:
+    """The periodic log line: throughput, queues, KV-cache use and the prefix-cache hit rate over the last interval."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.last_time: Optional[float] = None
+        self.last: dict[str, int] = {}
+
+    def due(self, now: float) -> bool:
+        return self.interval_s > 0 and (self.last_time is None or now - self.last_time >= self.interval_s)
+
+    def line(self, now: float, stats: dict) -> Optional[str]:
+        """The line for the interval ending now (None for the first call, which starts the window)."""
+        totals = {name: stats[name] for name in TOTALS}
+        last, last_time = self.last, self.last_time
+        self.last, self.last_time = totals, now
+        if last_time is None:
+            return None
+        delta = {name: totals[name] - last[name] for name in TOTALS}
+        seconds = max(now - last_time, 1e-9)
+        used = 1 - stats["kv_blocks_free"] / max(stats["kv_blocks_total"], 1)
+        queried = delta["prefix_cache_queries"]
+        hit_rate = f"{delta['prefix_cache_hits'] / queried:.1%}" if queried else "n/a"
+        return (f"prompt {delta['prompt_tokens'] / seconds:.1f} tok/s, generation {delta['generation_tokens'] / seconds:.1f} "
+                f"tok/s; running {stats['num_running']}, waiting {stats['num_waiting']} requests; "
+                f"{delta['num_preemptions']} preemptions; KV cache {used:.1%} used; prefix cache hit rate {hit_rate} "
+                f"of {queried} prompt tokens (last {seconds:.0f} s)")

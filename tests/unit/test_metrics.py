@@ -67,3 +67,19 @@ def test_gauges_show_a_request_in_flight_and_its_kv_blocks():
     during = call(go, slow)
     assert value(during, "llmserve_requests_running") == 1  # two samples, one request
     assert 0 < value(during, "llmserve_kv_cache_usage_ratio") < 1
+
+
+def test_the_periodic_stats_line_reports_the_interval_s_throughput_and_prefix_cache_hit_rate():
+    from llmserve.master.metrics import StatsLine
+
+    stats = {"num_running": 2, "num_waiting": 1, "kv_blocks_free": 75, "kv_blocks_total": 100, "num_preemptions": 1,
+             "prompt_tokens": 100, "generation_tokens": 50, "prefix_cache_queries": 100, "prefix_cache_hits": 20}
+    line = StatsLine(interval_s=10.0)
+    assert line.due(0.0) and line.line(0.0, stats) is None  # the first call opens the window
+    assert not line.due(5.0) and line.due(10.0)
+    later = {**stats, "prompt_tokens": 300, "generation_tokens": 150, "prefix_cache_queries": 300,
+             "prefix_cache_hits": 170, "num_preemptions": 3}
+    text = line.line(10.0, later)
+    assert "prompt 20.0 tok/s, generation 10.0 tok/s" in text and "running 2, waiting 1" in text
+    assert "2 preemptions" in text and "KV cache 25.0% used" in text and "prefix cache hit rate 75.0% of 200" in text
+    assert not StatsLine(interval_s=0).due(100.0)
