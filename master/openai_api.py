@@ -348,7 +348,8 @@ class ChatJob(OpenAIJob):
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[Optional[TokenLogprobs]], offset: int) -> dict:
+def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[Optional[TokenLogprobs]],
+                         offset: int) -> dict:
     """The legacy completions format: parallel lists, top alternatives as {token text: logprob}; None entries
     (an echoed prompt's first token) are nulls."""
     tokens = [token_string(engine, t)[0] for t in token_ids]

@@ -76,7 +76,6 @@ class StepSamples:
         return TokenLogprobs(float(self.logprobs[row]), top)
 
 
-
 @dataclass
 class PromptScores:
     """What the agent returned for a step's scored prompt positions: each next prompt token's raw
@@ -226,7 +225,8 @@ class Scheduler:
             num_taken = self.blocks.num_needed(cached, num_computed + num_new)
             if num_taken > self.blocks.num_free_blocks:
                 break
-            if self._must_reserve(seq) and not self._leaves_room_to_grow(seq, self.blocks.blocks_for(num_computed + num_new), num_taken):
+            num_held = self.blocks.blocks_for(num_computed + num_new)
+            if self._must_reserve(seq) and not self._leaves_room_to_grow(seq, num_held, num_taken):
                 break
             self.waiting.popleft()
             self.blocks.start_from_cache(seq, cached)
