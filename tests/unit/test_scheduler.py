@@ -36,6 +36,7 @@ def run_step(scheduler: Scheduler, now: float = 0.0, token: int = 5):
     plan = scheduler.schedule(now)
     assert plan is not None
     outcome = scheduler.update(plan, samples([token] * sum(item.num_rows for item in plan.scheduled)), now)
+    scheduler.blocks.check_consistent(scheduler.running)
     return plan, outcome
 
 
