@@ -64,6 +64,7 @@ def request_limits(engine: Engine) -> dict[str, dict[str, dict]]:
     sampling = {
         "n": {"maximum": samples}, "best_of": {"maximum": samples}, "num_beams": {"maximum": beams},
         "stop_token_ids": {"maximum": last_id, "max_items": limits.max_stop_token_ids},
+        "prompt_logprobs": {"maximum": logprobs},
     }
     return {
         "GenerateParameters": {**sampling, "logprobs": {"maximum": logprobs}},

@@ -101,7 +101,7 @@ class BlockManager:
         if not self.enable_caching:
             return []
         num_blocks = (seq.num_tokens - 1) // self.block_size
-        if seq.params.prompt_logprobs is not None:  # positions not scored yet must be computed
+        if seq.num_prompt_positions_to_score:  # positions not scored yet must be computed
             num_blocks = min(num_blocks, len(seq.prompt_logprobs) // self.block_size)
         hashes, found = self._prefix_hashes(seq, num_blocks), []
         for digest in hashes:

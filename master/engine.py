@@ -330,6 +330,7 @@ class Engine:
                 plan = self._next_plan()
                 if plan is None:
                     self.timer.reset()
+                    self.stats_line.idle(time.monotonic())
                     await self._sleep_until_work()
                     continue
                 outcome, header, agent_ms = await self._step(plan)
@@ -550,6 +551,7 @@ class Engine:
     def _log_stats(self) -> None:
         """Every serving_config.stats_log_interval seconds of activity: the periodic stats line."""
         now = time.monotonic()
+        self.stats_line.busy(now)
         if not self.stats_line.due(now):
             return
         totals = {"prompt_tokens": self.metrics.num_prompt_tokens, "generation_tokens": self.metrics.num_generation_tokens}

@@ -125,12 +125,26 @@ TOTALS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_
 
 
 class StatsLine:
-    """The periodic log line: throughput, queues, KV-cache use and the prefix-cache hit rate over the last interval."""
+    """The periodic log line: throughput, queues, KV-cache use and the prefix-cache hit rate over the last
+    interval; rates are per busy second (time the step loop sat idle is left out)."""
 
     def __init__(self, interval_s: float):
         self.interval_s = interval_s
         self.last_time: Optional[float] = None
         self.last: dict[str, int] = {}
+        self.idle_since: Optional[float] = None
+        self.idle_s = 0.0
+
+    def idle(self, now: float) -> None:
+        """The step loop has nothing to run."""
+        if self.idle_since is None:
+            self.idle_since = now
+
+    def busy(self, now: float) -> None:
+        """The step loop ran a step."""
+        if self.idle_since is not None:
+            self.idle_s += now - self.idle_since
+            self.idle_since = None
 
     def due(self, now: float) -> bool:
         return self.interval_s > 0 and (self.last_time is None or now - self.last_time >= self.interval_s)
@@ -138,16 +152,16 @@ class StatsLine:
     def line(self, now: float, stats: dict) -> Optional[str]:
         """The line for the interval ending now (None for the first call, which starts the window)."""
         totals = {name: stats[name] for name in TOTALS}
-        last, last_time = self.last, self.last_time
-        self.last, self.last_time = totals, now
+        last, last_time, idle_s = self.last, self.last_time, self.idle_s
+        self.last, self.last_time, self.idle_s = totals, now, 0.0
         if last_time is None:
             return None
         delta = {name: totals[name] - last[name] for name in TOTALS}
-        seconds = max(now - last_time, 1e-9)
+        busy_s = max(now - last_time - idle_s, 1e-9)
         used = 1 - stats["kv_blocks_free"] / max(stats["kv_blocks_total"], 1)
         queried = delta["prefix_cache_queries"]
         hit_rate = f"{delta['prefix_cache_hits'] / queried:.1%}" if queried else "n/a"
-        return (f"prompt {delta['prompt_tokens'] / seconds:.1f} tok/s, generation {delta['generation_tokens'] / seconds:.1f} "
+        return (f"prompt {delta['prompt_tokens'] / busy_s:.1f} tok/s, generation {delta['generation_tokens'] / busy_s:.1f} "
                 f"tok/s; running {stats['num_running']}, waiting {stats['num_waiting']} requests; "
                 f"{delta['num_preemptions']} preemptions; KV cache {used:.1%} used; prefix cache hit rate {hit_rate} "
-                f"of {queried} prompt tokens (last {seconds:.0f} s)")
+                f"of {queried} prompt tokens (last {now - last_time:.0f} s, {busy_s:.0f} s busy)")

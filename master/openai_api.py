@@ -209,7 +209,7 @@ class OpenAIJob:
         for choice in self.opening_choices():
             yield sse(self.chunk(choice))
         async for handle_index, event in events_of(self.handles):
-            for choice in self.late_opening_choices(handle_index):
+            for choice in self.late_opening_choices(handle_index) if not getattr(event, "error", None) else ():
                 yield sse(self.chunk(choice))
             if isinstance(event, TokenEvent):
                 choice = self.token_choice(handle_index * self.body.n + event.index, event)
@@ -277,13 +277,19 @@ class CompletionJob(OpenAIJob):
         if self.body.logprobs is not None:
             token_ids, entries = output.output_ids, list(output.logprobs)
             if self.body.echo:
-                token_ids, entries = seq.prompt_ids + token_ids, [None, *seq.prompt_logprobs, *entries]
+                token_ids, entries = seq.prompt_ids + token_ids, [*self.echoed_logprobs(seq), *entries]
             logprobs = _completion_logprobs(self.engine, token_ids, entries, 0)
         choice = {"index": index, "text": prefix + output.text, "logprobs": logprobs,
                   "finish_reason": FINISH_REASONS.get(output.finish_reason)}
         if self.body.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, seq)
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, seq, self.body.prompt_logprobs)
         return choice
+
+    def echoed_logprobs(self, seq: Sequence) -> list[Optional[TokenLogprobs]]:
+        """The echoed prompt's entries: none for the first token, then `logprobs` top ones each (the engine
+        computed as many as the larger of logprobs and prompt_logprobs)."""
+        top = self.body.logprobs or 0
+        return [None, *(TokenLogprobs(entry.logprob, entry.top[:top], entry.rank) for entry in seq.prompt_logprobs)]
 
     @property
     def echoes_logprobs(self) -> bool:
@@ -302,7 +308,7 @@ class CompletionJob(OpenAIJob):
             return []
         self.opened.add(handle_index)
         seq = self.handles[handle_index].seq
-        logprobs = _completion_logprobs(self.engine, seq.prompt_ids, [None, *seq.prompt_logprobs], 0)
+        logprobs = _completion_logprobs(self.engine, seq.prompt_ids, self.echoed_logprobs(seq), 0)
         first = handle_index * self.body.n
         for index in range(first, first + self.body.n):
             self.offsets[index] = sum(map(len, logprobs["tokens"]))
@@ -338,7 +344,7 @@ class ChatJob(OpenAIJob):
     def response_extras(self) -> dict:
         if self.body.prompt_logprobs is None:
             return {}
-        return {"prompt_logprobs": vllm_prompt_logprobs(self.engine, self.handles[0].seq)}
+        return {"prompt_logprobs": vllm_prompt_logprobs(self.engine, self.handles[0].seq, self.body.prompt_logprobs)}
 
     def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
         logprobs = None
@@ -367,13 +373,13 @@ def _completion_logprobs(engine: Engine, token_ids: list[int], logprobs: list[Op
             "top_logprobs": tops, "text_offset": offsets}
 
 
-def vllm_prompt_logprobs(engine: Engine, seq: Sequence) -> list[Optional[dict]]:
+def vllm_prompt_logprobs(engine: Engine, seq: Sequence, num_top: int) -> list[Optional[dict]]:
     """vLLM's prompt_logprobs: None for the first prompt token, then {token id: logprob, rank, decoded token}
-    for each token and its top alternatives."""
+    for each token and its `num_top` top alternatives."""
     entries: list[Optional[dict]] = [None]
     for token_id, logprobs in zip(seq.prompt_ids[1:], seq.prompt_logprobs):
         entry = {str(token_id): _prompt_logprob(engine, token_id, logprobs.logprob, logprobs.rank)}
-        for rank, (top_id, logprob) in enumerate(logprobs.top, start=1):
+        for rank, (top_id, logprob) in enumerate(logprobs.top[:num_top], start=1):
             entry.setdefault(str(top_id), _prompt_logprob(engine, top_id, logprob, rank))
         entries.append(entry)
     return entries

@@ -95,6 +95,9 @@ class PromptScores:
                 for logprob, rank, top in zip(self.logprobs[rows].tolist(), self.ranks[rows].tolist(), tops)]
 
 
+RESUME_RESERVE = 4  # a resumed sequence reserves this many times reserve_new_tokens (at least a block's worth)
+
+
 def _unplan(plan: StepPlan, seq: Sequence) -> None:
     """Take a sequence about to be preempted back out of the plan, with the block copies into its blocks."""
     plan.block_copies = [(src, dst) for src, dst in plan.block_copies if dst not in seq.block_ids]
@@ -150,6 +153,8 @@ class Scheduler:
         self._schedule_running(plan)
         if not plan.preempted and self._may_admit(now):
             self._admit_waiting(plan, now)
+        if not plan.scheduled and self.waiting and self._all_running_await_siblings():
+            self._unblock(plan, now)
         if not plan.scheduled:
             return None
         if plan.is_decode_only and not (plan.preempted or plan.block_copies) and self._should_wait_for_decode_batch(now):
@@ -210,65 +215,91 @@ class Scheduler:
         return now - self.waiting[0].arrival_time >= self.config.batch_waiting_time
 
     def _admit_waiting(self, plan: StepPlan, now: float) -> None:
+        while self.waiting and self._admit(self.waiting[0], plan, now):
+            pass
+
+    def _admit(self, seq: Sequence, plan: StepPlan, now: float) -> bool:
+        """Start (or resume) waiting `seq` in this step if the budgets, its blocks and the running sequences'
+        growth allow; whether it was."""
         budget = self.config.max_num_batched_tokens
-        while self.waiting and plan.num_tokens < budget:
-            seq = self.waiting[0]
-            if self.num_slots + seq.num_slots > self.config.decode_batch_size:
-                break
-            if plan.num_prefill_seqs >= self.config.prefill_batch_size:
-                break
-            cached = self.blocks.lookup(seq)  # a waiting sequence holds no blocks: new, or preempted
-            num_computed = len(cached) * self.blocks.block_size
-            num_new = min(seq.num_tokens - num_computed, budget - plan.num_tokens)
-            if num_computed + num_new < seq.num_tokens and not self._may_chunk(seq):
-                break
-            num_taken = self.blocks.num_needed(cached, num_computed + num_new)
-            if num_taken > self.blocks.num_free_blocks:
-                break
-            num_held = self.blocks.blocks_for(num_computed + num_new)
-            if self._must_reserve(seq) and not self._leaves_room_to_grow(seq, num_held, num_taken):
-                break
-            self.waiting.popleft()
-            self.blocks.start_from_cache(seq, cached)
-            plan.block_copies.extend(self.blocks.grow(seq, seq.num_computed + num_new))
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-            self.running.append(seq)
-            self._add_to_plan(plan, seq, num_new, is_prefill=True)
+        if plan.num_tokens >= budget or plan.num_prefill_seqs >= self.config.prefill_batch_size:
+            return False
+        if self.num_slots + seq.num_slots > self.config.decode_batch_size:
+            return False
+        cached = self.blocks.lookup(seq)  # a waiting sequence holds no blocks: new, or preempted
+        num_computed = len(cached) * self.blocks.block_size
+        num_new = min(seq.num_tokens - num_computed, budget - plan.num_tokens)
+        if num_computed + num_new < seq.num_tokens and not self._may_chunk(seq):
+            return False
+        num_taken = self.blocks.num_needed(cached, num_computed + num_new)
+        if num_taken > self.blocks.num_free_blocks:
+            return False
+        num_held = self.blocks.blocks_for(num_computed + num_new)
+        if self._must_reserve(seq) and not self._leaves_room_to_grow(seq, num_held, num_taken):
+            return False
+        self.waiting.remove(seq)
+        self.blocks.start_from_cache(seq, cached)
+        plan.block_copies.extend(self.blocks.grow(seq, seq.num_computed + num_new))
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = now
+        self.running.append(seq)
+        self._add_to_plan(plan, seq, num_new, is_prefill=True)
+        return True
+
+    def _unblock(self, plan: StepPlan, now: float) -> None:
+        """Every running sequence is a beam waiting for a preempted sibling that cannot be admitted in turn:
+        admit such siblings out of turn, and where their blocks do not fit, preempt waiting beams to free some."""
+        while self._all_running_await_siblings():
+            if any(self._admit(seq, plan, now) for seq in list(self.waiting) if self._is_awaited(seq)):
+                return
+            victim = self._victim(self.running)
+            self._preempt(victim)
+            plan.preempted.append(victim)
+        self._admit_waiting(plan, now)  # every beam was preempted: the queue's head goes first again
+
+    def _all_running_await_siblings(self) -> bool:
+        return bool(self.running) and all(seq.num_uncomputed == 0 for seq in self.running)
+
+    @staticmethod
+    def _is_awaited(seq: Sequence) -> bool:
+        """A preempted beam whose running siblings wait for it."""
+        return seq.beam is not None and any(beam.status is SequenceStatus.RUNNING for beam in seq.beam.beams)
 
     def _must_reserve(self, seq: Sequence) -> bool:
-        """Admission checks growth unless nothing runs, or `seq` is a preempted beam whose running siblings
-        wait for it (they cannot go on, or give their blocks back, until it is computed)."""
-        if not self.running:
-            return False
-        return seq.beam is None or not any(beam.status is SequenceStatus.RUNNING for beam in seq.beam.beams)
+        """Admission checks growth unless nothing runs, or `seq` is a preempted beam its running siblings wait
+        for (they cannot go on, or give their blocks back, until it is computed)."""
+        return bool(self.running) and not self._is_awaited(seq)
 
     def _leaves_room_to_grow(self, seq: Sequence, num_held: int, num_taken: int) -> bool:
         """Admitting `seq` (then holding `num_held` blocks, `num_taken` of them from the free queue) leaves room
         for the reserved growth of it and of every running sequence, as each adds a token per step and frees
         its own blocks when done: the projected need peaks just before one of them ends."""
         seqs = self.running + [seq]
-        reserved, ends = zip(*(self._reservation(s) for s in seqs))
-        reserved, ends = np.array(reserved), np.array(ends)
+        reserved, ends = (np.array(values) for values in zip(*(self._reservation(s) for s in seqs)))
         tokens = np.array([s.num_tokens for s in seqs])
         held = np.array([len(s.block_ids) for s in self.running] + [num_held])
         slots = np.array([s.num_slots for s in seqs])
+        size, free = self.blocks.block_size, self.blocks.num_free_blocks - num_taken
+        copies = (slots - 1) * (tokens % size != 0)  # each further sample or beam copies the shared last block
+        growth = np.maximum(-(-(tokens + reserved) // size) - held, 0) * slots + copies
+        if growth.sum() <= free:  # fits even if none of them ended: the usual case, O(sequences)
+            return True
         own = np.array([self.blocks.num_exclusive(s) for s in self.running] + [num_taken])
         times = reserved[:, None]  # [time, 1]: the last step of each sequence's reservation
-        size = self.blocks.block_size
         grown = -(-(tokens + np.minimum(times, reserved)) // size)  # [time, seq] blocks held then
         alive = (times <= reserved) | ~ends
-        extra = np.where(alive, np.maximum(grown - held, 0) * slots, -own)
-        return int(extra.sum(axis=1).max()) <= self.blocks.num_free_blocks - num_taken
+        extra = np.where(alive, np.maximum(grown - held, 0) * slots + copies, -own)
+        return int(extra.sum(axis=1).max()) <= free
 
     def _reservation(self, seq: Sequence) -> tuple[int, bool]:
         """New tokens admission keeps room for, and whether that is all `seq` may still generate: up to
-        reserve_new_tokens, or everything for a sequence preempted before."""
+        reserve_new_tokens, or RESUME_RESERVE times that for a sequence preempted before."""
         rest = max(0, min(seq.params.max_new_tokens - seq.num_output_tokens, seq.max_seq_len - seq.num_tokens))
-        if seq.num_preemptions == 0 and rest > self.config.reserve_new_tokens:
-            return self.config.reserve_new_tokens, False
-        return rest, True
+        reserve = self.config.reserve_new_tokens
+        if seq.num_preemptions:
+            reserve = RESUME_RESERVE * max(reserve, self.blocks.block_size)
+        return (rest, True) if rest <= reserve else (reserve, False)
 
     def _may_chunk(self, seq: Sequence) -> bool:
         """Chunked prefill is on, or `seq` (a long prompt, or a preempted one with its outputs) never fits one step."""

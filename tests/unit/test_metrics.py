@@ -69,7 +69,7 @@ def test_gauges_show_a_request_in_flight_and_its_kv_blocks():
     assert 0 < value(during, "llmserve_kv_cache_usage_ratio") < 1
 
 
-def test_the_periodic_stats_line_reports_the_interval_s_throughput_and_prefix_cache_hit_rate():
+def test_the_periodic_stats_line_reports_the_busy_throughput_and_prefix_cache_hit_rate_of_its_interval():
     from llmserve.master.metrics import StatsLine
 
     stats = {"num_running": 2, "num_waiting": 1, "kv_blocks_free": 75, "kv_blocks_total": 100, "num_preemptions": 1,
@@ -79,7 +79,10 @@ def test_the_periodic_stats_line_reports_the_interval_s_throughput_and_prefix_ca
     assert not line.due(5.0) and line.due(10.0)
     later = {**stats, "prompt_tokens": 300, "generation_tokens": 150, "prefix_cache_queries": 300,
              "prefix_cache_hits": 170, "num_preemptions": 3}
+    line.idle(2.0)  # 4 s with nothing to run: left out of the rates
+    line.busy(6.0)
     text = line.line(10.0, later)
-    assert "prompt 20.0 tok/s, generation 10.0 tok/s" in text and "running 2, waiting 1" in text
+    assert "prompt 33.3 tok/s, generation 16.7 tok/s" in text and "running 2, waiting 1" in text
+    assert "(last 10 s, 6 s busy)" in text
     assert "2 preemptions" in text and "KV cache 25.0% used" in text and "prefix cache hit rate 75.0% of 200" in text
     assert not StatsLine(interval_s=0).due(100.0)

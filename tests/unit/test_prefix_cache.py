@@ -270,3 +270,42 @@ def test_a_preempted_request_resumes_from_the_cache_only_over_the_positions_it_h
     assert len(scheduler.blocks.lookup(seq)) == 9 // BLOCK
     seq.params = SamplingParams(max_new_tokens=2)
     assert len(scheduler.blocks.lookup(seq)) == 19 // BLOCK
+
+
+def fits_whole_pool(blocks: BlockManager, prompt_len: int, num_new: int, samples: int) -> bool:
+    """The engine's admission rule: the samples, sharing the prompt, fit the whole pool."""
+    return blocks.blocks_for(prompt_len + num_new) + (samples - 1) * (blocks.blocks_for(num_new) + 1) <= blocks.num_blocks
+
+
+def beam_heavy_run(seed: int, num_blocks: int, caching: bool, reserve: int) -> int:
+    """12 requests, 40% beam searches of 2 beams, in a pool that fits each alone; the steps taken."""
+    rng = random.Random(seed)
+    scheduler = caching_scheduler(num_blocks=num_blocks, caching=caching, max_num_batched_tokens=24, decode_batch_size=6,
+                                  prefill_batch_size=3, reserve_new_tokens=reserve)
+    for seq_id in range(12):
+        num_new, beam, prompt_len = rng.randrange(1, 12), rng.random() < 0.4, rng.randrange(2, 10)
+        while num_new > 1 and not fits_whole_pool(scheduler.blocks, prompt_len, num_new, 2 if beam else 1):
+            num_new -= 1
+        seq = make_seq(seq_id, prompt_len=prompt_len, max_new_tokens=num_new)
+        seq.prompt_ids = [rng.randrange(3, 60) for _ in range(prompt_len)]
+        seq.token_ids = list(seq.prompt_ids)
+        if beam:
+            seq.params = SamplingParams(max_new_tokens=seq.params.max_new_tokens, num_beams=2, n=2, ignore_eos=True)
+            search = BeamSearch(2, 1.0, False, seq.params.max_new_tokens, frozenset({EOS}))
+            seq.beam = BeamGroup(search, [seq], {seq.seq_id: np.float32(0.0)})
+        scheduler.add(seq)
+    model = HistoryModel()
+    for step in range(2000):
+        if not scheduler.num_unfinished:
+            return step
+        plan = scheduler.schedule(0.0)
+        assert plan is not None, "a step can always run while requests are left"
+        scheduler.update(plan, model.tokens(plan), 0.0)
+        scheduler.blocks.check_consistent(scheduler.running)
+    raise AssertionError("requests left after 2000 steps (livelock)")
+
+
+def test_beam_searches_in_a_tiny_pool_never_deadlock_on_preempted_siblings():
+    for seed in range(12):
+        for num_blocks, caching, reserve in ((8, False, 0), (8, True, 0), (12, True, 16), (8, False, 16)):
+            beam_heavy_run(seed, num_blocks, caching, reserve)
