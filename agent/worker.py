@@ -231,7 +231,7 @@ class Worker:
         """With the inline transport, rank 0 sends the sampled rows and prompt scores back in the reply."""
         if not self.is_inline or self.rank != 0 or result.error:
             return []
-        lengths = output_lengths(header.num_sample, self.capacity.topk_width, header.num_prompt_positions)
+        lengths = output_lengths(header, self.capacity.topk_width)
         return pack_arrays(self.output_arrays, output_layout(self.capacity), lengths)
 
     def close(self) -> None:

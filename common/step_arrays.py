@@ -5,8 +5,9 @@ same rows; a StepRequest header carries the row counts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -26,88 +27,69 @@ class StepCapacity:
     suppress_width: int = 1  # token ids a row may mask (end tokens before min_new_tokens)
 
 
-def input_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
-    """Master -> agent arrays."""
-    tokens, seqs = cap.max_num_tokens, cap.max_num_seqs
-    return [
-        ("input_ids", np.int64, tokens),
-        ("positions", np.int64, tokens),
-        ("slot_mapping", np.int64, tokens),
-        ("query_lens", np.int32, seqs),
-        ("context_lens", np.int32, seqs),
-        ("block_tables", np.int32, seqs * cap.max_blocks_per_seq),
-        ("block_copies", np.int64, 2 * seqs),  # (source, destination) pairs copied before the step runs
-        ("logits_indices", np.int64, seqs),
-        *((name, dtype, seqs) for name, dtype in SAMPLING_ROW_FIELDS),
-        ("history", np.int32, max(cap.history_capacity, 1)),
-        ("suppress_ids", np.int32, seqs * cap.suppress_width),
-        ("prompt_positions", np.int64, tokens),  # step tokens whose logits score the next prompt token
-        ("prompt_targets", np.int64, tokens),  # that next prompt token
-    ]
+@dataclass(frozen=True)
+class Column:
+    """One array of a step: its dtype, its elements in shared memory (from the capacity), and the elements a
+    step uses (from the header and the row width: suppress_width for inputs, topk_width for outputs)."""
+
+    dtype: type
+    size: Callable[[StepCapacity], int]
+    used: Optional[Callable[[StepRequest, int], int]]  # None: found from the data (history)
+    rows: Optional[Callable[[StepRequest, int], tuple[int, int]]] = None  # the view's 2-D shape, when it has one
 
 
-def output_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
-    """Agent -> master arrays."""
-    seqs, tokens = cap.max_num_seqs, cap.max_num_tokens
-    return [
-        ("sampled_ids", np.int64, seqs),
-        ("sampled_logprobs", np.float32, seqs),
-        ("topk_ids", np.int32, seqs * cap.topk_width),
-        ("topk_logprobs", np.float32, seqs * cap.topk_width),
-        ("prompt_logprobs", np.float32, tokens),  # raw log-probability of each prompt_targets token
-        ("prompt_ranks", np.int32, tokens),  # its rank among the vocabulary, 1 the most likely
-        ("prompt_topk_ids", np.int32, tokens * cap.topk_width),
-        ("prompt_topk_logprobs", np.float32, tokens * cap.topk_width),
-    ]
+def column(dtype: type, size: Callable[[StepCapacity], int], used: Optional[Callable[[StepRequest, int], int]],
+           rows: Optional[Callable[[StepRequest, int], tuple[int, int]]] = None):
+    """A dataclass field that is one array of the step layout."""
+    return field(metadata={"column": Column(dtype, size, used, rows)})
+
+
+def _tokens(cap: StepCapacity) -> int:
+    return cap.max_num_tokens
+
+
+def _seqs(cap: StepCapacity) -> int:
+    return cap.max_num_seqs
+
+
+def _sampled(header: StepRequest, width: int) -> int:
+    return header.num_sample
+
+
+def _scored(header: StepRequest, width: int) -> int:
+    return header.num_prompt_positions
 
 
 NO_SEED = -1
 
-# One value per sampled row. Neutral values (temperature 0, top_k 0, top_p 1, penalties off) cost nothing.
-SAMPLING_ROW_FIELDS = [
-    ("temperature", np.float32),  # 0 means greedy
-    ("top_k", np.int32),  # 0 means no top-k
-    ("top_p", np.float32),
-    ("min_p", np.float32),
-    ("typical_p", np.float32),
-    ("repetition_penalty", np.float32),  # multiplicative, over prompt and output tokens (transformers)
-    ("presence_penalty", np.float32),  # additive, over output tokens (OpenAI)
-    ("frequency_penalty", np.float32),
-    ("no_repeat_ngram_size", np.int32),
-    ("seeds", np.int64),  # NO_SEED means the agent's own generator
-    ("seed_offsets", np.int64),  # (sample index, tokens generated) folded, so a seeded draw ignores the batch
-    ("num_logprobs", np.int32),  # -1: none; else the top-N raw log-probabilities to return
-    ("beam_candidates", np.int32),  # 0: not a beam; else return this many best continuations (processed log-probs)
-    ("history_starts", np.int64),  # where the row's tokens start in `history`
-    ("history_lens", np.int32),  # 0 when the row needs no history
-    ("history_prompt_lens", np.int32),  # the first this-many history tokens are the prompt
-    ("num_suppress", np.int32),  # ids masked in suppress_ids[row * suppress_width :]
-]
-
 
 @dataclass
 class SamplingRows:
-    """Views of one step's sampled rows, as the sampler reads them."""
+    """Views of one step's sampled rows, as the sampler reads them. Neutral values (temperature 0, top_k 0,
+    top_p 1, penalties off) cost nothing."""
 
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    min_p: np.ndarray
-    typical_p: np.ndarray
-    repetition_penalty: np.ndarray
-    presence_penalty: np.ndarray
-    frequency_penalty: np.ndarray
-    no_repeat_ngram_size: np.ndarray
-    seeds: np.ndarray
-    seed_offsets: np.ndarray
-    num_logprobs: np.ndarray
-    beam_candidates: np.ndarray
-    history_starts: np.ndarray
-    history_lens: np.ndarray
-    history_prompt_lens: np.ndarray
-    num_suppress: np.ndarray
-    history: np.ndarray  # the whole flat buffer
-    suppress_ids: np.ndarray  # [rows, suppress_width]
+    temperature: np.ndarray = column(np.float32, _seqs, _sampled)  # 0 means greedy
+    top_k: np.ndarray = column(np.int32, _seqs, _sampled)  # 0 means no top-k
+    top_p: np.ndarray = column(np.float32, _seqs, _sampled)
+    min_p: np.ndarray = column(np.float32, _seqs, _sampled)
+    typical_p: np.ndarray = column(np.float32, _seqs, _sampled)
+    repetition_penalty: np.ndarray = column(np.float32, _seqs, _sampled)  # multiplicative, prompt and output (transformers)
+    presence_penalty: np.ndarray = column(np.float32, _seqs, _sampled)  # additive, over output tokens (OpenAI)
+    frequency_penalty: np.ndarray = column(np.float32, _seqs, _sampled)
+    no_repeat_ngram_size: np.ndarray = column(np.int32, _seqs, _sampled)
+    seeds: np.ndarray = column(np.int64, _seqs, _sampled)  # NO_SEED means the agent's own generator
+    seed_offsets: np.ndarray = column(np.int64, _seqs, _sampled)  # (sample index, tokens generated) folded
+    num_logprobs: np.ndarray = column(np.int32, _seqs, _sampled)  # -1: none; else the top-N raw log-probabilities
+    beam_candidates: np.ndarray = column(np.int32, _seqs, _sampled)  # 0: not a beam; else this many continuations
+    history_starts: np.ndarray = column(np.int64, _seqs, _sampled)  # where the row's tokens start in `history`
+    history_lens: np.ndarray = column(np.int32, _seqs, _sampled)  # 0 when the row needs no history
+    history_prompt_lens: np.ndarray = column(np.int32, _seqs, _sampled)  # the first this-many are the prompt
+    num_suppress: np.ndarray = column(np.int32, _seqs, _sampled)  # ids masked in suppress_ids[row]
+    # prompt + output tokens of the rows that need them (penalties, n-gram bans): the whole flat buffer
+    history: np.ndarray = column(np.int32, lambda cap: max(cap.history_capacity, 1), None)
+    suppress_ids: np.ndarray = column(  # [rows, suppress_width]
+        np.int32, lambda cap: cap.max_num_seqs * cap.suppress_width, lambda h, width: h.num_sample * width,
+        lambda h, width: (h.num_sample, width))
 
     @property
     def num_rows(self) -> int:
@@ -115,15 +97,82 @@ class SamplingRows:
 
     def subset(self, selected: np.ndarray) -> "SamplingRows":
         """The rows `selected` (copies of the per-row values; the history buffer is shared)."""
-        fields = {name: getattr(self, name)[selected] for name, _ in SAMPLING_ROW_FIELDS}
-        return SamplingRows(**fields, history=self.history, suppress_ids=self.suppress_ids[selected])
+        values = {name: getattr(self, name)[selected] for name in PER_ROW_FIELDS}
+        return SamplingRows(**values, history=self.history, suppress_ids=self.suppress_ids[selected])
 
 
-def sampling_rows(arrays: dict[str, np.ndarray], num_rows: int, suppress_width: int) -> SamplingRows:
-    """Views of the first `num_rows` sampled rows."""
-    fields = {name: arrays[name][:num_rows] for name, _ in SAMPLING_ROW_FIELDS}
-    suppress = arrays["suppress_ids"][: num_rows * suppress_width].reshape(num_rows, suppress_width)
-    return SamplingRows(**fields, history=arrays["history"], suppress_ids=suppress)
+@dataclass
+class StepInputs:
+    """Master -> agent: views of the rows one step uses (no copies); `sampling`'s arrays travel with them."""
+
+    input_ids: np.ndarray = column(np.int64, _tokens, lambda h, width: h.num_tokens)
+    positions: np.ndarray = column(np.int64, _tokens, lambda h, width: h.num_tokens)
+    slot_mapping: np.ndarray = column(np.int64, _tokens, lambda h, width: h.num_tokens)
+    query_lens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
+    context_lens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
+    block_tables: np.ndarray = column(  # [num_seqs, block_table_width]
+        np.int32, lambda cap: cap.max_num_seqs * cap.max_blocks_per_seq, lambda h, width: h.num_seqs * h.block_table_width,
+        lambda h, width: (h.num_seqs, h.block_table_width))
+    block_copies: np.ndarray = column(  # [num_block_copies, 2]: (source, destination) KV blocks, copied first
+        np.int64, lambda cap: 2 * cap.max_num_seqs, lambda h, width: 2 * h.num_block_copies,
+        lambda h, width: (h.num_block_copies, 2))
+    logits_indices: np.ndarray = column(np.int64, _seqs, _sampled)  # per sampled row; n samples share one
+    prompt_positions: np.ndarray = column(np.int64, _tokens, _scored)  # step tokens whose logits score prompt_targets
+    prompt_targets: np.ndarray = column(np.int64, _tokens, _scored)  # the next prompt token of each
+    sampling: SamplingRows = None
+
+
+@dataclass
+class StepOutputs:
+    """Agent -> master: views of what rank 0 returns for one step's sampled rows and scored prompt positions."""
+
+    sampled_ids: np.ndarray = column(np.int64, _seqs, _sampled)
+    sampled_logprobs: np.ndarray = column(np.float32, _seqs, _sampled)  # raw log-probability of each id
+    topk_ids: np.ndarray = column(  # [rows, topk_width]: top raw log-probabilities, or a beam row's candidates
+        np.int32, lambda cap: cap.max_num_seqs * cap.topk_width, lambda h, width: h.num_sample * width,
+        lambda h, width: (h.num_sample, width))
+    topk_logprobs: np.ndarray = column(
+        np.float32, lambda cap: cap.max_num_seqs * cap.topk_width, lambda h, width: h.num_sample * width,
+        lambda h, width: (h.num_sample, width))
+    prompt_logprobs: np.ndarray = column(np.float32, _tokens, _scored)  # raw log-probability of each prompt target
+    prompt_ranks: np.ndarray = column(np.int32, _tokens, _scored)  # its rank in the vocabulary, 1 the most likely
+    prompt_topk_ids: np.ndarray = column(
+        np.int32, lambda cap: cap.max_num_tokens * cap.topk_width, lambda h, width: h.num_prompt_positions * width,
+        lambda h, width: (h.num_prompt_positions, width))
+    prompt_topk_logprobs: np.ndarray = column(
+        np.float32, lambda cap: cap.max_num_tokens * cap.topk_width, lambda h, width: h.num_prompt_positions * width,
+        lambda h, width: (h.num_prompt_positions, width))
+
+
+def _columns(cls: type) -> list[tuple[str, Column]]:
+    return [(f.name, f.metadata["column"]) for f in dataclasses.fields(cls) if "column" in f.metadata]
+
+
+INPUT_COLUMNS = _columns(StepInputs) + _columns(SamplingRows)
+OUTPUT_COLUMNS = _columns(StepOutputs)
+PER_ROW_FIELDS = [name for name, col in _columns(SamplingRows) if col.used is _sampled]
+
+
+def input_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
+    """Master -> agent arrays: (name, dtype, elements) in shared-memory order."""
+    return [(name, col.dtype, col.size(cap)) for name, col in INPUT_COLUMNS]
+
+
+def output_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
+    """Agent -> master arrays."""
+    return [(name, col.dtype, col.size(cap)) for name, col in OUTPUT_COLUMNS]
+
+
+def _views(arrays: dict[str, np.ndarray], columns: list[tuple[str, Column]], header: StepRequest,
+           width: int) -> dict[str, np.ndarray]:
+    """The used rows of each array, shaped as declared."""
+    views = {}
+    for name, col in columns:
+        array = arrays[name]
+        if col.used is not None:
+            array = array[: col.used(header, width)]
+        views[name] = array.reshape(col.rows(header, width)) if col.rows is not None else array
+    return views
 
 
 @dataclass
@@ -180,39 +229,22 @@ def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow]
 SEED_STRIDE = 1 << 32  # sample i of a seeded request draws from offsets i * SEED_STRIDE + position
 
 
-@dataclass
-class StepInputs:
-    """Views of the rows one step uses (no copies)."""
-
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    query_lens: np.ndarray
-    context_lens: np.ndarray
-    block_tables: np.ndarray  # [num_seqs, block_table_width]
-    block_copies: np.ndarray  # [num_block_copies, 2]: (source, destination) KV blocks
-    logits_indices: np.ndarray  # one per sampled row; rows may share an index (n samples of one prompt)
-    sampling: SamplingRows
-    prompt_positions: np.ndarray  # step tokens whose logits score prompt_targets
-    prompt_targets: np.ndarray
-
-
 def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> StepInputs:
-    """Slice the used rows of the input arrays for one step."""
-    t, s, n, w = header.num_tokens, header.num_seqs, header.num_sample, header.block_table_width
-    return StepInputs(
-        input_ids=arrays["input_ids"][:t],
-        positions=arrays["positions"][:t],
-        slot_mapping=arrays["slot_mapping"][:t],
-        query_lens=arrays["query_lens"][:s],
-        context_lens=arrays["context_lens"][:s],
-        block_tables=arrays["block_tables"][: s * w].reshape(s, w),
-        block_copies=arrays["block_copies"][: 2 * header.num_block_copies].reshape(-1, 2),
-        logits_indices=arrays["logits_indices"][:n],
-        sampling=sampling_rows(arrays, n, suppress_width),
-        prompt_positions=arrays["prompt_positions"][: header.num_prompt_positions],
-        prompt_targets=arrays["prompt_targets"][: header.num_prompt_positions],
-    )
+    """Views of the input arrays' rows one step uses."""
+    views = _views(arrays, INPUT_COLUMNS, header, suppress_width)
+    sampling = SamplingRows(**{name: views.pop(name) for name, _ in _columns(SamplingRows)})
+    return StepInputs(**views, sampling=sampling)
+
+
+def sampling_rows(arrays: dict[str, np.ndarray], num_rows: int, suppress_width: int) -> SamplingRows:
+    """Views of the first `num_rows` sampled rows."""
+    header = StepRequest(step_id=0, num_tokens=0, num_seqs=0, num_sample=num_rows, block_table_width=0, is_all_greedy=False)
+    return SamplingRows(**_views(arrays, _columns(SamplingRows), header, suppress_width))
+
+
+def step_outputs(arrays: dict[str, np.ndarray], header: StepRequest, topk_width: int) -> StepOutputs:
+    """Views of what the agent returned for one step."""
+    return StepOutputs(**_views(arrays, OUTPUT_COLUMNS, header, topk_width))
 
 
 # ---------------------------------------------------------------- the inline transport (agents on other hosts)
@@ -227,23 +259,12 @@ def input_lengths(arrays: dict[str, np.ndarray], header: StepRequest, suppress_w
 
 def row_lengths(header: StepRequest, suppress_width: int) -> dict[str, int]:
     """`input_lengths` of every array but `history`: they follow from the header alone."""
-    t, s, n = header.num_tokens, header.num_seqs, header.num_sample
-    lengths = {
-        "input_ids": t, "positions": t, "slot_mapping": t, "query_lens": s, "context_lens": s,
-        "block_tables": s * header.block_table_width, "block_copies": 2 * header.num_block_copies,
-        "logits_indices": n, "suppress_ids": n * suppress_width,
-        "prompt_positions": header.num_prompt_positions, "prompt_targets": header.num_prompt_positions,
-    }
-    lengths.update((name, n) for name, _ in SAMPLING_ROW_FIELDS)
-    return lengths
+    return {name: col.used(header, suppress_width) for name, col in INPUT_COLUMNS if col.used is not None}
 
 
-def output_lengths(num_rows: int, topk_width: int, num_scored: int = 0) -> dict[str, int]:
-    """How many leading elements of each output array a step with `num_rows` sampled rows and `num_scored`
-    prompt positions fills."""
-    return {"sampled_ids": num_rows, "sampled_logprobs": num_rows, "topk_ids": num_rows * topk_width,
-            "topk_logprobs": num_rows * topk_width, "prompt_logprobs": num_scored, "prompt_ranks": num_scored,
-            "prompt_topk_ids": num_scored * topk_width, "prompt_topk_logprobs": num_scored * topk_width}
+def output_lengths(header: StepRequest, topk_width: int) -> dict[str, int]:
+    """How many leading elements of each output array one step fills."""
+    return {name: col.used(header, topk_width) for name, col in OUTPUT_COLUMNS}
 
 
 def pack_arrays(arrays: dict[str, np.ndarray], layout: list, lengths: dict[str, int]) -> list[memoryview]:

@@ -18,6 +18,7 @@ from llmserve.common.errors import AgentFailure, Overloaded, RequestError
 from llmserve.common.model_info import ModelInfo
 from llmserve.common.protocol import AgentReady, StepRequest, StepResult
 from llmserve.common.sampling import ParamNames, SamplingParams
+from llmserve.common.step_arrays import step_outputs
 from llmserve.common.timers import StageTimer, own_ms
 from llmserve.master.agent_client import Transport
 from llmserve.master.agent_group import RestartPolicy
@@ -380,20 +381,11 @@ class Engine:
 
     def _samples(self, header: StepRequest) -> StepSamples:
         """Views of the agent's answer for the step's sampled rows and scored prompt positions."""
-        outputs = self.transport.outputs
-        width = self.transport.capacity.topk_width
-        rows, scored = header.num_sample, header.num_prompt_positions
-        return StepSamples(
-            ids=outputs["sampled_ids"][:rows],
-            logprobs=outputs["sampled_logprobs"][:rows],
-            topk_ids=outputs["topk_ids"][: rows * width].reshape(rows, width),
-            topk_logprobs=outputs["topk_logprobs"][: rows * width].reshape(rows, width),
-            prompt=PromptScores(
-                outputs["prompt_logprobs"][:scored], outputs["prompt_ranks"][:scored],
-                outputs["prompt_topk_ids"][: scored * width].reshape(scored, width),
-                outputs["prompt_topk_logprobs"][: scored * width].reshape(scored, width),
-            ) if scored else None,
-        )
+        out = step_outputs(self.transport.outputs, header, self.transport.capacity.topk_width)
+        prompt = None
+        if header.num_prompt_positions:
+            prompt = PromptScores(out.prompt_logprobs, out.prompt_ranks, out.prompt_topk_ids, out.prompt_topk_logprobs)
+        return StepSamples(out.sampled_ids, out.sampled_logprobs, out.topk_ids, out.topk_logprobs, prompt)
 
     def _request_id_of(self, seq_id: int) -> str:
         return self.handles[seq_id].request_id
