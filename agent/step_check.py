@@ -31,7 +31,7 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
         ("num_tokens", header.num_tokens, capacity.max_num_tokens),
         ("num_seqs", header.num_seqs, capacity.max_num_seqs),
         ("num_sample", header.num_sample, capacity.max_num_seqs),
-        ("block_table_width", header.block_table_width, capacity.max_blocks_per_seq),
+        ("num_new_blocks", header.num_new_blocks, capacity.max_num_seqs * capacity.max_blocks_per_seq),
         ("num_block_copies", header.num_block_copies, capacity.max_num_seqs),
         ("num_prompt_positions", header.num_prompt_positions, header.num_tokens),
         ("prompt_num_top", header.prompt_num_top, capacity.topk_width),
@@ -50,11 +50,11 @@ def check_inputs(batch: StepInputs, pool: PoolShape) -> None:
     """Raise ProtocolError when the step's block indices point outside the KV pool.
 
     torch refuses other out-of-range indices by itself (token ids, logits rows); what it takes silently
-    is a negative index, which wraps: through the slot mapping, the block copies and the block tables a
+    is a negative index, which wraps: through the slot mapping, the block copies and the block tables' new ids a
     step would write or read another sequence's KV blocks.
     """
     _within("slot_mapping", batch.slot_mapping, pool.num_blocks * pool.block_size - 1)
-    _within("block_tables", batch.block_tables, pool.num_blocks - 1)
+    _within("new_block_ids", batch.new_block_ids, pool.num_blocks - 1)
     _within("block_copies", batch.block_copies, pool.num_blocks - 1)
     _within("prompt_positions", batch.prompt_positions, len(batch.input_ids) - 1)
     _within("prompt_targets", batch.prompt_targets, pool.vocab_size - 1)

@@ -14,6 +14,7 @@ import psutil
 import torch
 import zmq
 
+from llmserve.agent.block_tables import BlockTables
 from llmserve.agent.kv_cache import available_memory, kv_cache_size
 from llmserve.agent.model_runner import ModelRunner, TokenScores
 from llmserve.agent.sampler import Sampler, SamplerOutput
@@ -79,6 +80,7 @@ class Worker:
             add_all_reduces(self.runner.model, self.all_reduce_timer, self._all_reduce_function(config))
         self.sampler = Sampler(self.device, seed=config.model_config.seed + 1)
         self.capacity: Optional[StepCapacity] = None
+        self.block_tables = BlockTables(0)
         self.inputs: Optional[SharedArrays] = None  # the master's segments, with the shared-memory transport
         self.outputs: Optional[SharedArrays] = None
         self.input_arrays: dict[str, np.ndarray] = {}  # the segments' arrays, or each step's inline arrays
@@ -123,6 +125,7 @@ class Worker:
         self.is_inline = not init.input_shm
         capacity = StepCapacity(**{f.name: getattr(init, f.name) for f in dataclasses.fields(StepCapacity)})
         self.capacity = capacity
+        self.block_tables = BlockTables(capacity.max_blocks_per_seq, capacity.max_num_seqs)  # a new master resends all
         self.last_step_id = -1  # a new master counts from 0 again
         self.close()
         if self.is_inline:
@@ -153,8 +156,10 @@ class Worker:
         with timer.stage("deserialize"):
             batch = self.accept(header, frames)
         runner = self.runner
+        with timer.stage("deserialize"):
+            block_tables = self.block_tables.apply(header, batch)
         hidden = runner.forward(batch.input_ids, batch.positions, batch.slot_mapping, batch.query_lens,
-                                batch.context_lens, batch.block_tables, timer, batch.block_copies)
+                                batch.context_lens, block_tables, timer, batch.block_copies)
         if self.shard.world > 1:
             timer.add("all_reduce", self.all_reduce_timer.take())  # part of predict
         if self.rank != 0:  # only rank 0 samples and answers with tokens
@@ -187,6 +192,7 @@ class Worker:
             raise ProtocolError("array frames came with a step, but the arrays are in shared memory")
         batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
         check_inputs(batch, self.pool)
+        self.block_tables.check(header, batch)
         self.last_step_id = header.step_id
         return batch
 

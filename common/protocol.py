@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = 5  # 1 had no version field; bump on any change to a message
+PROTOCOL_VERSION = 6  # 1 had no version field; bump on any change to a message
 
 
 class ProtocolError(ValueError):
@@ -66,12 +66,13 @@ class StepRequest:
     num_tokens: int
     num_seqs: int
     num_sample: int
-    block_table_width: int
+    num_new_blocks: int  # block ids in new_block_ids: the block-table deltas of the step's sequences
     is_all_greedy: bool
     num_block_copies: int = 0
     dump_names: Optional[list[str]] = None  # one file name per sampled row, only when logits are dumped
     num_prompt_positions: int = 0  # tokens whose next prompt token is scored (prompt log-probabilities)
     prompt_num_top: int = 0  # top log-probabilities returned per scored position
+    released_seq_ids: list[int] = field(default_factory=list)  # sequences whose block tables the agent drops first
 
 
 @dataclass

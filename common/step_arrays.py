@@ -110,9 +110,13 @@ class StepInputs:
     slot_mapping: np.ndarray = column(np.int64, _tokens, lambda h, width: h.num_tokens)
     query_lens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     context_lens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
-    block_tables: np.ndarray = column(  # [num_seqs, block_table_width]
-        np.int32, lambda cap: cap.max_num_seqs * cap.max_blocks_per_seq, lambda h, width: h.num_seqs * h.block_table_width,
-        lambda h, width: (h.num_seqs, h.block_table_width))
+    # block tables as deltas: each sequence's table from block_starts[row] on is its next block_counts[row]
+    # ids of new_block_ids (the agent keeps the tables; agent/block_tables.py)
+    seq_ids: np.ndarray = column(np.int64, _seqs, lambda h, width: h.num_seqs)
+    block_starts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
+    block_counts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
+    new_block_ids: np.ndarray = column(
+        np.int32, lambda cap: cap.max_num_seqs * cap.max_blocks_per_seq, lambda h, width: h.num_new_blocks)
     block_copies: np.ndarray = column(  # [num_block_copies, 2]: (source, destination) KV blocks, copied first
         np.int64, lambda cap: 2 * cap.max_num_seqs, lambda h, width: 2 * h.num_block_copies,
         lambda h, width: (h.num_block_copies, 2))
@@ -238,7 +242,7 @@ def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_wid
 
 def sampling_rows(arrays: dict[str, np.ndarray], num_rows: int, suppress_width: int) -> SamplingRows:
     """Views of the first `num_rows` sampled rows."""
-    header = StepRequest(step_id=0, num_tokens=0, num_seqs=0, num_sample=num_rows, block_table_width=0, is_all_greedy=False)
+    header = StepRequest(step_id=0, num_tokens=0, num_seqs=0, num_sample=num_rows, num_new_blocks=0, is_all_greedy=False)
     return SamplingRows(**_views(arrays, _columns(SamplingRows), header, suppress_width))
 
 

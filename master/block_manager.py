@@ -42,6 +42,7 @@ class BlockManager:
         self._block_of: dict[bytes, int] = {}  # hash -> the cached block holding it
         self.num_queried_tokens = 0  # prompt tokens looked up in the cache, and those found
         self.num_hit_tokens = 0
+        self._released: list[int] = []  # sequences whose tables the agents hold and may drop
 
     @property
     def num_free_blocks(self) -> int:
@@ -77,6 +78,7 @@ class BlockManager:
             destination = self._take()
             self._ref_counts[source] -= 1
             seq.block_ids[index] = destination
+            seq.agent_blocks = min(seq.agent_blocks, index)
             copies.append((source, destination))
         for _ in range(max(0, self.blocks_for(num_tokens) - len(seq.block_ids))):
             seq.block_ids.append(self._take())
@@ -86,6 +88,7 @@ class BlockManager:
         """`child` shares every block of `parent` (its block table is a copy of the parent's)."""
         child.block_ids = list(parent.block_ids)
         child.block_hashes = list(parent.block_hashes)
+        child.agent_blocks = 0
         self.share(child.block_ids)
 
     def share(self, block_ids: list[int]) -> None:
@@ -175,6 +178,18 @@ class BlockManager:
                 self._free[block_id] = None
         seq.block_ids.clear()
         seq.block_hashes.clear()
+        if seq.agent_blocks:
+            self._released.append(seq.seq_id)
+            seq.agent_blocks = 0
+
+    def take_released(self) -> list[int]:
+        """Sequences freed since the last call whose tables the agents held: they may drop them."""
+        released, self._released = self._released, []
+        return released
+
+    def release_again(self, seq_ids: list[int]) -> None:
+        """Released ids a failed step may not have delivered: the next one carries them (dropping twice is harmless)."""
+        self._released += seq_ids
 
     def check_consistent(self, seqs: list[Sequence]) -> None:
         """AssertionError unless every count equals the tables of `seqs` holding the block, the free queue holds

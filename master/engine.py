@@ -368,7 +368,7 @@ class Engine:
             )
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
-            empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, block_table_width=0, is_all_greedy=True)
+            empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)
             return self._fail_step(plan, f"building the step failed: {exc}"), empty, {}
         sent_at = time.perf_counter()
         result = await self.transport.step(header)
@@ -392,6 +392,7 @@ class Engine:
 
     def _fail_step(self, plan: StepPlan, error: str) -> StepOutcome:
         """A step failed to build or raised on the agent: fail its requests, keep serving the rest."""
+        self.block_manager.release_again(plan.released)
         logger.error("step failed; failing its %d requests: %s", len(plan.scheduled), error)
         self.timer.reset()
         for item in plan.scheduled:

@@ -44,6 +44,7 @@ class StepPlan:
     num_prefill_seqs: int
     preempted: list[Sequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step runs
+    released: list[int] = field(default_factory=list)  # sequences whose tables the agents may drop first
 
     @property
     def is_decode_only(self) -> bool:
@@ -159,6 +160,7 @@ class Scheduler:
             return None
         if plan.is_decode_only and not (plan.preempted or plan.block_copies) and self._should_wait_for_decode_batch(now):
             return None
+        plan.released = self.blocks.take_released()
         return plan
 
     def _schedule_running(self, plan: StepPlan) -> None:

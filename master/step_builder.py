@@ -23,15 +23,13 @@ def write_step(
 
     With `request_id_of` (seq id -> request id) the header names each sampled row's logits file.
     """
-    width = max(len(item.seq.block_ids) for item in plan.scheduled)
-    block_tables = arrays["block_tables"][: len(plan.scheduled) * width].reshape(len(plan.scheduled), width)
-    token_pos = num_scored = prompt_num_top = 0
+    token_pos = num_scored = prompt_num_top = num_new_blocks = 0
     sample_rows: list[SampleRow] = []
     for row, item in enumerate(plan.scheduled):
         seq, start, count = item.seq, item.seq.num_computed, item.num_new_tokens
         end = start + count
         blocks = seq.block_ids
-        block_tables[row, : len(blocks)] = blocks
+        num_new_blocks += _write_table_delta(arrays, row, seq, num_new_blocks)
         if count == 1:
             arrays["input_ids"][token_pos] = seq.token_ids[start]
             arrays["positions"][token_pos] = start
@@ -59,13 +57,27 @@ def write_step(
         num_tokens=token_pos,
         num_seqs=len(plan.scheduled),
         num_sample=len(sample_rows),
-        block_table_width=width,
+        num_new_blocks=num_new_blocks,
         is_all_greedy=is_all_greedy,
         num_block_copies=len(copies),
         dump_names=None if request_id_of is None else _dump_names(plan, request_id_of),
         num_prompt_positions=num_scored,
         prompt_num_top=prompt_num_top,
+        released_seq_ids=plan.released,
     )
+
+
+def _write_table_delta(arrays: dict[str, np.ndarray], row: int, seq: Sequence, at: int) -> int:
+    """Row `row`'s block-table delta: the ids from the first one the agents do not hold; how many."""
+    start, blocks = seq.agent_blocks, seq.block_ids
+    count = len(blocks) - start
+    arrays["seq_ids"][row], arrays["block_starts"][row], arrays["block_counts"][row] = seq.seq_id, start, count
+    if count == 1:
+        arrays["new_block_ids"][at] = blocks[start]
+    elif count:
+        arrays["new_block_ids"][at : at + count] = blocks[start:]
+    seq.agent_blocks = len(blocks)
+    return count
 
 
 def _write_scored(arrays: dict[str, np.ndarray], at: int, item: ScheduledSeq, offset: int) -> None:

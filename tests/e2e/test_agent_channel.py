@@ -72,8 +72,9 @@ def one_token_step(step_id: int, slot: int = 0) -> list:
     arrays = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(CAPACITY)}
     arrays["input_ids"][0], arrays["slot_mapping"][0] = 5, slot
     arrays["query_lens"][0] = arrays["context_lens"][0] = 1
+    arrays["seq_ids"][0], arrays["block_counts"][0] = step_id, 1  # a new sequence each step, in block 0
     write_sampling_rows(arrays, [SampleRow(0, SamplingParams(), [5], 1)], CAPACITY.suppress_width)
-    header = StepRequest(step_id, num_tokens=1, num_seqs=1, num_sample=1, block_table_width=1, is_all_greedy=True)
+    header = StepRequest(step_id, num_tokens=1, num_seqs=1, num_sample=1, num_new_blocks=1, is_all_greedy=True)
     return [encode(header), *pack_arrays(arrays, input_layout(CAPACITY), input_lengths(arrays, header, CAPACITY.suppress_width))]
 
 
@@ -129,7 +130,7 @@ def test_no_frame_ends_the_agent_and_bad_steps_are_refused_one_by_one(agent):
         assert reply(master, [encode(AgentReady(0, 0, 1, 1, 1, 1, "float32", "cpu"))], timeout_ms=300) is None
         assert isinstance(decode(reply(master, [encode(INIT)], REPLY_TIMEOUT_MS)[0]), AgentReady)
 
-        too_big = StepRequest(2, num_tokens=10**6, num_seqs=1, num_sample=1, block_table_width=1, is_all_greedy=True)
+        too_big = StepRequest(2, num_tokens=10**6, num_seqs=1, num_sample=1, num_new_blocks=1, is_all_greedy=True)
         assert "num_tokens" in step_error(reply(master, [encode(too_big)]))
         assert "do not fit the layout" in step_error(reply(master, one_token_step(3)[:4]))
         assert "slot_mapping" in step_error(reply(master, one_token_step(4, slot=-1)))

@@ -1,14 +1,17 @@
 """A seeded random workload through the engine and the fake agent on a tiny KV pool: arrivals, aborts, n
 samples, beams and shared prefixes. Every step is checked on its way to the agent (token budget, batch
-limits, the block manager's accounting); every request ends, the pool is whole again, and what finished
+limits, the block manager's accounting, an agent-side copy of the block tables kept by the step's deltas
+equal to the master's); every request ends, the pool is whole again, and what finished
 on its own equals the same workload's outputs with ample blocks."""
 from __future__ import annotations
 
 import asyncio
 import random
 
+from llmserve.agent.block_tables import BlockTables
 from llmserve.common.config import config_from_dict
 from llmserve.common.sampling import SamplingParams
+from llmserve.common.step_arrays import step_inputs
 from llmserve.master.engine import FinishEvent
 from tests.unit.fake_agent import VOCAB, counting_step, fake_engine
 
@@ -21,13 +24,21 @@ def engine_with(num_blocks: int, reserve: int):
         "pa_config": {"num_blocks": num_blocks, "block_size": 4},
         "scheduler_config": {**SCHEDULER, "reserve_new_tokens": reserve},
     })
-    engines = []
+    engines, agent_tables = [], BlockTables(max_blocks_per_seq=64)
 
     def checked_step(header, inputs, outputs):
         engine = engines[0]
         assert header.num_tokens <= SCHEDULER["max_num_batched_tokens"]
         assert engine.scheduler.num_slots <= SCHEDULER["decode_batch_size"]
         engine.block_manager.check_consistent(engine.scheduler.running)
+        batch = step_inputs(inputs, header, suppress_width=1)
+        agent_tables.check(header, batch)
+        block_tables = agent_tables.apply(header, batch)  # what an agent would attend through
+        running = {seq.seq_id: seq for seq in engine.scheduler.running}
+        for row, seq_id in enumerate(batch.seq_ids.tolist()):
+            if seq_id in running:  # not aborted while the step was on its way
+                blocks = running[seq_id].block_ids
+                assert block_tables[row, : len(blocks)].tolist() == blocks, "the agent's table follows the master's"
         return counting_step(header, inputs, outputs)
 
     engines.append(fake_engine(config, max_seq_len=64, step_fn=checked_step))

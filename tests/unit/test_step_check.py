@@ -13,7 +13,7 @@ from llmserve.common.step_arrays import SampleRow, StepCapacity, input_layout, s
 
 CAPACITY = StepCapacity(max_num_tokens=16, max_num_seqs=4, max_blocks_per_seq=4, history_capacity=32, topk_width=2, suppress_width=2)
 POOL = PoolShape(num_blocks=8, block_size=4, vocab_size=100)
-HEADER = StepRequest(step_id=3, num_tokens=6, num_seqs=2, num_sample=2, block_table_width=2, is_all_greedy=False)
+HEADER = StepRequest(step_id=3, num_tokens=6, num_seqs=2, num_sample=2, num_new_blocks=3, is_all_greedy=False)
 
 
 def two_sequence_step() -> dict[str, np.ndarray]:
@@ -24,7 +24,8 @@ def two_sequence_step() -> dict[str, np.ndarray]:
     arrays["slot_mapping"][:6] = [12, 13, 14, 15, 4, 26]
     arrays["query_lens"][:2] = [5, 1]
     arrays["context_lens"][:2] = [5, 3]
-    arrays["block_tables"][:4] = [3, 1, 6, 0]
+    arrays["seq_ids"][:2], arrays["block_starts"][:2], arrays["block_counts"][:2] = [10, 11], [0, 0], [2, 1]
+    arrays["new_block_ids"][:3] = [3, 1, 6]
     rows = [
         SampleRow(4, SamplingParams(), [11, 12, 13, 14, 15], 5),
         SampleRow(5, SamplingParams(repetition_penalty=1.2), [7, 8, 42], 2, suppress=(2,)),
@@ -43,7 +44,7 @@ def test_a_real_step_passes():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("num_tokens", 17), ("num_seqs", 5), ("num_sample", 5), ("block_table_width", 5), ("num_block_copies", 5),
+    ("num_tokens", 17), ("num_seqs", 5), ("num_sample", 5), ("num_new_blocks", 17), ("num_block_copies", 5),
     ("num_tokens", -1), ("num_seqs", 0), ("num_tokens", 1),
 ])
 def test_counts_beyond_the_arrays_are_refused(field, value):
@@ -60,8 +61,8 @@ def test_dump_names_must_be_one_plain_name_per_row(names):
 @pytest.mark.parametrize("name, index, value", [
     ("slot_mapping", 5, -1),  # would wrap to the pool's last slot: another sequence's KV
     ("slot_mapping", 0, 32),
-    ("block_tables", 2, -3),
-    ("block_tables", 1, 8),
+    ("new_block_ids", 2, -3),
+    ("new_block_ids", 1, 8),
 ])
 def test_indices_outside_the_kv_pool_are_refused(name, index, value):
     arrays = two_sequence_step()

@@ -97,13 +97,13 @@ def test_inline_frames_carry_exactly_the_rows_a_step_reads():
     arrays = {name: np.arange(n, dtype=dtype) for name, dtype, n in layout}
     arrays["history_starts"][:2] = [0, 5]
     arrays["history_lens"][:2] = [5, 7]
-    header = StepRequest(step_id=1, num_tokens=5, num_seqs=2, num_sample=2, block_table_width=3, is_all_greedy=True,
+    header = StepRequest(step_id=1, num_tokens=5, num_seqs=2, num_sample=2, num_new_blocks=3, is_all_greedy=True,
                          num_block_copies=1)
     frames = [bytes(frame) for frame in pack_arrays(arrays, layout, input_lengths(arrays, header, 2))]
     received = unpack_arrays(frames, layout)
     assert len(received["history"]) == 12 and len(received["input_ids"]) == 5
     here, there = step_inputs(arrays, header, 2), step_inputs(received, header, 2)
-    for field in ("input_ids", "positions", "slot_mapping", "block_tables", "block_copies", "logits_indices"):
+    for field in ("input_ids", "positions", "slot_mapping", "seq_ids", "new_block_ids", "block_copies", "logits_indices"):
         assert np.array_equal(getattr(here, field), getattr(there, field)), field
     for field in ("temperature", "seeds", "history_starts", "history_lens", "suppress_ids"):
         assert np.array_equal(getattr(here.sampling, field), getattr(there.sampling, field)), field
