@@ -39,7 +39,7 @@ class BlockTables:
         for seq_id, start, count in zip(seq_ids, starts, counts):
             row = None if seq_id in released else self.row_of.get(seq_id)
             held = 0 if row is None else int(self.lengths[row])
-            if not 0 <= start <= held or count < 0 or start + count > self.max_blocks_per_seq or start + count == 0:
+            if not 0 <= start <= held <= start + count <= self.max_blocks_per_seq or start + count == 0:
                 raise ProtocolError(f"step {header.step_id}: sequence {seq_id}'s blocks {start}..{start + count} "
                                     f"do not follow the {held} held (at most {self.max_blocks_per_seq})")
 

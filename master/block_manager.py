@@ -178,9 +178,9 @@ class BlockManager:
                 self._free[block_id] = None
         seq.block_ids.clear()
         seq.block_hashes.clear()
-        if seq.agent_blocks:
+        if seq.on_agents:
             self._released.append(seq.seq_id)
-            seq.agent_blocks = 0
+        seq.agent_blocks, seq.on_agents = 0, False
 
     def take_released(self) -> list[int]:
         """Sequences freed since the last call whose tables the agents held: they may drop them."""

@@ -49,7 +49,8 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: the names of its first full blocks
     num_computed: int = 0
-    agent_blocks: int = 0  # leading block_ids the agents hold in their copy of the table (sent as deltas)
+    agent_blocks: int = 0  # leading block_ids the agents hold right in their copy of the table (sent as deltas)
+    on_agents: bool = False  # the agents hold a table for it (to drop when it is freed)
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
     cache_salt: Optional[str] = None  # shares prefix-cache blocks only with sequences of the same salt
     status: SequenceStatus = SequenceStatus.WAITING

@@ -76,7 +76,7 @@ def _write_table_delta(arrays: dict[str, np.ndarray], row: int, seq: Sequence, a
         arrays["new_block_ids"][at] = blocks[start]
     elif count:
         arrays["new_block_ids"][at : at + count] = blocks[start:]
-    seq.agent_blocks = len(blocks)
+    seq.agent_blocks, seq.on_agents = len(blocks), True
     return count
 
 

@@ -44,6 +44,7 @@ def test_new_blocks_copy_on_write_and_released_tables_follow_the_deltas():
     ([(5, 0, [1] * 9)], (), "at most 8"),
     ([(1, 2, [8]), (1, 2, [9])], (), "appears twice"),
     ([(7, 0, [])], (), "do not follow"),  # a sequence with no table at all
+    ([(1, 1, [])], (), "do not follow"),  # a table may not shrink (only a release drops it)
 ])
 def test_deltas_that_do_not_fit_the_held_tables_are_refused_before_anything_changes(deltas, released, problem):
     tables = BlockTables(max_blocks_per_seq=8)

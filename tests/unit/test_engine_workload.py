@@ -35,6 +35,9 @@ def engine_with(num_blocks: int, reserve: int):
         agent_tables.check(header, batch)
         block_tables = agent_tables.apply(header, batch)  # what an agent would attend through
         running = {seq.seq_id: seq for seq in engine.scheduler.running}
+        pending = set(header.released_seq_ids) | set(engine.block_manager.take_released())
+        engine.block_manager.release_again(sorted(pending - set(header.released_seq_ids)))
+        assert set(agent_tables.row_of) <= set(running) | pending, "no table outlives its sequence on the agent"
         for row, seq_id in enumerate(batch.seq_ids.tolist()):
             if seq_id in running:  # not aborted while the step was on its way
                 blocks = running[seq_id].block_ids

@@ -248,6 +248,18 @@ def test_a_resumed_sequence_is_not_the_victim_while_one_never_preempted_can_be()
     assert any(fresh in plan.preempted for plan in plans)
 
 
+def test_a_table_the_agents_hold_is_released_even_after_copy_on_write_of_its_first_block():
+    blocks = BlockManager(8, 4)
+    parent, child = make_seq(0, 2), make_seq(1, 2)
+    blocks.grow(parent, 2)
+    parent.agent_blocks, parent.on_agents = 1, True  # as the step builder leaves a sequence it sent
+    blocks.fork(parent, child)
+    parent.num_computed = 2
+    assert blocks.grow(parent, 3) and parent.agent_blocks == 0  # copy-on-write of the shared block 0
+    blocks.free(parent)
+    assert blocks.take_released() == [0]
+
+
 def test_a_single_sequence_larger_than_free_blocks_never_deadlocks():
     scheduler = make_scheduler(num_blocks=3, block_size=4)
     seq = make_seq(0, 4, max_new_tokens=8)  # 12 tokens: exactly the whole pool
