@@ -114,3 +114,19 @@ def test_overrides_merge_into_sections():
     config = load_config(DEFAULT_YAML, {"serving_config": {"server_port": 9999}})
     assert config.serving_config.server_port == 9999
     assert config.serving_config.agent_ports == [8836]
+
+
+def test_every_config_key_is_in_the_readme_configuration_reference():
+    import dataclasses
+    import os
+    import re
+
+    from llmserve.common.config import SECTIONS
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")) as f:
+        readme = f.read()
+    start = readme.index("## Configuration reference")
+    reference = readme[start : readme.index("\n## ", start + 1)]
+    missing = [f"{section}.{field.name}" for section, cls in SECTIONS.items() for field in dataclasses.fields(cls)
+               if not re.search(rf"[`.]{field.name}`", reference)]
+    assert not missing, f"README's configuration reference lacks {missing}"
