@@ -3,8 +3,9 @@
 Automatic prefix caching (scheduler_config.enable_prefix_caching): each full block of a sequence is named by
 a chained hash of (its parent block's hash, or the request's cache salt for the first, its token ids); a
 hash -> block map finds blocks whose contents another sequence computed. A freed block keeps its contents
-and hash in the free queue, least recently freed first, until an allocation takes it (evicting its hash). A new or preempted sequence starts from the cached
-blocks of its longest cached prefix, never covering its last token (whose logits must be computed).
+and hash in the free queue, least recently freed first, until an allocation takes it (evicting its hash).
+A new or preempted sequence starts from the cached blocks of its longest cached prefix, never covering its
+last token (whose logits must be computed).
 """
 from __future__ import annotations
 

@@ -177,23 +177,19 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
         """Preempt running sequences until `seq` can grow; False if `seq` was the one."""
         while not self.blocks.can_grow(seq, num_tokens):
-            victim = self._victim(self.running)
-            _unplan(plan, victim)
-            self._preempt(victim)
-            plan.preempted.append(victim)
-            if victim is seq:
+            if self._preempt_victim(plan) is seq:
                 return False
         plan.block_copies.extend(self.blocks.grow(seq, num_tokens))
         return True
 
-    @staticmethod
-    def _victim(candidates: list[Sequence]) -> Sequence:
-        """The newest candidate never preempted before, else the newest: a resumed sequence goes on while
-        another can make room, so no request is preempted again and again."""
-        for seq in reversed(candidates):
-            if seq.num_preemptions == 0:
-                return seq
-        return candidates[-1]
+    def _preempt_victim(self, plan: StepPlan) -> Sequence:
+        """Preempt the newest running sequence never preempted before, else the newest (a resumed sequence goes
+        on while another can make room, so no request is preempted again and again); take it out of `plan`."""
+        victim = next((seq for seq in reversed(self.running) if seq.num_preemptions == 0), self.running[-1])
+        _unplan(plan, victim)
+        self._preempt(victim)
+        plan.preempted.append(victim)
+        return victim
 
     def _preempt(self, seq: Sequence) -> None:
         """Free `seq`'s blocks and queue it first in line to be recomputed."""
@@ -251,13 +247,11 @@ class Scheduler:
 
     def _unblock(self, plan: StepPlan, now: float) -> None:
         """Every running sequence is a beam waiting for a preempted sibling that cannot be admitted in turn:
-        admit such siblings out of turn, and where their blocks do not fit, preempt waiting beams to free some."""
+        admit such siblings out of turn, and where their blocks do not fit, preempt running beams to free some."""
         while self._all_running_await_siblings():
             if any(self._admit(seq, plan, now) for seq in list(self.waiting) if self._is_awaited(seq)):
                 return
-            victim = self._victim(self.running)
-            self._preempt(victim)
-            plan.preempted.append(victim)
+            self._preempt_victim(plan)
         self._admit_waiting(plan, now)  # every beam was preempted: the queue's head goes first again
 
     def _all_running_await_siblings(self) -> bool:
