@@ -155,9 +155,8 @@ class Worker:
         timer = self.timer
         with timer.stage("deserialize"):
             batch = self.accept(header, frames)
-        runner = self.runner
-        with timer.stage("deserialize"):
             block_tables = self.block_tables.apply(header, batch)
+        runner = self.runner
         hidden = runner.forward(batch.input_ids, batch.positions, batch.slot_mapping, batch.query_lens,
                                 batch.context_lens, block_tables, timer, batch.block_copies)
         if self.shard.world > 1:
@@ -170,12 +169,13 @@ class Worker:
                 self.dump_logits(logits, header.dump_names)
         with timer.stage("sample"):
             output = self.sampler(logits, batch.sampling, header.is_all_greedy)
+        scores = None
         if header.num_prompt_positions:
             with timer.stage("score_prompt"):
                 scores = runner.score_tokens(hidden, batch.prompt_positions, batch.prompt_targets, header.prompt_num_top)
         with timer.stage("write_back"):
             self.write_back(output, header.num_sample)
-            if header.num_prompt_positions:
+            if scores is not None:
                 self.write_prompt_scores(scores)
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
 

@@ -309,9 +309,9 @@ class CompletionJob(OpenAIJob):
         self.opened.add(handle_index)
         seq = self.handles[handle_index].seq
         logprobs = _completion_logprobs(self.engine, seq.prompt_ids, self.echoed_logprobs(seq), 0)
-        first = handle_index * self.body.n
+        first, echoed_chars = handle_index * self.body.n, sum(map(len, logprobs["tokens"]))
         for index in range(first, first + self.body.n):
-            self.offsets[index] = sum(map(len, logprobs["tokens"]))
+            self.offsets[index] = echoed_chars
         return [{"index": index, "text": self.prompt_texts[handle_index], "logprobs": logprobs, "finish_reason": None}
                 for index in range(first, first + self.body.n)]
 
