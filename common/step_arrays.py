@@ -152,9 +152,10 @@ def _columns(cls: type) -> list[tuple[str, Column]]:
     return [(f.name, f.metadata["column"]) for f in dataclasses.fields(cls) if "column" in f.metadata]
 
 
-INPUT_COLUMNS = _columns(StepInputs) + _columns(SamplingRows)
+STEP_COLUMNS, SAMPLING_COLUMNS = _columns(StepInputs), _columns(SamplingRows)
+INPUT_COLUMNS = STEP_COLUMNS + SAMPLING_COLUMNS
 OUTPUT_COLUMNS = _columns(StepOutputs)
-PER_ROW_FIELDS = [name for name, col in _columns(SamplingRows) if col.used is _sampled]
+PER_ROW_FIELDS = [name for name, col in SAMPLING_COLUMNS if col.used is _sampled]
 
 
 def input_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
@@ -172,10 +173,10 @@ def _views(arrays: dict[str, np.ndarray], columns: list[tuple[str, Column]], hea
     """The used rows of each array, shaped as declared."""
     views = {}
     for name, col in columns:
-        array = arrays[name]
-        if col.used is not None:
-            array = array[: col.used(header, width)]
-        views[name] = array.reshape(col.rows(header, width)) if col.rows is not None else array
+        array, used, rows = arrays[name], col.used, col.rows
+        if used is not None:
+            array = array[: used(header, width)]
+        views[name] = array if rows is None else array.reshape(rows(header, width))
     return views
 
 
@@ -235,15 +236,14 @@ SEED_STRIDE = 1 << 32  # sample i of a seeded request draws from offsets i * SEE
 
 def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> StepInputs:
     """Views of the input arrays' rows one step uses."""
-    views = _views(arrays, INPUT_COLUMNS, header, suppress_width)
-    sampling = SamplingRows(**{name: views.pop(name) for name, _ in _columns(SamplingRows)})
-    return StepInputs(**views, sampling=sampling)
+    sampling = SamplingRows(**_views(arrays, SAMPLING_COLUMNS, header, suppress_width))
+    return StepInputs(**_views(arrays, STEP_COLUMNS, header, suppress_width), sampling=sampling)
 
 
 def sampling_rows(arrays: dict[str, np.ndarray], num_rows: int, suppress_width: int) -> SamplingRows:
     """Views of the first `num_rows` sampled rows."""
     header = StepRequest(step_id=0, num_tokens=0, num_seqs=0, num_sample=num_rows, num_new_blocks=0, is_all_greedy=False)
-    return SamplingRows(**_views(arrays, _columns(SamplingRows), header, suppress_width))
+    return SamplingRows(**_views(arrays, SAMPLING_COLUMNS, header, suppress_width))
 
 
 def step_outputs(arrays: dict[str, np.ndarray], header: StepRequest, topk_width: int) -> StepOutputs:
