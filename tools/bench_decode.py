@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from llmserve.common.config import packaged_config  # noqa: E402
-from llmserve.tools.local_config import free_port, write_local_config  # noqa: E402
+from llmserve.tools.local_config import free_ports, write_local_config  # noqa: E402
 
 
 def start_server(config_path: str, trace_path: str, workdir: str, num_threads: int | None,
@@ -39,7 +39,8 @@ def start_server(config_path: str, trace_path: str, workdir: str, num_threads: i
     goes to `log_path` when given."""
     serving = {"step_trace_path": trace_path, **({"num_threads": num_threads} if num_threads else {}), **serving_keys}
     if world > 1:
-        serving.update(agent_ports=[free_port() for _ in range(world)], dist_port=free_port())
+        *agent_ports, dist_port = free_ports(world + 1)
+        serving.update(agent_ports=agent_ports, dist_port=dist_port)
     path = write_local_config(config_path, workdir, serving_config=serving, model_config=model_keys or {},
                               **(sections or {}))
     with open(path) as f:

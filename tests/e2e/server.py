@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Iterator
 import httpx
 import yaml
 
+from llmserve.tools.local_config import free_port, free_ports  # noqa: F401 (tests import free_port from here)
 from tests.conftest import ROOT
 
 START_TIMEOUT = 120.0
@@ -59,12 +59,6 @@ def save_tiny_llama(path, bias_std: float = 0.0, **config):
     return model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A running server: its process, base URL and log file."""
 
@@ -105,9 +99,10 @@ def _cmdline(pid: int) -> str:
 
 
 def write_config(tmp_path, model_config: dict | None = None, **sections) -> str:
+    server_port, agent_port = free_ports(2)
     config = {
         "model_config": model_config or {"load_format": "dummy", "dummy_config": TINY_LLAMA, "tokenizer_path": "builtin"},
-        "serving_config": {"server_port": free_port(), "agent_ports": [free_port()], "num_threads": 1},
+        "serving_config": {"server_port": server_port, "agent_ports": [agent_port], "num_threads": 1},
         "pa_config": {"num_blocks": 256, "block_size": 8},
         "scheduler_config": {},
     }

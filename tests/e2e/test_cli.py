@@ -7,12 +7,12 @@ import sys
 import httpx
 
 from llmserve.cli import main
-from tests.e2e.server import free_port, running_command, save_tiny_llama
+from tests.e2e.server import free_ports, running_command, save_tiny_llama
 
 
 def test_serve_a_checkpoint_directory_with_flags(tmp_path, capsys):
     save_tiny_llama(tmp_path / "model")
-    port, agent_port = free_port(), free_port()
+    port, agent_port = free_ports(2)
     command = [sys.executable, "-m", "llmserve", "serve", str(tmp_path / "model"), "--port", str(port),
                "--agent-port", str(agent_port), "--served-model-name", "tiny", "--max-model-len", "128",
                "--num-blocks", "40", "--block-size", "8", "--max-num-seqs", "4"]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e.server import free_port, running_command
+from tests.e2e.server import free_ports, running_command
 
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                      ".hypothesis", ".ruff_cache", "results", "tests")
@@ -84,7 +84,7 @@ def test_everything_installs_inside_the_llmserve_package(venv):
 
 
 def test_llmserve_serve_without_arguments_answers_requests(venv, tmp_path):
-    port, agent_port = free_port(), free_port()
+    port, agent_port = free_ports(2)
     command = [str(venv / "bin" / "llmserve"), "serve", "--port", str(port), "--agent-port", str(agent_port)]
     with running_command(command, port, str(tmp_path / "serve.log"), cwd=str(tmp_path), env=clean_env()) as server:
         agents = server.agent_pids()

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.e2e.server import _cmdline, free_port, running_server, save_tiny_llama, stream_tokens, write_config
+from tests.e2e.server import _cmdline, free_ports, running_server, save_tiny_llama, stream_tokens, write_config
 from tests.e2e.test_faults import SLOW_DECODE, error_event, next_event, open_stream, run_serve, wait_for
 from tests.e2e.test_precision import stream_with_id
 
@@ -30,7 +30,8 @@ def checkpoints(tmp_path_factory):
 
 
 def tp_config(tmp_path, model_path, world: int, scheduler: dict | None = None, **serving) -> str:
-    agents = {"agent_ports": [free_port() for _ in range(world)], "dist_port": free_port(), **serving}
+    *agent_ports, dist_port = free_ports(world + 1)
+    agents = {"agent_ports": agent_ports, "dist_port": dist_port, **serving}
     return write_config(tmp_path, {"model_path": str(model_path)}, serving_config=agents, scheduler_config=scheduler or {})
 
 
