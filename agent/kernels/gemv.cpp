@@ -41,12 +41,35 @@ inline void row_dot(const float* w_row, const float* x, int64_t K, float* out) {
   }
 }
 
+// The same for 5 to 8 rows of x (a decode step verifying speculative tokens): one accumulator per row,
+// so the accumulators, a weight vector and an x vector still fit AVX2's 16 registers.
+template <int M>
+inline void row_dot_wide(const float* w_row, const float* x, int64_t K, float* out) {
+  Vec a[M];
+  for (int m = 0; m < M; ++m) a[m] = vzero();
+  int64_t k = 0;
+  for (; k + kWidth <= K; k += kWidth) {
+    _mm_prefetch(reinterpret_cast<const char*>(w_row + k + kPrefetch), _MM_HINT_T0);
+    Vec w0 = vload(w_row + k);
+    for (int m = 0; m < M; ++m) a[m] = vfma(w0, vload(x + m * K + k), a[m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    float s = vsum(a[m]);
+    for (int64_t kk = k; kk < K; ++kk) s += w_row[kk] * x[m * K + kk];
+    out[m] = s;
+  }
+}
+
 template <int M>
 void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t K) {
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     float out[M];
-    row_dot<M>(w + n * K, x, K, out);
+    if constexpr (M <= 4) {
+      row_dot<M>(w + n * K, x, K, out);
+    } else {
+      row_dot_wide<M>(w + n * K, x, K, out);
+    }
     for (int m = 0; m < M; ++m) y[m * N + n] = bias ? out[m] + bias[n] : out[m];
   }
 }
@@ -54,7 +77,7 @@ void gemv_rows(const float* x, const float* w, const float* bias, float* y, int6
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "gemv: float32 only");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 4, "gemv: 1 to 4 rows of x");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "gemv: 1 to 8 rows of x");
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const int64_t M = xc.size(0), N = wc.size(0), K = wc.size(1);
   at::Tensor y = at::empty({M, N}, xc.options());
@@ -68,7 +91,11 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
     case 1: gemv_rows<1>(xp, wp, b, yp, N, K); break;
     case 2: gemv_rows<2>(xp, wp, b, yp, N, K); break;
     case 3: gemv_rows<3>(xp, wp, b, yp, N, K); break;
-    default: gemv_rows<4>(xp, wp, b, yp, N, K); break;
+    case 4: gemv_rows<4>(xp, wp, b, yp, N, K); break;
+    case 5: gemv_rows<5>(xp, wp, b, yp, N, K); break;
+    case 6: gemv_rows<6>(xp, wp, b, yp, N, K); break;
+    case 7: gemv_rows<7>(xp, wp, b, yp, N, K); break;
+    default: gemv_rows<8>(xp, wp, b, yp, N, K); break;
   }
   return y;
 }

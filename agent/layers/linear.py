@@ -21,7 +21,7 @@ from llmserve.agent.layers import swap_modules
 logger = logging.getLogger("llmserve.agent")
 
 KERNELS = ("auto", "cpu", "torch")
-GEMV_MAX_ROWS = 4  # the rows gemv.cpp takes; above, oneDNN's blocked matmul reuses each weight across rows
+GEMV_MAX_ROWS = 8  # the rows gemv.cpp takes (a decode step verifying up to 7 speculative tokens); above, oneDNN's blocked matmul
 
 
 class CpuLinear(nn.Module):

@@ -59,6 +59,16 @@ def test_int8_kernels_equal_the_exact_integer_arithmetic(plan, rows, bias):
     torch.testing.assert_close(got / scale, expected / scale, atol=1e-5, rtol=0)
 
 
+@llmserve
+@pytest.mark.parametrize("rows", range(1, 10))
+def test_the_float_linear_kernel_equals_torch_for_every_row_count(rows):
+    """1-8 rows take llmserve's GEMV (two accumulators per row up to 4, one from 5: speculative verification), 9 oneDNN."""
+    from llmserve.agent.layers.linear import CpuLinear
+    float_layer = linear(264, 160, True, seed=rows)
+    x = torch.randn(rows, 264, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(CpuLinear(float_layer, has_gemv=True)(x), float_layer(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("plan", [*PLANS.values(), Int8Plan("torch", "torch", 127)])
 @pytest.mark.parametrize("shape", [(1, 3, 512), (2, 5, 512)], ids=["3-rows", "10-rows"])
 def test_int8_layer_is_within_a_few_percent_of_the_float_layer(plan, shape):
