@@ -2,7 +2,9 @@
 
 The master owns the tables (master/block_manager.py); a step sends, per sequence, only the entries from the
 first one the agent does not hold yet (new blocks, a copy-on-write replacement, or the whole table of a
-sequence new to the agent), and the ids of sequences whose tables the agent can drop. The tables live in
+sequence new to the agent), and the ids of sequences whose tables the agent can drop. A sequence's table is
+then its first `start` entries and the new ones: shorter than before when the master took back blocks past
+its tokens (rejected speculative tokens'). The tables live in
 one array, a row per live sequence, so a step's tables are one gather of its rows.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ class BlockTables:
         for seq_id, start, count in zip(seq_ids, starts, counts):
             row = None if seq_id in released else self.row_of.get(seq_id)
             held = 0 if row is None else int(self.lengths[row])
-            if not 0 <= start <= held <= start + count <= self.max_blocks_per_seq or start + count == 0:
+            if not 0 <= start <= held or not 0 < start + count <= self.max_blocks_per_seq:
                 raise ProtocolError(f"step {header.step_id}: sequence {seq_id}'s blocks {start}..{start + count} "
                                     f"do not follow the {held} held (at most {self.max_blocks_per_seq})")
 
@@ -54,6 +56,7 @@ class BlockTables:
         if None in rows or any(counts):
             self._write(seq_ids, rows, batch.block_starts.tolist(), counts, batch.new_block_ids)
         rows = np.asarray(rows)
+        self.lengths[rows] = batch.block_starts + batch.block_counts  # a table cut back keeps its first entries
         return self.rows[rows, : int(self.lengths[rows].max())]
 
     def _write(self, seq_ids: list[int], rows: list, starts: list[int], counts: list[int], new_ids: np.ndarray) -> None:
@@ -65,7 +68,6 @@ class BlockTables:
             row = rows[index]
             if count:
                 self.rows[row, start : start + count] = new_ids[offset : offset + count]
-            self.lengths[row] = start + count
             offset += count
 
     def _take_row(self) -> int:

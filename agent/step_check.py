@@ -30,7 +30,7 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
     counts = (
         ("num_tokens", header.num_tokens, capacity.max_num_tokens),
         ("num_seqs", header.num_seqs, capacity.max_num_seqs),
-        ("num_sample", header.num_sample, capacity.max_num_seqs),
+        ("num_sample", header.num_sample, capacity.num_rows),
         ("num_new_blocks", header.num_new_blocks, capacity.max_num_seqs * capacity.max_blocks_per_seq),
         ("num_block_copies", header.num_block_copies, capacity.max_num_seqs),
         ("num_prompt_positions", header.num_prompt_positions, header.num_tokens),

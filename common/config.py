@@ -252,6 +252,44 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (master/speculative.py): each decode step also verifies up to
+    num_speculative_tokens proposed tokens; the output is the one decoding without it gives."""
+
+    method: Literal["none", "ngram"] = "none"  # ngram: continue the latest earlier match of the sequence's own tokens
+    num_speculative_tokens: int = 4  # the most proposed tokens verified per sequence and step (k)
+    prompt_lookup_min: int = 2  # ngram: the shortest suffix of the tokens that may match
+    prompt_lookup_max: int = 4  # ngram: the longest suffix tried first
+    adaptive: bool = True  # each sequence's k follows its acceptance rate; proposing pauses while it does not pay
+    draft_token_cost: float = 0.1  # adaptive: a verified token's cost relative to a step, per running sequence
+    disable_by_batch_size: int = 0  # no proposals while this many sequences or more run (0: any batch)
+
+    def validate(self) -> None:
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens: must be between 1 and {MAX_SPECULATIVE_TOKENS}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min: must be between 1 and prompt_lookup_max ({self.prompt_lookup_max})")
+        if not 0 <= self.draft_token_cost <= 1:
+            raise ValueError("draft_token_cost: must be between 0 and 1 (a share of a decode step's time)")
+        if self.disable_by_batch_size < 0:
+            raise ValueError("disable_by_batch_size: must not be negative (0: speculate at any batch size)")
+        if self.prompt_lookup_max > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"prompt_lookup_max: must be at most {MAX_SPECULATIVE_TOKENS}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def rows_per_seq(self) -> int:
+        """Sampled rows a decoding sequence may take in one step: one per position verified."""
+        return 1 + self.num_speculative_tokens if self.enabled else 1
+
+
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole server configuration; `path` is the file it came from."""
 
@@ -259,6 +297,7 @@ class Config:
     serving_config: ServingConfig = field(default_factory=ServingConfig)
     pa_config: PagedAttentionConfig = field(default_factory=PagedAttentionConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     path: str = "<defaults>"
 
     def to_dict(self) -> dict:
@@ -272,6 +311,7 @@ SECTIONS = {
     "serving_config": ServingConfig,
     "pa_config": PagedAttentionConfig,
     "scheduler_config": SchedulerConfig,
+    "speculative_config": SpeculativeConfig,
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = 6  # 1 had no version field; bump on any change to a message
+PROTOCOL_VERSION = 7  # 1 had no version field; bump on any change to a message
 
 
 class ProtocolError(ValueError):
@@ -38,6 +38,7 @@ class InitAgent:
     history_capacity: int
     topk_width: int
     suppress_width: int
+    max_num_rows: int
 
 
 @dataclass

@@ -65,6 +65,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, str] = False
+    speculative: bool = True  # with the server's speculative_config on: verify proposed tokens (same output, faster)
 
     @property
     def is_greedy(self) -> bool:

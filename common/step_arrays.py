@@ -20,11 +20,16 @@ class StepCapacity:
     """The most a single step can hold; sizes the shared-memory segments."""
 
     max_num_tokens: int
-    max_num_seqs: int  # also the most sampled rows in a step
+    max_num_seqs: int
     max_blocks_per_seq: int
     history_capacity: int = 0  # prompt+output tokens of the rows that need them (penalties, n-gram bans)
     topk_width: int = 1  # top log-probabilities / beam candidates returned per sampled row
     suppress_width: int = 1  # token ids a row may mask (end tokens before min_new_tokens)
+    max_num_rows: int = 0  # sampled rows (a row per verified position with speculation); 0: max_num_seqs
+
+    @property
+    def num_rows(self) -> int:
+        return self.max_num_rows or self.max_num_seqs
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ def _seqs(cap: StepCapacity) -> int:
     return cap.max_num_seqs
 
 
+def _rows(cap: StepCapacity) -> int:
+    return cap.num_rows
+
+
 def _sampled(header: StepRequest, width: int) -> int:
     return header.num_sample
 
@@ -68,27 +77,27 @@ class SamplingRows:
     """Views of one step's sampled rows, as the sampler reads them. Neutral values (temperature 0, top_k 0,
     top_p 1, penalties off) cost nothing."""
 
-    temperature: np.ndarray = column(np.float32, _seqs, _sampled)  # 0 means greedy
-    top_k: np.ndarray = column(np.int32, _seqs, _sampled)  # 0 means no top-k
-    top_p: np.ndarray = column(np.float32, _seqs, _sampled)
-    min_p: np.ndarray = column(np.float32, _seqs, _sampled)
-    typical_p: np.ndarray = column(np.float32, _seqs, _sampled)
-    repetition_penalty: np.ndarray = column(np.float32, _seqs, _sampled)  # multiplicative, prompt and output (transformers)
-    presence_penalty: np.ndarray = column(np.float32, _seqs, _sampled)  # additive, over output tokens (OpenAI)
-    frequency_penalty: np.ndarray = column(np.float32, _seqs, _sampled)
-    no_repeat_ngram_size: np.ndarray = column(np.int32, _seqs, _sampled)
-    seeds: np.ndarray = column(np.int64, _seqs, _sampled)  # NO_SEED means the agent's own generator
-    seed_offsets: np.ndarray = column(np.int64, _seqs, _sampled)  # (sample index, tokens generated) folded
-    num_logprobs: np.ndarray = column(np.int32, _seqs, _sampled)  # -1: none; else the top-N raw log-probabilities
-    beam_candidates: np.ndarray = column(np.int32, _seqs, _sampled)  # 0: not a beam; else this many continuations
-    history_starts: np.ndarray = column(np.int64, _seqs, _sampled)  # where the row's tokens start in `history`
-    history_lens: np.ndarray = column(np.int32, _seqs, _sampled)  # 0 when the row needs no history
-    history_prompt_lens: np.ndarray = column(np.int32, _seqs, _sampled)  # the first this-many are the prompt
-    num_suppress: np.ndarray = column(np.int32, _seqs, _sampled)  # ids masked in suppress_ids[row]
+    temperature: np.ndarray = column(np.float32, _rows, _sampled)  # 0 means greedy
+    top_k: np.ndarray = column(np.int32, _rows, _sampled)  # 0 means no top-k
+    top_p: np.ndarray = column(np.float32, _rows, _sampled)
+    min_p: np.ndarray = column(np.float32, _rows, _sampled)
+    typical_p: np.ndarray = column(np.float32, _rows, _sampled)
+    repetition_penalty: np.ndarray = column(np.float32, _rows, _sampled)  # multiplicative, prompt and output (transformers)
+    presence_penalty: np.ndarray = column(np.float32, _rows, _sampled)  # additive, over output tokens (OpenAI)
+    frequency_penalty: np.ndarray = column(np.float32, _rows, _sampled)
+    no_repeat_ngram_size: np.ndarray = column(np.int32, _rows, _sampled)
+    seeds: np.ndarray = column(np.int64, _rows, _sampled)  # NO_SEED means the agent's own generator
+    seed_offsets: np.ndarray = column(np.int64, _rows, _sampled)  # (sample index, tokens generated) folded
+    num_logprobs: np.ndarray = column(np.int32, _rows, _sampled)  # -1: none; else the top-N raw log-probabilities
+    beam_candidates: np.ndarray = column(np.int32, _rows, _sampled)  # 0: not a beam; else this many continuations
+    history_starts: np.ndarray = column(np.int64, _rows, _sampled)  # where the row's tokens start in `history`
+    history_lens: np.ndarray = column(np.int32, _rows, _sampled)  # 0 when the row needs no history
+    history_prompt_lens: np.ndarray = column(np.int32, _rows, _sampled)  # the first this-many are the prompt
+    num_suppress: np.ndarray = column(np.int32, _rows, _sampled)  # ids masked in suppress_ids[row]
     # prompt + output tokens of the rows that need them (penalties, n-gram bans): the whole flat buffer
     history: np.ndarray = column(np.int32, lambda cap: max(cap.history_capacity, 1), None)
     suppress_ids: np.ndarray = column(  # [rows, suppress_width]
-        np.int32, lambda cap: cap.max_num_seqs * cap.suppress_width, lambda h, width: h.num_sample * width,
+        np.int32, lambda cap: cap.num_rows * cap.suppress_width, lambda h, width: h.num_sample * width,
         lambda h, width: (h.num_sample, width))
 
     @property
@@ -120,7 +129,7 @@ class StepInputs:
     block_copies: np.ndarray = column(  # [num_block_copies, 2]: (source, destination) KV blocks, copied first
         np.int64, lambda cap: 2 * cap.max_num_seqs, lambda h, width: 2 * h.num_block_copies,
         lambda h, width: (h.num_block_copies, 2))
-    logits_indices: np.ndarray = column(np.int64, _seqs, _sampled)  # per sampled row; n samples share one
+    logits_indices: np.ndarray = column(np.int64, _rows, _sampled)  # per sampled row; n samples share one
     prompt_positions: np.ndarray = column(np.int64, _tokens, _scored)  # step tokens whose logits score prompt_targets
     prompt_targets: np.ndarray = column(np.int64, _tokens, _scored)  # the next prompt token of each
     sampling: SamplingRows = None
@@ -130,13 +139,13 @@ class StepInputs:
 class StepOutputs:
     """Agent -> master: views of what rank 0 returns for one step's sampled rows and scored prompt positions."""
 
-    sampled_ids: np.ndarray = column(np.int64, _seqs, _sampled)
-    sampled_logprobs: np.ndarray = column(np.float32, _seqs, _sampled)  # raw log-probability of each id
+    sampled_ids: np.ndarray = column(np.int64, _rows, _sampled)
+    sampled_logprobs: np.ndarray = column(np.float32, _rows, _sampled)  # raw log-probability of each id
     topk_ids: np.ndarray = column(  # [rows, topk_width]: top raw log-probabilities, or a beam row's candidates
-        np.int32, lambda cap: cap.max_num_seqs * cap.topk_width, lambda h, width: h.num_sample * width,
+        np.int32, lambda cap: cap.num_rows * cap.topk_width, lambda h, width: h.num_sample * width,
         lambda h, width: (h.num_sample, width))
     topk_logprobs: np.ndarray = column(
-        np.float32, lambda cap: cap.max_num_seqs * cap.topk_width, lambda h, width: h.num_sample * width,
+        np.float32, lambda cap: cap.num_rows * cap.topk_width, lambda h, width: h.num_sample * width,
         lambda h, width: (h.num_sample, width))
     prompt_logprobs: np.ndarray = column(np.float32, _tokens, _scored)  # raw log-probability of each prompt target
     prompt_ranks: np.ndarray = column(np.int32, _tokens, _scored)  # its rank in the vocabulary, 1 the most likely
@@ -191,6 +200,7 @@ class SampleRow:
     sample_index: int = 0  # which of the request's n / best_of samples
     suppress: Sequence[int] = ()  # ids that must not be drawn now
     beam_candidates: int = 0
+    drafts: Sequence[int] = ()  # proposed tokens after token_ids that this row follows (speculation)
 
 
 def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow], suppress_width: int) -> bool:
@@ -199,7 +209,7 @@ def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow]
     history = arrays["history"]
     for row, spec in enumerate(rows):
         params = spec.params
-        num_output = len(spec.token_ids) - spec.num_prompt_tokens
+        num_output = len(spec.token_ids) + len(spec.drafts) - spec.num_prompt_tokens
         arrays["logits_indices"][row] = spec.logits_index
         arrays["temperature"][row] = params.agent_temperature
         arrays["top_k"][row] = params.top_k
@@ -217,10 +227,11 @@ def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow]
         arrays["history_starts"][row] = history_end
         arrays["history_prompt_lens"][row] = spec.num_prompt_tokens
         if params.needs_history:
-            count = len(spec.token_ids)
+            count = len(spec.token_ids) + len(spec.drafts)
             if history_end + count > len(history):
                 raise ValueError(f"the step's penalised rows hold more than {len(history)} tokens")
-            history[history_end : history_end + count] = spec.token_ids
+            history[history_end : history_end + len(spec.token_ids)] = spec.token_ids
+            history[history_end + len(spec.token_ids) : history_end + count] = spec.drafts
             history_end += count
             arrays["history_lens"][row] = count
         else:

@@ -54,6 +54,8 @@ SERVE_KEYS = {
     "memory_utilization": ("pa_config", "memory_utilization"),
     "kv_cache_dtype": ("pa_config", "kv_cache_dtype"),
     "max_num_seqs": ("scheduler_config", "decode_batch_size"),
+    "speculative_method": ("speculative_config", "method"),
+    "num_speculative_tokens": ("speculative_config", "num_speculative_tokens"),
 }
 KV_CACHE_SIZES = {"num_blocks": "auto", "kv_cache_memory": None, "memory_utilization": None}  # each key when unused
 
@@ -122,6 +124,11 @@ def _add_serve(verbs) -> None:
                        help="pa_config.memory_utilization: the share of the memory left after the weights")
     serve.add_argument("--max-num-seqs", type=int, metavar="N",
                        help="scheduler_config.decode_batch_size: sequences decoded in one step at most")
+    serve.add_argument("--speculative-method", choices=("none", "ngram"),
+                       help="speculative_config.method: ngram proposes continuations of earlier matches of each "
+                            "sequence's own tokens, verified in the same step (same output, fewer steps)")
+    serve.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                       help="speculative_config.num_speculative_tokens: the most tokens proposed per sequence and step")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help=f"serving_config.api_key: require `Authorization: Bearer KEY` on every route but "
                             f"/health (default: ${API_KEY_ENV})")

@@ -75,6 +75,10 @@ class GenerateParameters(BaseModel):
     early_stopping: Union[bool, Literal["never"]] = Field(
         False, description="Beam search stops: true when num_beams are done, false by heuristic, \"never\"."
     )
+    speculative: bool = Field(
+        True, description="With the server's speculative_config on: verify proposed tokens in each step (the same "
+                          "output in fewer steps); false decodes this request one token per step.",
+    )
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
     decoder_input_details: bool = Field(
         False, description="Return the prompt's tokens with their log-probabilities in details.prefill (TGI's name)."
@@ -210,3 +214,9 @@ class HealthResponse(Answer):
     agent_restarts: int = Field(description="Times dead agents were replaced (serving_config.agent_restart_limit).")
     processes: list[ProcessInfo] = Field(description="Memory and CPU time of the master and of the agents on its host.")
     kernels: dict[str, str] = Field(description="What the agents compute with: attention backend, linear kernels.")
+    spec_drafts: Optional[int] = Field(None, description="With speculative_config on: decode steps of a sequence that "
+                                                         "verified proposed tokens.")
+    spec_draft_tokens: Optional[int] = Field(None, description="Proposed tokens verified.")
+    spec_accepted_tokens: Optional[int] = Field(None, description="Proposed tokens accepted.")
+    spec_accepted_per_position: Optional[list[int]] = Field(
+        None, description="Per position (0 the first proposed token): drafts whose token there was accepted.")

@@ -85,6 +85,18 @@ class BlockManager:
             seq.block_ids.append(self._take())
         return copies
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """Return the blocks `seq` holds past its first `num_tokens` tokens (rejected proposed tokens'), first in
+        line to be taken again; the agents' copy of its table is cut back with the next step's delta."""
+        keep = self.blocks_for(num_tokens)
+        for block_id in seq.block_ids[keep:]:
+            self._ref_counts[block_id] -= 1
+            if self._ref_counts[block_id] == 0:
+                self._free[block_id] = None
+                self._free.move_to_end(block_id, last=False)
+        del seq.block_ids[keep:]
+        seq.agent_blocks = min(seq.agent_blocks, keep)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares every block of `parent` (its block table is a copy of the parent's)."""
         child.block_ids = list(parent.block_ids)

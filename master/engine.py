@@ -30,6 +30,7 @@ from llmserve.master.outputs import GenerationOutput, TextOutput, sequence_outpu
 from llmserve.master.groups import BeamGroup
 from llmserve.master.scheduler import PromptScores, Scheduler, StepOutcome, StepPlan, StepSamples
 from llmserve.master.sequence import FinishReason, Sequence, TokenLogprobs
+from llmserve.master.speculative import Speculator
 from llmserve.master.step_builder import write_step
 from llmserve.master.text_worker import TextWorker
 from llmserve.master.tokenizer import output_texts
@@ -165,15 +166,25 @@ class Engine:
         if previous is not None:  # counters only go up
             self.block_manager.num_queried_tokens = previous.num_queried_tokens
             self.block_manager.num_hit_tokens = previous.num_hit_tokens
-        preemptions = self.scheduler.num_preemptions if self.scheduler is not None else 0
-        self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__)
-        self.scheduler.num_preemptions = preemptions
+        previous_scheduler = self.scheduler
+        self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__, self._speculator())
+        if previous_scheduler is not None:  # counters only go up
+            self.scheduler.num_preemptions = previous_scheduler.num_preemptions
+            self.scheduler.speculator = previous_scheduler.speculator
         num_tokens = num_blocks * pa.block_size
         logger.info(
             "KV cache (%s): %d blocks of %d tokens = %d tokens (%.2f GiB per agent), %.1f sequences of the longest %d tokens",
             pa.kv_cache_dtype, num_blocks, pa.block_size, num_tokens, max(r.kv_cache_bytes for r in readies) / 2**30,
             num_tokens / self.model.max_seq_len, self.model.max_seq_len,
         )
+
+    def _speculator(self) -> Optional[Speculator]:
+        spec = self.config.speculative_config
+        if not spec.enabled:
+            return None
+        logger.info("speculative decoding: %s, up to %d tokens per step%s", spec.method, spec.num_speculative_tokens,
+                    f" (n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max})" if spec.method == "ngram" else "")
+        return Speculator(spec)
 
     def _start_loops(self) -> None:
         self.loop_task = asyncio.create_task(self._run(), name="llmserve-step-loop")
@@ -347,7 +358,11 @@ class Engine:
 
     def _next_plan(self) -> Optional[StepPlan]:
         with self.timer.stage("schedule"):
-            return self.scheduler.schedule(time.monotonic())
+            plan = self.scheduler.schedule(time.monotonic())
+        if plan is not None and self.scheduler.speculator is not None:
+            with self.timer.stage("propose"):
+                self.scheduler.add_drafts(plan)
+        return plan
 
     async def _sleep_until_work(self) -> None:
         self.wakeup.clear()
@@ -409,6 +424,9 @@ class Engine:
             for parent, child in outcome.forked:
                 self._track(self.handles[parent.seq_id], child)
             finished = list(outcome.finished)
+            num_new: dict[int, int] = {}  # seq id -> its tokens in this step (several when proposals were accepted)
+            for seq, _ in outcome.new_tokens:
+                num_new[seq.seq_id] = num_new.get(seq.seq_id, 0) + 1
             for seq, token_id in outcome.new_tokens:
                 handle = self.handles[seq.seq_id]
                 if handle.first_token_time is None:
@@ -416,15 +434,22 @@ class Engine:
                 text = handle.texts.get(seq.seq_id)
                 if text is None:
                     continue
-                delta = text.add(seq)
-                if text.stopped and not seq.is_finished:
-                    self.scheduler.abort(seq, FinishReason.STOP)
-                    finished.append(seq)
-                elif text.stopped:
+                if num_new[seq.seq_id] == 0:
+                    continue  # cut off by a stop string earlier in this step
+                num_tokens = seq.num_tokens - num_new[seq.seq_id] + 1  # the sequence up to this token
+                num_new[seq.seq_id] -= 1
+                delta = text.add(seq, num_tokens)
+                if text.stopped:
+                    seq.truncate(num_tokens)
+                    num_new[seq.seq_id] = 0
+                    if not seq.is_finished:
+                        self.scheduler.abort(seq, FinishReason.STOP)
+                        finished.append(seq)
                     seq.finish_reason = FinishReason.STOP
                 if handle.wants_tokens:
-                    logprobs = seq.logprobs[-1] if seq.logprobs else None
-                    reason = seq.finish_reason.value if seq.is_finished else None
+                    output_index = num_tokens - seq.num_prompt_tokens - 1
+                    logprobs = seq.logprobs[output_index] if 0 <= output_index < len(seq.logprobs) else None
+                    reason = seq.finish_reason.value if seq.is_finished and num_tokens == seq.num_tokens else None
                     handle.events.put_nowait(TokenEvent(token_id, delta, seq.sample_index, logprobs, reason))
             for seq in finished:
                 handle = self.handles.get(seq.seq_id)
@@ -512,6 +537,8 @@ class Engine:
             "num_tokens": header.num_tokens,
             "num_prefill_seqs": plan.num_prefill_seqs,
             "num_sampled": header.num_sample,
+            "num_draft_tokens": sum(len(item.draft_ids) for item in plan.scheduled),
+            "num_accepted": outcome.num_accepted,
             "step_ms": step_s * 1e3,
             "master_ms": master_ms,
             "agent_ms": agent_ms,
@@ -539,6 +566,7 @@ class Engine:
             "kv_cache_dtype": self.config.pa_config.kv_cache_dtype,
             "prefix_cache_queries": self.block_manager.num_queried_tokens,
             "prefix_cache_hits": self.block_manager.num_hit_tokens,
+            **(self.scheduler.speculator.stats() if self.scheduler.speculator is not None else {}),
         }
 
     def _log_stats(self) -> None:

@@ -44,6 +44,8 @@ class _EngineState(Collector):
                                   stats["prefix_cache_queries"])
         yield CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "Prompt tokens whose KV blocks the prefix cache held.",
                                   stats["prefix_cache_hits"])
+        if "spec_drafts" in stats:
+            yield from _spec_decode_metrics(stats)
         yield CounterMetricFamily(f"{PREFIX}_agent_restarts", "Times dead agents were replaced and served again.", stats["agent_restarts"])
         memory = GaugeMetricFamily(f"{PREFIX}_process_resident_memory_bytes", "Resident memory of the master and its "
                                    "agents on this host.", labels=["process"])
@@ -54,6 +56,22 @@ class _EngineState(Collector):
             cpu.add_metric([process["process"]], process["cpu_seconds"])
         yield memory
         yield cpu
+
+
+def _spec_decode_metrics(stats: dict) -> Iterator:
+    """Speculative decoding's counters (vLLM's names): verifications, proposed and accepted tokens, and per
+    position how many drafts had their token there accepted."""
+    yield CounterMetricFamily(f"{PREFIX}_spec_decode_num_drafts", "Decode steps of a sequence that verified "
+                              "proposed tokens.", stats["spec_drafts"])
+    yield CounterMetricFamily(f"{PREFIX}_spec_decode_num_draft_tokens", "Proposed tokens verified.",
+                              stats["spec_draft_tokens"])
+    yield CounterMetricFamily(f"{PREFIX}_spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                              stats["spec_accepted_tokens"])
+    per_position = CounterMetricFamily(f"{PREFIX}_spec_decode_num_accepted_tokens_per_pos", "Drafts whose token at "
+                                       "this position (0 the first) was accepted.", labels=["position"])
+    for position, count in enumerate(stats["spec_accepted_per_position"]):
+        per_position.add_metric([str(position)], count)
+    yield per_position
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -121,7 +139,8 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-TOTALS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+TOTALS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+          "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
 
 
 class StatsLine:
@@ -151,7 +170,7 @@ class StatsLine:
 
     def line(self, now: float, stats: dict) -> Optional[str]:
         """The line for the interval ending now (None for the first call, which starts the window)."""
-        totals = {name: stats[name] for name in TOTALS}
+        totals = {name: stats.get(name, 0) for name in TOTALS}
         last, last_time, idle_s = self.last, self.last_time, self.idle_s
         self.last, self.last_time, self.idle_s = totals, now, 0.0
         if last_time is None:
@@ -164,4 +183,15 @@ class StatsLine:
         return (f"prompt {delta['prompt_tokens'] / busy_s:.1f} tok/s, generation {delta['generation_tokens'] / busy_s:.1f} "
                 f"tok/s; running {stats['num_running']}, waiting {stats['num_waiting']} requests; "
                 f"{delta['num_preemptions']} preemptions; KV cache {used:.1%} used; prefix cache hit rate {hit_rate} "
-                f"of {queried} prompt tokens (last {now - last_time:.0f} s, {busy_s:.0f} s busy)")
+                f"of {queried} prompt tokens{_speculation(stats, delta)} (last {now - last_time:.0f} s, {busy_s:.0f} s busy)")
+
+
+def _speculation(stats: dict, delta: dict) -> str:
+    """The interval's acceptance rate and mean acceptance length (tokens per verifying step), with speculation on."""
+    if "spec_drafts" not in stats:
+        return ""
+    drafts, proposed, accepted = delta["spec_drafts"], delta["spec_draft_tokens"], delta["spec_accepted_tokens"]
+    if not drafts:
+        return "; speculation: nothing verified"
+    return (f"; speculation: {accepted / proposed:.1%} of {proposed} proposed tokens accepted, "
+            f"mean acceptance length {1 + accepted / drafts:.2f}")

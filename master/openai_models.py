@@ -110,6 +110,10 @@ class SamplingFields(OpenAIRequest):
     prompt_logprobs: Optional[NonNegative] = Field(
         None, description="Extra: each prompt token's log-probability and this many top ones, in prompt_logprobs.",
     )
+    speculative: Optional[bool] = Field(
+        True, description="Extra: with the server's speculative_config on, verify proposed tokens in each step (same "
+                          "output, fewer steps); false decodes one token per step.",
+    )
 
     @property
     def include_usage(self) -> bool:
@@ -145,6 +149,7 @@ class SamplingFields(OpenAIRequest):
             num_beams=self.num_beams,
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
+            speculative=self.speculative is not False,
         )
 
 

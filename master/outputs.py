@@ -26,16 +26,20 @@ class TextOutput:
         self.num_sent = 0
         self.stopped = False
 
-    def add(self, seq: Sequence) -> str:
-        """Take the sequence's newest token; return the text to stream now (all that is left once it is finished)."""
+    def add(self, seq: Sequence, num_tokens: Optional[int] = None) -> str:
+        """Take the sequence's tokens up to `num_tokens` (all by default; a step that accepted several proposed
+        tokens adds them one by one); return the text to stream now (all that is left once it is finished)."""
+        num_tokens = seq.num_tokens if num_tokens is None else num_tokens
+        token_ids = seq.token_ids if num_tokens == seq.num_tokens else seq.token_ids[:num_tokens]
         searched_from = max(len(self.text) - self.hold_back, 0)
-        self.text += self.detokenizer.step(seq.token_ids, is_last=seq.is_finished)
-        if self.stop and seq.num_output_tokens >= seq.params.min_new_tokens:
+        is_last = seq.is_finished and num_tokens == seq.num_tokens
+        self.text += self.detokenizer.step(token_ids, is_last=is_last)
+        if self.stop and num_tokens - seq.num_prompt_tokens >= seq.params.min_new_tokens:
             cut = _first_stop(self.text, self.stop, searched_from)
             if cut is not None:
                 self.text = self.text[:cut]
                 self.stopped = True
-        return self._flush(final=self.stopped or seq.is_finished)
+        return self._flush(final=self.stopped or is_last)
 
     def _flush(self, final: bool) -> str:
         """The text not streamed yet; all of it when `final`."""

@@ -16,6 +16,7 @@ from llmserve.common.config import SchedulerConfig
 from llmserve.master.block_manager import BlockManager
 from llmserve.master.groups import BeamGroup, GroupChange, fork_samples
 from llmserve.master.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprobs
+from llmserve.master.speculative import Speculator
 
 
 @dataclass
@@ -29,10 +30,14 @@ class ScheduledSeq:
     is_prefill: bool = False
     num_scored: int = 0  # prompt positions from `first_scored` whose next token's log-probability is returned
     first_scored: int = 0
+    draft_ids: list[int] = field(default_factory=list)  # proposed tokens verified after the last one (speculation)
 
     @property
     def num_rows(self) -> int:
-        return self.num_samples if self.samples else 0
+        """Rows sampled: one per sample, or with proposed tokens one per position verified."""
+        if not self.samples:
+            return 0
+        return 1 + len(self.draft_ids) if self.draft_ids else self.num_samples
 
 
 @dataclass
@@ -58,6 +63,7 @@ class StepOutcome:
     new_tokens: list[tuple[Sequence, int]]
     finished: list[Sequence]
     forked: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, new sequence)
+    num_accepted: int = 0  # proposed tokens accepted (speculation)
 
 
 @dataclass
@@ -113,9 +119,12 @@ def _unplan(plan: StepPlan, seq: Sequence) -> None:
 class Scheduler:
     """Keeps the waiting and running queues and decides every step."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, next_seq_id: Optional[Callable[[], int]] = None):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, next_seq_id: Optional[Callable[[], int]] = None,
+                 speculator: Optional[Speculator] = None):
+        """`speculator`: propose tokens for decode steps to verify (speculative decoding)."""
         self.config = config
         self.blocks = block_manager
+        self.speculator = speculator
         self.next_seq_id = next_seq_id or itertools.count(1 << 48).__next__  # ids of forked sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -162,6 +171,33 @@ class Scheduler:
             return None
         plan.released = self.blocks.take_released()
         return plan
+
+    def add_drafts(self, plan: StepPlan) -> None:
+        """With a speculator: give the decode rows of `plan` proposed tokens to verify, within the step's token
+        budget and sampled rows (1 + k per decode slot), each sequence's remaining tokens and the free blocks
+        (never preempting for them)."""
+        if self.speculator is None or not self.speculator.wants_batch(len(self.running)):
+            return
+        budget = self.config.max_num_batched_tokens - plan.num_tokens
+        rows = sum(item.num_rows for item in plan.scheduled)
+        max_rows = self.config.decode_batch_size * self.speculator.config.rows_per_seq
+        for item in plan.scheduled:
+            seq = item.seq
+            room = min(budget, max_rows - rows, seq.num_tokens_left - 1)
+            if (room <= 0 or item.is_prefill or not item.samples or item.num_samples > 1 or seq.beam is not None
+                    or not seq.params.speculative):
+                continue
+            drafts = self.speculator.propose(seq.seq_id, seq.token_ids, room, len(self.running))
+            while drafts and not self.blocks.can_grow(seq, seq.num_tokens + len(drafts)):
+                drafts.pop()
+            if not drafts:
+                continue
+            plan.block_copies.extend(self.blocks.grow(seq, seq.num_tokens + len(drafts)))
+            item.draft_ids = drafts
+            item.num_new_tokens += len(drafts)
+            plan.num_tokens += len(drafts)
+            budget -= len(drafts)
+            rows += len(drafts)
 
     def _schedule_running(self, plan: StepPlan) -> None:
         budget = self.config.max_num_batched_tokens
@@ -336,6 +372,9 @@ class Scheduler:
                 continue  # aborted while the step ran
             if item.num_scored:
                 seq.prompt_logprobs += samples.prompt.token_logprobs(first_scored, item.num_scored, seq.params.prompt_logprobs)
+            if item.draft_ids:
+                self._verify(item, samples, first_row, outcome)
+                continue
             seq.num_computed += item.num_new_tokens
             self.blocks.cache_computed(seq)
             if not item.samples:
@@ -353,7 +392,23 @@ class Scheduler:
                 self._apply(group.advance(self.blocks, self.next_seq_id), outcome)
         return outcome
 
-    def _append(self, seq: Sequence, samples: StepSamples, row: int, outcome: StepOutcome) -> None:
+    def _verify(self, item: ScheduledSeq, samples: StepSamples, first_row: int, outcome: StepOutcome) -> None:
+        """Keep the proposed tokens the rows' samples accept, then the first row's sample that differs (or the
+        bonus row's); the KV of rejected positions stays uncomputed and blocks past the tokens are returned."""
+        seq, drafts = item.seq, item.draft_ids
+        sampled = samples.ids[first_row : first_row + len(drafts) + 1].tolist()
+        accepted = self.speculator.verify(seq.seq_id, drafts, sampled)
+        outcome.num_accepted += accepted
+        seq.num_computed += 1  # the last token's KV; each accepted proposal's follows below
+        for offset in range(accepted + 1):
+            if not self._append(seq, samples, first_row + offset, outcome):
+                return  # finished: its blocks are freed
+            seq.num_computed += offset < accepted
+        self.blocks.cache_computed(seq)
+        self.blocks.shrink(seq, seq.num_tokens)
+
+    def _append(self, seq: Sequence, samples: StepSamples, row: int, outcome: StepOutcome) -> bool:
+        """Add row `row`'s token to `seq`; whether it goes on."""
         token_id = int(samples.ids[row])
         reason = seq.append_token(token_id, samples.token_logprobs(row, seq.params.agent_num_logprobs))
         outcome.new_tokens.append((seq, token_id))
@@ -361,6 +416,7 @@ class Scheduler:
             self.running.remove(seq)
             self._finish(seq, reason)
             outcome.finished.append(seq)
+        return reason is None
 
     def _apply(self, change: GroupChange, outcome: StepOutcome) -> None:
         """A group's forks join the running sequences and its finished beams leave them."""
@@ -373,6 +429,8 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.blocks.free(seq)
+        if self.speculator is not None:
+            self.speculator.forget(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

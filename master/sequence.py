@@ -107,9 +107,18 @@ class Sequence:
         return 1 + self.pending_forks
 
     @property
+    def num_tokens_left(self) -> int:
+        """Tokens it may still generate: up to max_new_tokens, within the context."""
+        return max(0, min(self.params.max_new_tokens - self.num_output_tokens, self.max_seq_len - self.num_tokens))
+
+    @property
     def suppressed_ids(self) -> tuple[int, ...]:
         """Ids that may not be drawn now: the end tokens until min_new_tokens are out."""
-        if self.num_output_tokens >= self.params.min_new_tokens:
+        return self.suppressed_after(0)
+
+    def suppressed_after(self, num_more: int) -> tuple[int, ...]:
+        """The ids suppressed once `num_more` more tokens are out (rows after proposed tokens)."""
+        if self.num_output_tokens + num_more >= self.params.min_new_tokens:
             return ()
         eos = () if self.params.ignore_eos else tuple(sorted(self.eos_token_ids))
         return eos + self.params.stop_token_ids
@@ -130,6 +139,16 @@ class Sequence:
         if self.num_output_tokens >= self.params.max_new_tokens or self.num_tokens >= self.max_seq_len:
             return FinishReason.LENGTH
         return None
+
+    def truncate(self, num_tokens: int) -> None:
+        """Drop the tokens past the first `num_tokens` (a stop string ended the text before them): the output is
+        what decoding one token at a time stops at. Their log-probabilities leave the cumulative one only when
+        they were kept (params.logprobs)."""
+        num_output = num_tokens - self.num_prompt_tokens
+        if self.params.logprobs is not None:
+            self.cumulative_logprob -= sum(entry.logprob for entry in self.logprobs[num_output:])
+            del self.logprobs[num_output:]
+        del self.token_ids[num_tokens:]
 
     def fork(self, seq_id: int, sample_index: int) -> "Sequence":
         """A copy that shares this sequence's blocks (the caller adds the references)."""

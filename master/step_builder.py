@@ -36,7 +36,8 @@ def write_step(
             arrays["slot_mapping"][token_pos] = blocks[start // block_size] * block_size + start % block_size
         else:
             positions = np.arange(start, end)
-            arrays["input_ids"][token_pos : token_pos + count] = seq.token_ids[start:end]
+            tokens = seq.token_ids[start:] + item.draft_ids if item.draft_ids else seq.token_ids[start:end]
+            arrays["input_ids"][token_pos : token_pos + count] = tokens
             arrays["positions"][token_pos : token_pos + count] = positions
             block_ids = np.asarray(blocks, dtype=np.int64)[positions // block_size]
             arrays["slot_mapping"][token_pos : token_pos + count] = block_ids * block_size + positions % block_size
@@ -47,8 +48,11 @@ def write_step(
             num_scored += item.num_scored
             prompt_num_top = max(prompt_num_top, seq.params.prompt_logprobs)
         token_pos += count
-        for sample in range(item.num_rows):
-            sample_rows.append(_sample_row(seq, token_pos - 1, sample))
+        if item.draft_ids:  # a row per verified position, each after the proposed tokens before it
+            first = token_pos - count
+            sample_rows += [_sample_row(seq, first + i, 0, item.draft_ids[:i]) for i in range(count)]
+        else:
+            sample_rows += [_sample_row(seq, token_pos - 1, sample) for sample in range(item.num_rows)]
     copies = plan.block_copies
     arrays["block_copies"][: 2 * len(copies)] = np.asarray(copies, dtype=np.int64).ravel() if copies else []
     is_all_greedy = write_sampling_rows(arrays, sample_rows, suppress_width)
@@ -87,8 +91,9 @@ def _write_scored(arrays: dict[str, np.ndarray], at: int, item: ScheduledSeq, of
     arrays["prompt_targets"][at : at + count] = item.seq.token_ids[first + 1 : first + 1 + count]
 
 
-def _sample_row(seq: Sequence, logits_index: int, sample: int) -> SampleRow:
-    """Row `sample` of `seq`: 0 is the sequence itself, later ones the samples it forks into."""
+def _sample_row(seq: Sequence, logits_index: int, sample: int, drafts: list[int] = ()) -> SampleRow:
+    """Row `sample` of `seq`: 0 is the sequence itself, later ones the samples it forks into; with `drafts`,
+    the row that follows those proposed tokens."""
     beam = seq.beam
     return SampleRow(
         logits_index=logits_index,
@@ -96,8 +101,9 @@ def _sample_row(seq: Sequence, logits_index: int, sample: int) -> SampleRow:
         token_ids=seq.token_ids,
         num_prompt_tokens=seq.num_prompt_tokens,
         sample_index=seq.sample_index + sample,
-        suppress=seq.suppressed_ids,
+        suppress=seq.suppressed_after(len(drafts)) if drafts else seq.suppressed_ids,
         beam_candidates=0 if beam is None else beam.search.candidates_per_beam,
+        drafts=drafts,
     )
 
 
@@ -105,9 +111,10 @@ def _dump_names(plan: StepPlan, request_id_of: Callable[[int], str]) -> list[str
     """File names of the sampled rows, in row order; the position is the index of the token being chosen."""
     names = []
     for item in plan.scheduled:
-        for sample in range(item.num_rows):
+        for row in range(item.num_rows):
+            sample, position = (0, row) if item.draft_ids else (row, 0)  # verified positions follow each other
             request_id = request_id_of(item.seq.seq_id)
             if item.seq.sample_index + sample:
                 request_id = f"{request_id}.{item.seq.sample_index + sample}"
-            names.append(logits_file_name(request_id, item.seq.num_output_tokens))
+            names.append(logits_file_name(request_id, item.seq.num_output_tokens + position))
     return names

@@ -156,3 +156,31 @@ def test_prompt_logprobs_equal_transformers_log_softmax_chunked_and_after_cache_
             token_logprobs = choice["logprobs"]["token_logprobs"]
             assert len(token_logprobs) == len(ids) and token_logprobs[0] is None
             assert torch.allclose(torch.tensor(token_logprobs[1:], dtype=torch.float64), expected, atol=1e-4)
+
+
+def test_speculative_decoding_keeps_greedy_outputs_equal_to_transformers(tmp_path, checkpoints):
+    """n-gram speculation on (the random model repeats itself, so proposals are accepted): the same greedy tokens
+    as transformers, streamed; per request, the same tokens, log-probabilities, seeded samples and stop-string
+    cut as with speculation switched off."""
+    path, expected = checkpoints["llama-gqa"]
+    speculative = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+    config = write_config(tmp_path, {"model_path": str(path)}, speculative_config=speculative,
+                          pa_config={"num_blocks": 64, "block_size": 4})
+    with running_server(config) as server:
+        assert concurrent_outputs(server.url) == expected
+        parameters = {"max_new_tokens": 40, "logprobs": 2, "ignore_eos": True}
+        plain, fast = (generate(server.url, PROMPTS[0], speculative=s, **parameters)["details"]["logprobs"] for s in (False, True))
+        assert [t["id"] for t in fast] == [t["id"] for t in plain]
+        assert [t["logprob"] for t in fast] == pytest.approx([t["logprob"] for t in plain], abs=1e-4)
+        parameters = {"max_new_tokens": 40, "do_sample": True, "temperature": 0.3, "seed": 7, "ignore_eos": True}
+        plain, fast = (generate(server.url, PROMPTS[0], speculative=s, **parameters) for s in (False, True))
+        assert fast["generated_text"] == plain["generated_text"]
+        text = generate(server.url, PROMPTS[0], max_new_tokens=40, ignore_eos=True, speculative=False)["generated_text"]
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        cut = [generate(server.url, PROMPTS[0], max_new_tokens=40, ignore_eos=True, stop=[stop], speculative=s)
+               for s in (False, True)]
+        assert cut[0]["generated_text"] == cut[1]["generated_text"] == text[: text.index(stop)]
+        assert cut[0]["details"]["generated_tokens"] == cut[1]["details"]["generated_tokens"]
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        accepted = [line for line in metrics.splitlines() if line.startswith("llmserve_spec_decode_num_accepted_tokens_total")]
+        assert accepted and float(accepted[0].split()[-1]) > 0

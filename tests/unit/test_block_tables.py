@@ -44,7 +44,7 @@ def test_new_blocks_copy_on_write_and_released_tables_follow_the_deltas():
     ([(5, 0, [1] * 9)], (), "at most 8"),
     ([(1, 2, [8]), (1, 2, [9])], (), "appears twice"),
     ([(7, 0, [])], (), "do not follow"),  # a sequence with no table at all
-    ([(1, 1, [])], (), "do not follow"),  # a table may not shrink (only a release drops it)
+    ([(1, 0, [])], (), "do not follow"),  # a table may not become empty (only a release drops it)
 ])
 def test_deltas_that_do_not_fit_the_held_tables_are_refused_before_anything_changes(deltas, released, problem):
     tables = BlockTables(max_blocks_per_seq=8)
@@ -54,6 +54,19 @@ def test_deltas_that_do_not_fit_the_held_tables_are_refused_before_anything_chan
     with pytest.raises(ProtocolError, match=problem):
         tables.check(header, batch)
     assert tables.held(1) == [4, 5]
+
+
+def test_a_table_cut_back_keeps_its_first_entries_and_grows_again():
+    tables = BlockTables(max_blocks_per_seq=8)
+    header, batch = step([(1, 0, [4, 5, 6]), (2, 0, [7, 8])])
+    tables.apply(header, batch)
+    header, batch = step([(1, 1, []), (2, 2, [])])  # the master took back 1's blocks past index 1 (rejected proposals')
+    tables.check(header, batch)
+    assert tables.apply(header, batch)[1].tolist() == [7, 8]  # 1's row past its one entry is never read
+    assert tables.held(1) == [4] and tables.held(2) == [7, 8]
+    header, batch = step([(1, 1, [9])])
+    tables.check(header, batch)
+    assert tables.apply(header, batch).tolist() == [[4, 9]]
 
 
 def test_more_live_sequences_than_rows_grow_the_table():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Optional
 
 from llmserve.agent.block_tables import BlockTables
 from llmserve.common.config import config_from_dict
@@ -18,11 +19,12 @@ from tests.unit.fake_agent import VOCAB, counting_step, fake_engine
 SCHEDULER = {"max_num_batched_tokens": 24, "decode_batch_size": 6, "prefill_batch_size": 3}
 
 
-def engine_with(num_blocks: int, reserve: int):
+def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = None):
     config = config_from_dict({
         "model_config": {"load_format": "dummy", "dummy_config": {"vocab_size": VOCAB}, "tokenizer_path": "builtin"},
         "pa_config": {"num_blocks": num_blocks, "block_size": 4},
         "scheduler_config": {**SCHEDULER, "reserve_new_tokens": reserve},
+        "speculative_config": speculative or {},
     })
     engines, agent_tables = [], BlockTables(max_blocks_per_seq=64)
 
@@ -57,11 +59,14 @@ def random_params(rng: random.Random) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
 
 
-async def run_workload(engine, seed: int) -> dict[str, list[list[int]]]:
-    """Submit 30 requests over time, abort some; the outputs of those that finished on their own."""
+async def run_workload(engine, seed: int, proposer=None) -> dict[str, list[list[int]]]:
+    """Submit 30 requests over time, abort some; the outputs of those that finished on their own. `proposer`
+    replaces the speculator's (speculative_config on)."""
     rng = random.Random(seed)
     prefixes = [[rng.randrange(3, 900) for _ in range(rng.randrange(4, 12))] for _ in range(3)]
     await engine.start()
+    if proposer is not None:
+        engine.scheduler.speculator.proposer = proposer
     try:
         handles = []
         for i in range(30):

@@ -1,0 +1,257 @@
+"""Speculative decoding: n-gram proposals, the verification's counters and adaptation, and outputs through the
+engine that equal decoding one token per step (greedy and seeded, token for token; unseeded sampling in
+distribution, by a chi-square test), whatever the proposals, with no block leaked."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from llmserve.agent.sampler import Sampler
+from llmserve.common.config import SpeculativeConfig, config_from_dict
+from llmserve.common.protocol import StepResult
+from llmserve.common.sampling import SamplingParams
+from llmserve.common.step_arrays import step_inputs
+from llmserve.master.speculative import NgramProposer, Speculator, best_draft_length
+from tests.unit.fake_agent import VOCAB, fake_engine
+from tests.unit.test_engine_workload import engine_with, finish_of, run_workload
+
+
+def proposals(tokens: list[int], k: int, min_n: int = 2, max_n: int = 4) -> list[int]:
+    return NgramProposer(min_n, max_n)(np.array(tokens, dtype=np.int64), k)
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+    assert proposals([5, 6, 7, 8, 9, 1, 2, 5, 6], 3) == [7, 8, 9]
+    # 2-gram (1, 2) matches at two places; the 3-gram (0, 1, 2) only at the first: the longer wins
+    assert proposals([0, 1, 2, 3, 4, 9, 1, 2, 8, 7, 0, 1, 2], 2) == [3, 4]
+    assert proposals([1, 2, 3, 9, 1, 2, 4, 9, 1, 2], 2) == [4, 9]  # equally long: the latest
+    assert proposals([1, 2, 3, 4, 5, 6], 3) == []  # no earlier occurrence
+    assert proposals([7, 1, 2, 9, 1, 2], 3, min_n=3) == []  # only a 2-gram matches
+    assert proposals([1, 2, 3, 4, 5, 1, 2], 10) == [3, 4, 5, 1, 2, 3, 4, 5, 1, 2]  # a loop goes on repeating
+    assert proposals([4, 4, 4], 3) == [4, 4, 4]
+
+
+def test_verification_counts_the_accepted_prefix():
+    speculator = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False),
+                            proposer=lambda tokens, k: [1] * k)
+    assert speculator.propose(7, [3, 1], room=10) == [1, 1, 1, 1]
+    assert speculator.propose(7, [3, 1], room=2) == [1, 1]
+    assert speculator.verify(7, [5, 6, 7, 8], [5, 6, 0, 8, 9]) == 2  # the third differs: the fourth never counts
+    assert speculator.verify(7, [5, 6, 7], [5, 6, 7, 1]) == 3
+    assert speculator.verify(7, [1], [2, 3]) == 0
+    assert speculator.stats() == {"spec_drafts": 3, "spec_draft_tokens": 8, "spec_accepted_tokens": 5,
+                                  "spec_accepted_per_position": [2, 2, 1, 0]}
+
+
+def test_the_draft_length_maximises_tokens_per_step_time():
+    assert best_draft_length(0.9, 0.1, 8) == 8
+    assert best_draft_length(0.5, 0.1, 8) == 2  # 1.75 / 1.2 beats 1.5 / 1.1 and 1.875 / 1.3
+    assert best_draft_length(0.05, 0.1, 8) == 0  # 1.05 / 1.1 < 1: proposing does not pay
+    assert best_draft_length(0.05, 0.0, 8) == 8  # free verification: always worth it
+
+
+def test_proposals_that_keep_failing_pause_ever_longer_and_good_ones_grow_back():
+    speculator = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4), proposer=lambda tokens, k: [1] * k)
+    history = []
+    for _ in range(40):  # every proposal rejected
+        drafts = speculator.propose(7, [3, 1], room=10)
+        history.append(len(drafts))
+        if drafts:
+            speculator.verify(7, drafts, [2] * (len(drafts) + 1))
+    gaps = [len(list(run)) for is_zero, run in itertools.groupby(history, key=lambda n: n == 0) if is_zero]
+    assert history[0] == 4 and gaps[:4] == [2, 4, 8, 16]  # paused 2, 4, 8, 16 steps between single-token probes
+    for _ in range(100):  # then every proposal accepted (once the pause is over)
+        drafts = speculator.propose(7, [3, 1], room=10)
+        if drafts:
+            speculator.verify(7, drafts, drafts + [1])
+    assert speculator.propose(7, [3, 1], room=10) == [1, 1, 1, 1]
+
+
+def counting_oracle(tokens: np.ndarray, k: int) -> list[int]:
+    """The fake model's own continuation (last token + 1, + 2, ...): every proposal is accepted."""
+    return [(int(tokens[-1]) + i) % VOCAB for i in range(1, k + 1)]
+
+
+def half_right(seed: int):
+    rng = random.Random(seed)
+
+    def propose(tokens: np.ndarray, k: int) -> list[int]:
+        return [token if rng.random() < 0.6 else rng.randrange(VOCAB) for token in counting_oracle(tokens, rng.randint(1, k))]
+    return propose
+
+
+@pytest.mark.parametrize("num_blocks, reserve", [(10, 0), (400, 16)])
+def test_a_random_workload_with_speculation_gives_the_outputs_without_it_and_leaks_nothing(num_blocks, reserve):
+    for seed in range(2):
+        plain = asyncio.run(run_workload(engine_with(400, 16), seed))
+        for proposer in (counting_oracle, half_right(seed), lambda tokens, k: [0] * k):
+            engine = engine_with(num_blocks, reserve, {"method": "ngram", "num_speculative_tokens": 3})
+            outputs = asyncio.run(run_workload(engine, seed, proposer))  # checks every step's blocks and tables
+            common = plain.keys() & outputs.keys()
+            assert len(common) >= 15
+            assert {key: outputs[key] for key in common} == {key: plain[key] for key in common}
+            assert engine.scheduler.speculator.num_draft_tokens > 0
+
+
+# ---------------------------------------------------------------- a Markov "model" sampled by the real sampler
+
+SUPPORT = np.arange(10, 14)  # the tokens the model can produce
+
+
+@functools.lru_cache(maxsize=None)
+def markov_logits(seed: int = 0) -> torch.Tensor:
+    """[VOCAB, VOCAB]: the next token's logits given the last one, on SUPPORT only."""
+    rng = np.random.default_rng(seed)
+    logits = np.full((VOCAB, VOCAB), -np.inf, dtype=np.float32)
+    logits[:, SUPPORT] = rng.normal(0, 1.2, size=(VOCAB, len(SUPPORT)))
+    return torch.from_numpy(logits)
+
+
+def markov_step(logits_table: torch.Tensor, sampler: Sampler, suppress_width: int):
+    def step(header, inputs, outputs):
+        batch = step_inputs(inputs, header, suppress_width)
+        logits = logits_table[torch.from_numpy(batch.input_ids[batch.logits_indices])].clone()
+        out = sampler(logits, batch.sampling, header.is_all_greedy)
+        outputs["sampled_ids"][: header.num_sample] = out.sampled_ids.numpy()
+        if out.sampled_logprobs is not None:
+            outputs["sampled_logprobs"][: header.num_sample] = out.sampled_logprobs.numpy()
+        return StepResult(header.step_id, 0, {"predict": 0.1})
+    return step
+
+
+def markov_engine(speculative: bool, sampler_seed: int = 0):
+    config = config_from_dict({
+        "model_config": {"load_format": "dummy", "dummy_config": {"vocab_size": VOCAB}, "tokenizer_path": "builtin"},
+        "pa_config": {"num_blocks": 2048, "block_size": 4},
+        "scheduler_config": {"decode_batch_size": 128, "max_num_batched_tokens": 1024, "prefill_batch_size": 128,
+                             "max_queue_size": 4096},
+        "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False} if speculative else {},
+    })
+    sampler, engines = Sampler(torch.device("cpu"), seed=sampler_seed), []
+
+    def step(header, inputs, outputs):
+        return markov_step(markov_logits(), sampler, engines[0].suppress_width)(header, inputs, outputs)
+    engines.append(fake_engine(config, max_seq_len=64, step_fn=step))
+    return engines[0]
+
+
+async def generate(engine, prompts: list[list[int]], params: list[SamplingParams], proposer=None) -> list[list[int]]:
+    await engine.start()
+    if proposer is not None:
+        engine.scheduler.speculator.proposer = proposer
+    try:
+        handles = [engine.submit(f"r{i}", prompt, p, stream=False) for i, (prompt, p) in enumerate(zip(prompts, params))]
+        await asyncio.wait_for(asyncio.gather(*(finish_of(h) for h in handles)), timeout=120)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        return [h.outputs[0].output_ids for h in handles]
+    finally:
+        await engine.stop()
+
+
+SEEDED = [
+    SamplingParams(max_new_tokens=12, do_sample=True, seed=3),
+    SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=3, seed=4),
+    SamplingParams(max_new_tokens=12, do_sample=True, top_p=0.8, repetition_penalty=1.3, seed=5),
+    SamplingParams(max_new_tokens=12, do_sample=True, presence_penalty=0.8, frequency_penalty=0.5, seed=6, logprobs=2),
+    SamplingParams(max_new_tokens=12, no_repeat_ngram_size=2, min_new_tokens=5),
+    SamplingParams(max_new_tokens=12),
+]
+
+
+def ngram_of_the_chain(tokens: np.ndarray, k: int) -> list[int]:
+    return NgramProposer(1, 3)(tokens, k)
+
+
+@pytest.mark.parametrize("proposer", [None, ngram_of_the_chain, lambda tokens, k: [int(SUPPORT[0])] * k],
+                         ids=["ngram", "ngram-1", "constant"])
+def test_seeded_and_greedy_outputs_equal_decoding_without_speculation_token_for_token(proposer):
+    prompts = [[10 + i % 4, 11, 12, 10, 11] for i in range(len(SEEDED))]
+    plain = asyncio.run(generate(markov_engine(False), prompts, SEEDED))
+    engine = markov_engine(True)
+    assert asyncio.run(generate(engine, prompts, SEEDED, proposer)) == plain
+    assert engine.scheduler.speculator.num_accepted_tokens > 0
+
+
+def chain_probabilities(logits: torch.Tensor, first: int) -> dict[tuple[int, int], float]:
+    """P(t2, t3 | t1 = first) of the Markov model at temperature 1."""
+    probs = torch.softmax(logits[:, SUPPORT], dim=-1).numpy()
+    index = {int(t): i for i, t in enumerate(SUPPORT)}
+    return {(int(a), int(b)): probs[first, index[int(a)]] * probs[int(a), index[int(b)]]
+            for a, b in itertools.product(SUPPORT, SUPPORT)}
+
+
+CHI2_DF15_P001 = 37.70  # the chi-square distribution's 99.9% quantile with 15 degrees of freedom
+
+
+@pytest.mark.parametrize("proposer", [
+    lambda tokens, k: [999] * k,  # always wrong: a token the model never gives
+    lambda tokens, k: [int(SUPPORT[markov_logits()[int(tokens[-1]), SUPPORT].argmax()])] * k,  # often right
+    ngram_of_the_chain,
+], ids=["always-wrong", "mode", "ngram"])
+def test_sampled_outputs_follow_the_target_distribution_with_any_proposer(proposer):
+    """Tokens 2 and 3 of unseeded samples, given the first: a chi-square test against the chain's probabilities."""
+    num = 2400
+    prompt = [10, 11, 12, 13, 10]
+    params = [SamplingParams(max_new_tokens=4, do_sample=True)] * num
+    engine = markov_engine(True, sampler_seed=1)
+    outputs = asyncio.run(generate(engine, [prompt] * num, params, proposer))
+    assert engine.scheduler.speculator.num_draft_tokens > num  # most decode steps verified proposals
+    counts: dict[int, dict[tuple[int, int], int]] = {}
+    for tokens in outputs:
+        pair = (tokens[1], tokens[2])
+        counts.setdefault(tokens[0], {})
+        counts[tokens[0]][pair] = counts[tokens[0]].get(pair, 0) + 1
+    first = max(counts, key=lambda t: sum(counts[t].values()))  # the most frequent first token: the most samples
+    observed = counts[first]
+    total = sum(observed.values())
+    expected = chain_probabilities(markov_logits(), first)
+    chi2 = sum((observed.get(cell, 0) - total * p) ** 2 / (total * p) for cell, p in expected.items())
+    assert chi2 < CHI2_DF15_P001, (chi2, total, observed)
+
+
+async def streamed(engine, prompt: list[int], params: SamplingParams, proposer=None):
+    """The token events' (id, text, finish reason) and the final output of one streamed request."""
+    await engine.start()
+    if proposer is not None:
+        engine.scheduler.speculator.proposer = proposer
+    try:
+        handle = engine.submit("r", prompt, params, stream=True)
+        events = [event async for event in handle.stream()]
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        tokens = [(e.token_id, e.text, e.finish_reason, e.logprobs and e.logprobs.logprob) for e in events[:-1]]
+        return tokens, handle.outputs[0]
+    finally:
+        await engine.stop()
+
+
+def test_a_stop_string_inside_an_accepted_run_cuts_the_output_where_decoding_one_token_at_a_time_stops():
+    prompt = [300, 301, 302]
+    plain_events, plain = asyncio.run(streamed(fake_engine(), prompt, SamplingParams(max_new_tokens=30, ignore_eos=True)))
+    stop = plain.text[len(plain.text) // 2 :][:4]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, stop=(stop,), logprobs=0)
+    expected_events, expected = asyncio.run(streamed(fake_engine(), prompt, params))
+    config = fake_config_with({"method": "ngram", "num_speculative_tokens": 8})
+    events, output = asyncio.run(streamed(fake_engine(config), prompt, params, counting_oracle))
+    assert output.text == expected.text == plain.text[: plain.text.index(stop)]
+    assert output.output_ids == expected.output_ids and output.finish_reason == expected.finish_reason == "stop_sequence"
+    assert events == expected_events and len(events) < len(plain_events)
+    assert output.cumulative_logprob == expected.cumulative_logprob
+
+
+def fake_config_with(speculative: dict):
+    return config_from_dict({
+        "model_config": {"load_format": "dummy", "dummy_config": {"vocab_size": VOCAB}, "tokenizer_path": "builtin"},
+        "pa_config": {"num_blocks": 64, "block_size": 4}, "speculative_config": speculative,
+    })
+
+
+def test_a_large_batch_makes_verified_tokens_too_dear_to_propose():
+    speculator = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4), proposer=lambda tokens, k: [1] * k)
+    assert speculator.propose(1, [3, 1], room=10, num_running=16) == []  # each token would cost a whole step
+    assert speculator.propose(2, [3, 1], room=10, num_running=2) == [1, 1]  # a new sequence: 2 of 3 accepted so far
