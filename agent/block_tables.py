@@ -30,6 +30,10 @@ class BlockTables:
         row = self.row_of.get(seq_id)
         return [] if row is None else self.rows[row, : self.lengths[row]].tolist()
 
+    def lengths_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        """The table length of each of `seq_ids` (all held)."""
+        return self.lengths[[self.row_of[seq_id] for seq_id in seq_ids.tolist()]]
+
     def check(self, header: StepRequest, batch: StepInputs) -> None:
         """ProtocolError, before anything changes, for deltas that do not fit the tables held."""
         released = set(header.released_seq_ids)

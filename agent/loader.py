@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Iterator, Optional
 
 import torch
@@ -29,20 +30,26 @@ def load_model(
     device: torch.device,
     seed: int = 0,
     shard: Shard = Shard(),
+    num_layers: Optional[int] = None,
 ) -> nn.Module:
     """The model in eval mode on `device` with `dtype`, its weights from `model_path` or random ("dummy").
 
-    With tensor parallelism the model is this rank's share (`shard`), cut from the same full weights.
+    With tensor parallelism the model is this rank's share (`shard`), cut from the same full weights. With
+    `num_layers`, only the first that-many decoder layers are kept (a speculative draft sliced from the
+    model: the same embeddings, layers, final norm and LM head, the later layers skipped).
     """
+    sliced = hf_config if num_layers is None else {**hf_config, "num_hidden_layers": num_layers}
     with torch.device("meta"):  # shapes only: every parameter is replaced below, so none is initialised twice
-        model = model_class(hf_config)(local_config(hf_config, shard))
-        full_model = model_class(hf_config)(hf_config) if shard.world > 1 else model
+        model = model_class(hf_config)(local_config(sliced, shard))
+        full_model = model_class(hf_config)(hf_config) if shard.world > 1 or num_layers is not None else model
     if load_format == "dummy":
         weights = _dummy_weights(full_model, hf_config.get("initializer_range", 0.02), seed)
     elif load_format in ("auto", "safetensors"):
         weights = _safetensors_weights(_checkpoint_files(model_path))
     else:
         raise ValueError(f"load_format {load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'")
+    if num_layers is not None:
+        weights = ((name, tensor) for name, tensor in weights if _layer_index(name) < num_layers)
     grids: dict[str, CheckpointGrid] = {}
     prequantized = checkpoint_quantization(hf_config) if load_format != "dummy" else None
     if prequantized:
@@ -54,6 +61,15 @@ def load_model(
         if name not in tied:  # a tied copy was not loaded: the layer computes with its source's float weights
             model.get_parameter(name).checkpoint_grid = shard_grid(name, grid, hf_config, shard)
     return model.to(device).eval()
+
+
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _layer_index(name: str) -> int:
+    """The decoder layer a weight belongs to (-1 for embeddings, final norm, LM head)."""
+    match = LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else -1
 
 
 def _checkpoint_files(model_path: Optional[str]) -> list[str]:

@@ -45,6 +45,7 @@ class ModelRunner:
         quantize_lm_head: bool = False,
         quantization_group_size: int = 128,
         kv_cache_dtype: str = "auto",
+        num_layers: Optional[int] = None,
     ):
         """`num_blocks`: the KV blocks to allocate, or a function of one block's bytes on this rank that gives
         them, called once the weights are in memory (so it can size the cache from what is left).
@@ -53,12 +54,13 @@ class ModelRunner:
         checkpoint's max_position_embeddings (the fused rotary kernel reads a table of that many positions).
         `quantization`: none, or a scheme of agent/layers/quantization for the decoder's linear layers (and
         the LM head with `quantize_lm_head`; int4 in groups of `quantization_group_size`). `kv_cache_dtype`:
-        auto (the model's dtype) or int8 (agent/layers/attention)."""
+        auto (the model's dtype) or int8 (agent/layers/attention). `num_layers`: keep only the first that-many
+        decoder layers (a speculative draft sliced from the model)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard)
+        self.model = load_model(hf_config, model_path, load_format, self.dtype, self.device, seed, shard, num_layers)
         self.model.merge_projections()
         self.quantization = self._quantize(hf_config, load_format, quantization, quantization_group_size, quantize_lm_head)
         kernel, self.linear_kernel = choose_linear_kernel(linear_kernel, self.dtype, self.device)

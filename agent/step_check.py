@@ -35,6 +35,7 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
         ("num_block_copies", header.num_block_copies, capacity.max_num_seqs),
         ("num_prompt_positions", header.num_prompt_positions, header.num_tokens),
         ("prompt_num_top", header.prompt_num_top, capacity.topk_width),
+        ("draft_width", header.draft_width, capacity.draft_width),
     )
     for name, value, most in counts:
         if not 0 <= value <= most:
@@ -58,6 +59,8 @@ def check_inputs(batch: StepInputs, pool: PoolShape) -> None:
     _within("block_copies", batch.block_copies, pool.num_blocks - 1)
     _within("prompt_positions", batch.prompt_positions, len(batch.input_ids) - 1)
     _within("prompt_targets", batch.prompt_targets, pool.vocab_size - 1)
+    if not ((batch.num_draft_tokens >= 0) & (batch.num_draft_tokens < batch.query_lens)).all():
+        raise ProtocolError("num_draft_tokens: each sequence's proposals are fewer than its tokens")
 
 
 def _within(name: str, values: np.ndarray, high: int) -> None:

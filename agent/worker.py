@@ -15,6 +15,7 @@ import torch
 import zmq
 
 from llmserve.agent.block_tables import BlockTables
+from llmserve.agent.draft import DraftModel
 from llmserve.agent.kv_cache import available_memory, kv_cache_size
 from llmserve.agent.model_runner import ModelRunner, TokenScores
 from llmserve.agent.sampler import Sampler, SamplerOutput
@@ -23,7 +24,7 @@ from llmserve.agent.tensor_parallel import (
     AllReduceTimer, Shard, SharedMemoryAllReduce, add_all_reduces, can_share_memory, init_group,
 )
 from llmserve.common.agent_keys import ChannelKeys, secure_server
-from llmserve.common.config import Config
+from llmserve.common.config import Config, ModelConfig
 from llmserve.common.model_info import model_info, read_hf_config
 from llmserve.common.protocol import (
     EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, ProtocolError,
@@ -57,13 +58,15 @@ class Worker:
             init_group(backend, serving.dist_ip, serving.dist_port, self.shard, serving.agent_start_timeout)
         hf_config = read_hf_config(config.model_config)
         self.max_seq_len = model_info(config.model_config, hf_config).max_seq_len
+        self.draft = self._load_draft(config, hf_config) if config.speculative_config.method == "draft" else None
+        draft_block_bytes = 0 if self.draft is None else self.draft.runner.block_bytes
         self.runner = ModelRunner(
             hf_config=hf_config,
             model_path=config.model_config.model_path,
             load_format=config.model_config.load_format,
             dtype=config.model_config.model_dtype,
             device=str(self.device),
-            num_blocks=self._kv_blocks,
+            num_blocks=lambda block_bytes: self._kv_blocks(block_bytes + draft_block_bytes),
             block_size=config.pa_config.block_size,
             seed=config.model_config.seed,
             shard=self.shard,
@@ -75,6 +78,11 @@ class Worker:
             kv_cache_dtype=config.pa_config.kv_cache_dtype,
             max_seq_len=self.max_seq_len,
         )
+        if self.draft is not None:
+            if self.draft.runner.vocab_size != self.runner.vocab_size:
+                raise ValueError(f"speculative_config: the draft model's vocabulary has {self.draft.runner.vocab_size} "
+                                 f"tokens, the model's {self.runner.vocab_size}: a draft must share the tokenizer")
+            self.draft.allocate(self.runner.num_blocks)
         self.shared_all_reduce = None
         if self.shard.world > 1:
             add_all_reduces(self.runner.model, self.all_reduce_timer, self._all_reduce_function(config))
@@ -92,6 +100,29 @@ class Worker:
         self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
         if self.logits_dump_dir is not None:
             os.makedirs(self.logits_dump_dir, exist_ok=True)
+
+    def _load_draft(self, config: Config, hf_config: dict) -> DraftModel:
+        """The speculative draft model: its own checkpoint, or a slice of the model's first layers."""
+        spec, model = config.speculative_config, config.model_config
+        path = spec.draft_model_path
+        draft_config = read_hf_config(ModelConfig(model_path=path)) if path else hf_config
+        runner = ModelRunner(
+            hf_config=draft_config,
+            model_path=path or model.model_path,
+            load_format="auto" if path else model.load_format,
+            dtype=spec.draft_model_dtype or model.model_dtype,
+            device=str(self.device),
+            num_blocks=1,  # sized with the target's pool once the target is in memory
+            block_size=config.pa_config.block_size,
+            seed=model.seed,
+            attention_backend=model.attention_backend,
+            linear_kernel=model.linear_kernel,
+            max_seq_len=self.max_seq_len,
+            num_layers=spec.draft_num_layers,
+        )
+        logger.info("agent %d: draft model %s, %d layers", self.rank, path or "sliced from the model",
+                    runner.num_layers)
+        return DraftModel(runner, config.pa_config.block_size)
 
     def _kv_blocks(self, block_bytes: int) -> int:
         """The KV blocks of this rank, from pa_config and the memory left after the weights."""
@@ -140,8 +171,8 @@ class Worker:
             vocab_size=self.runner.vocab_size,
             num_layers=self.runner.num_layers,
             num_kv_blocks=self.runner.num_blocks,
-            kv_cache_bytes=self.runner.num_blocks * self.runner.block_bytes,
-            kernels=self.runner.kernels,
+            kv_cache_bytes=self.runner.num_blocks * self.runner.block_bytes + (self.draft.kv_cache_bytes if self.draft else 0),
+            kernels={**self.runner.kernels, **({"draft": f"{self.draft.runner.num_layers} layers"} if self.draft else {})},
             block_size=self.config.pa_config.block_size,
             dtype=self.config.model_config.model_dtype,
             device=str(self.device),
@@ -169,6 +200,12 @@ class Worker:
                 self.dump_logits(logits, header.dump_names)
         with timer.stage("sample"):
             output = self.sampler(logits, batch.sampling, header.is_all_greedy)
+        if self.draft is not None:
+            with timer.stage("draft"):
+                self.draft.copy_blocks(batch.block_copies)
+                proposals = self.output_arrays["draft_ids"][: header.num_seqs * header.draft_width]
+                self.draft.propose(batch, block_tables, self.block_tables.lengths_of(batch.seq_ids),
+                                   output.sampled_ids.cpu().numpy(), proposals.reshape(header.num_seqs, header.draft_width))
         scores = None
         if header.num_prompt_positions:
             with timer.stage("score_prompt"):

@@ -256,13 +256,17 @@ class SpeculativeConfig:
     """Speculative decoding (master/speculative.py): each decode step also verifies up to
     num_speculative_tokens proposed tokens; the output is the one decoding without it gives."""
 
-    method: Literal["none", "ngram"] = "none"  # ngram: continue the latest earlier match of the sequence's own tokens
+    method: Literal["none", "ngram", "draft"] = "none"  # ngram: continue the latest earlier match of the
+    # sequence's own tokens; draft: a small model on the agent proposes (draft_model_path or draft_num_layers)
     num_speculative_tokens: int = 4  # the most proposed tokens verified per sequence and step (k)
     prompt_lookup_min: int = 2  # ngram: the shortest suffix of the tokens that may match
     prompt_lookup_max: int = 4  # ngram: the longest suffix tried first
     adaptive: bool = True  # each sequence's k follows its acceptance rate; proposing pauses while it does not pay
     draft_token_cost: float = 0.1  # adaptive: a verified token's cost relative to a step, per running sequence
     disable_by_batch_size: int = 0  # no proposals while this many sequences or more run (0: any batch)
+    draft_model_path: Optional[str] = None  # draft: a checkpoint with the target's vocabulary (default: the target)
+    draft_num_layers: Optional[int] = None  # draft: keep only its first this-many decoder layers (a slice)
+    draft_model_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # default: model_dtype
 
     def validate(self) -> None:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
@@ -271,6 +275,11 @@ class SpeculativeConfig:
             raise ValueError(f"prompt_lookup_min: must be between 1 and prompt_lookup_max ({self.prompt_lookup_max})")
         if not 0 <= self.draft_token_cost <= 1:
             raise ValueError("draft_token_cost: must be between 0 and 1 (a share of a decode step's time)")
+        if self.method == "draft" and self.draft_model_path is None and self.draft_num_layers is None:
+            raise ValueError("method: draft needs draft_model_path (a small checkpoint with the same vocabulary) "
+                             "or draft_num_layers (a slice of the target)")
+        if self.draft_num_layers is not None and self.draft_num_layers < 1:
+            raise ValueError("draft_num_layers: must be at least 1")
         if self.disable_by_batch_size < 0:
             raise ValueError("disable_by_batch_size: must not be negative (0: speculate at any batch size)")
         if self.prompt_lookup_max > MAX_SPECULATIVE_TOKENS:
@@ -350,6 +359,9 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         sections[name] = _build_section(SECTIONS[name], values, name, source)
     config = Config(**sections, path=source)
     _check_paths(config, source)
+    if config.speculative_config.method == "draft" and config.serving_config.world_size > 1:
+        raise ConfigError(f"{source}: speculative_config.method: draft runs with one agent, not tensor_parallel_size "
+                          f"{config.serving_config.world_size} (use ngram)")
     if config.model_config.quantization != "none" and config.serving_config.device != "cpu":
         raise ConfigError(f"{source}: model_config.quantization: {config.model_config.quantization} runs on the CPU, "
                           f"not serving_config.device {config.serving_config.device}")
@@ -424,6 +436,9 @@ def _check_paths(config: Config, source: str) -> None:
     keys_dir = config.serving_config.agent_keys_dir
     if keys_dir is not None and not os.path.isdir(keys_dir):
         raise ConfigError(f"{source}: key 'serving_config.agent_keys_dir': {keys_dir} is not a directory")
+    draft = config.speculative_config.draft_model_path
+    if draft is not None and not os.path.isdir(draft):
+        raise ConfigError(f"{source}: key 'speculative_config.draft_model_path': {draft} is not a directory")
     template = config.model_config.chat_template
     if template is not None and not os.path.isfile(template):
         raise ConfigError(f"{source}: key 'model_config.chat_template': {template} is not a file")

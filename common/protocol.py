@@ -39,6 +39,7 @@ class InitAgent:
     topk_width: int
     suppress_width: int
     max_num_rows: int
+    draft_width: int
 
 
 @dataclass
@@ -74,6 +75,7 @@ class StepRequest:
     num_prompt_positions: int = 0  # tokens whose next prompt token is scored (prompt log-probabilities)
     prompt_num_top: int = 0  # top log-probabilities returned per scored position
     released_seq_ids: list[int] = field(default_factory=list)  # sequences whose block tables the agent drops first
+    draft_width: int = 0  # speculative draft model: the most tokens proposed per sequence (draft_ids' row width)
 
 
 @dataclass

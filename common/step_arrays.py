@@ -26,6 +26,7 @@ class StepCapacity:
     topk_width: int = 1  # top log-probabilities / beam candidates returned per sampled row
     suppress_width: int = 1  # token ids a row may mask (end tokens before min_new_tokens)
     max_num_rows: int = 0  # sampled rows (a row per verified position with speculation); 0: max_num_seqs
+    draft_width: int = 0  # tokens a draft model proposes per sequence at most (speculative_config method draft)
 
     @property
     def num_rows(self) -> int:
@@ -129,6 +130,10 @@ class StepInputs:
     block_copies: np.ndarray = column(  # [num_block_copies, 2]: (source, destination) KV blocks, copied first
         np.int64, lambda cap: 2 * cap.max_num_seqs, lambda h, width: 2 * h.num_block_copies,
         lambda h, width: (h.num_block_copies, 2))
+    # speculation: how many of each sequence's tokens are proposals (at its end), and how many tokens the
+    # agent's draft model should propose after this step
+    num_draft_tokens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
+    propose_counts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     logits_indices: np.ndarray = column(np.int64, _rows, _sampled)  # per sampled row; n samples share one
     prompt_positions: np.ndarray = column(np.int64, _tokens, _scored)  # step tokens whose logits score prompt_targets
     prompt_targets: np.ndarray = column(np.int64, _tokens, _scored)  # the next prompt token of each
@@ -147,6 +152,9 @@ class StepOutputs:
     topk_logprobs: np.ndarray = column(
         np.float32, lambda cap: cap.num_rows * cap.topk_width, lambda h, width: h.num_sample * width,
         lambda h, width: (h.num_sample, width))
+    draft_ids: np.ndarray = column(  # [num_seqs, draft_width]: the draft model's proposals, -1 past each row's
+        np.int32, lambda cap: max(cap.max_num_seqs * cap.draft_width, 1), lambda h, width: h.num_seqs * h.draft_width,
+        lambda h, width: (h.num_seqs, h.draft_width))
     prompt_logprobs: np.ndarray = column(np.float32, _tokens, _scored)  # raw log-probability of each prompt target
     prompt_ranks: np.ndarray = column(np.int32, _tokens, _scored)  # its rank in the vocabulary, 1 the most likely
     prompt_topk_ids: np.ndarray = column(

@@ -56,6 +56,7 @@ SERVE_KEYS = {
     "max_num_seqs": ("scheduler_config", "decode_batch_size"),
     "speculative_method": ("speculative_config", "method"),
     "num_speculative_tokens": ("speculative_config", "num_speculative_tokens"),
+    "draft_model": ("speculative_config", "draft_model_path"),
 }
 KV_CACHE_SIZES = {"num_blocks": "auto", "kv_cache_memory": None, "memory_utilization": None}  # each key when unused
 
@@ -124,9 +125,12 @@ def _add_serve(verbs) -> None:
                        help="pa_config.memory_utilization: the share of the memory left after the weights")
     serve.add_argument("--max-num-seqs", type=int, metavar="N",
                        help="scheduler_config.decode_batch_size: sequences decoded in one step at most")
-    serve.add_argument("--speculative-method", choices=("none", "ngram"),
+    serve.add_argument("--speculative-method", choices=("none", "ngram", "draft"),
                        help="speculative_config.method: ngram proposes continuations of earlier matches of each "
-                            "sequence's own tokens, verified in the same step (same output, fewer steps)")
+                            "sequence's own tokens, draft a small model's greedy tokens; each step verifies them "
+                            "(same output, fewer steps)")
+    serve.add_argument("--draft-model", metavar="DIR",
+                       help="speculative_config.draft_model_path: the draft checkpoint (the model's tokenizer)")
     serve.add_argument("--num-speculative-tokens", type=int, metavar="K",
                        help="speculative_config.num_speculative_tokens: the most tokens proposed per sequence and step")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -145,6 +149,8 @@ def serve_overrides(args: argparse.Namespace) -> dict:
     for name, (section, key) in SERVE_KEYS.items():
         if getattr(args, name) is not None:
             overrides.setdefault(section, {})[key] = getattr(args, name)
+    if args.draft_model is not None:
+        overrides["speculative_config"]["draft_model_path"] = os.path.abspath(args.draft_model)
     if args.model_dir is not None:
         checkpoint = {"model_path": os.path.abspath(args.model_dir), "load_format": "auto", "dummy_config": None}
         overrides.setdefault("model_config", {}).update(checkpoint)

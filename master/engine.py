@@ -378,9 +378,8 @@ class Engine:
         step_id = next(self.step_ids)
         try:
             with timer.stage("build"):
-                header = write_step(
-                plan, self.transport.inputs, self.block_manager.block_size, step_id, self.request_id_of, self.suppress_width
-            )
+                header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id,
+                                    self.request_id_of, self.suppress_width, self.transport.capacity.draft_width)
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)
@@ -400,7 +399,7 @@ class Engine:
         prompt = None
         if header.num_prompt_positions:
             prompt = PromptScores(out.prompt_logprobs, out.prompt_ranks, out.prompt_topk_ids, out.prompt_topk_logprobs)
-        return StepSamples(out.sampled_ids, out.sampled_logprobs, out.topk_ids, out.topk_logprobs, prompt)
+        return StepSamples(out.sampled_ids, out.sampled_logprobs, out.topk_ids, out.topk_logprobs, prompt, out.draft_ids)
 
     def _request_id_of(self, seq_id: int) -> str:
         return self.handles[seq_id].request_id

@@ -61,6 +61,7 @@ def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1) -> 
         topk_width=max(limits.max_logprobs, limits.max_num_beams * max(2, 1 + num_end_tokens), 1),
         suppress_width=num_end_tokens + limits.max_stop_token_ids,
         max_num_rows=sched.decode_batch_size * config.speculative_config.rows_per_seq,
+        draft_width=config.speculative_config.num_speculative_tokens if config.speculative_config.method == "draft" else 0,
     )
 
 

@@ -31,6 +31,7 @@ class ScheduledSeq:
     num_scored: int = 0  # prompt positions from `first_scored` whose next token's log-probability is returned
     first_scored: int = 0
     draft_ids: list[int] = field(default_factory=list)  # proposed tokens verified after the last one (speculation)
+    propose_count: int = 0  # tokens the agent's draft model proposes after this step
 
     @property
     def num_rows(self) -> int:
@@ -75,6 +76,7 @@ class StepSamples:
     topk_ids: Optional[np.ndarray] = None  # [rows, width]
     topk_logprobs: Optional[np.ndarray] = None
     prompt: Optional["PromptScores"] = None  # the scored prompt positions, in plan order
+    draft_ids: Optional[np.ndarray] = None  # [sequences, width]: the agent's draft model's proposals, in plan order
 
     def token_logprobs(self, row: int, num_top: int) -> Optional[TokenLogprobs]:
         if num_top < 0 or self.logprobs is None:
@@ -175,29 +177,45 @@ class Scheduler:
     def add_drafts(self, plan: StepPlan) -> None:
         """With a speculator: give the decode rows of `plan` proposed tokens to verify, within the step's token
         budget and sampled rows (1 + k per decode slot), each sequence's remaining tokens and the free blocks
-        (never preempting for them)."""
+        (never preempting for them); with a draft model, also ask the agent for each sampling row's proposals
+        for the next step, with blocks for the positions the draft writes them at."""
         if self.speculator is None or not self.speculator.wants_batch(len(self.running)):
             return
         budget = self.config.max_num_batched_tokens - plan.num_tokens
         rows = sum(item.num_rows for item in plan.scheduled)
         max_rows = self.config.decode_batch_size * self.speculator.config.rows_per_seq
+        uses_draft_model = self.speculator.config.method == "draft"
         for item in plan.scheduled:
             seq = item.seq
+            if not item.samples or item.num_samples > 1 or seq.beam is not None or not seq.params.speculative:
+                continue
             room = min(budget, max_rows - rows, seq.num_tokens_left - 1)
-            if (room <= 0 or item.is_prefill or not item.samples or item.num_samples > 1 or seq.beam is not None
-                    or not seq.params.speculative):
-                continue
-            drafts = self.speculator.propose(seq.seq_id, seq.token_ids, room, len(self.running))
-            while drafts and not self.blocks.can_grow(seq, seq.num_tokens + len(drafts)):
-                drafts.pop()
-            if not drafts:
-                continue
-            plan.block_copies.extend(self.blocks.grow(seq, seq.num_tokens + len(drafts)))
-            item.draft_ids = drafts
-            item.num_new_tokens += len(drafts)
-            plan.num_tokens += len(drafts)
-            budget -= len(drafts)
-            rows += len(drafts)
+            if not item.is_prefill and room > 0:
+                drafts = self.speculator.propose(seq.seq_id, seq.token_ids, room, len(self.running))
+                while drafts and not self.blocks.can_grow(seq, seq.num_tokens + len(drafts)):
+                    drafts.pop()
+                if drafts:
+                    plan.block_copies.extend(self.blocks.grow(seq, seq.num_tokens + len(drafts)))
+                    item.draft_ids = drafts
+                    item.num_new_tokens += len(drafts)
+                    plan.num_tokens += len(drafts)
+                    budget -= len(drafts)
+                    rows += len(drafts)
+            if uses_draft_model:
+                self._ask_draft_model(item)
+
+    def _ask_draft_model(self, item: ScheduledSeq) -> None:
+        """The agent's draft model proposes up to this many tokens after the step: it writes its KV at the
+        positions of the new token and of all but the last proposal, so they get blocks now (returned after
+        the step with the rejected ones')."""
+        seq = item.seq
+        count = self.speculator.next_draft_length(seq.seq_id, seq.num_tokens_left - 2, len(self.running))
+        end = seq.num_computed + item.num_new_tokens + count
+        while count and not self.blocks.can_grow(seq, end):
+            count, end = count - 1, end - 1
+        if count:
+            item.propose_count = count
+            self.blocks.grow(seq, end)  # past the tokens written now: nothing shared to copy
 
     def _schedule_running(self, plan: StepPlan) -> None:
         budget = self.config.max_num_batched_tokens
@@ -364,7 +382,7 @@ class Scheduler:
         outcome = StepOutcome(new_tokens=[], finished=[])
         beam_groups: list[BeamGroup] = []
         row = scored = 0
-        for item in plan.scheduled:
+        for index, item in enumerate(plan.scheduled):
             seq, first_row, first_scored = item.seq, row, scored
             row += item.num_rows
             scored += item.num_scored
@@ -374,19 +392,21 @@ class Scheduler:
                 seq.prompt_logprobs += samples.prompt.token_logprobs(first_scored, item.num_scored, seq.params.prompt_logprobs)
             if item.draft_ids:
                 self._verify(item, samples, first_row, outcome)
-                continue
-            seq.num_computed += item.num_new_tokens
-            self.blocks.cache_computed(seq)
-            if not item.samples:
-                continue
-            if seq.beam is not None:
-                seq.beam.collect(seq, samples.topk_ids[first_row], samples.topk_logprobs[first_row])
-                beam_groups += [seq.beam] if seq.beam not in beam_groups else []
-                continue
-            children = fork_samples(seq, self.blocks, self.next_seq_id) if seq.pending_forks else []
-            self._apply(GroupChange(forked=[(seq, child) for child in children]), outcome)
-            for offset, target in enumerate([seq, *children]):
-                self._append(target, samples, first_row + offset, outcome)
+            else:
+                seq.num_computed += item.num_new_tokens
+                self.blocks.cache_computed(seq)
+                if not item.samples:
+                    continue
+                if seq.beam is not None:
+                    seq.beam.collect(seq, samples.topk_ids[first_row], samples.topk_logprobs[first_row])
+                    beam_groups += [seq.beam] if seq.beam not in beam_groups else []
+                    continue
+                children = fork_samples(seq, self.blocks, self.next_seq_id) if seq.pending_forks else []
+                self._apply(GroupChange(forked=[(seq, child) for child in children]), outcome)
+                for offset, target in enumerate([seq, *children]):
+                    self._append(target, samples, first_row + offset, outcome)
+            if item.propose_count and not seq.is_finished:
+                self._keep_proposals(seq, samples.draft_ids[index, : item.propose_count])
         for group in beam_groups:
             if group.is_ready:
                 self._apply(group.advance(self.blocks, self.next_seq_id), outcome)
@@ -405,6 +425,12 @@ class Scheduler:
                 return  # finished: its blocks are freed
             seq.num_computed += offset < accepted
         self.blocks.cache_computed(seq)
+        self.blocks.shrink(seq, seq.num_tokens)
+
+    def _keep_proposals(self, seq: Sequence, proposed: np.ndarray) -> None:
+        """The draft model's proposals for the next step (-1 past those it made); the blocks it wrote them
+        in, past the sequence's tokens, go back."""
+        self.speculator.keep_agent_drafts(seq.seq_id, seq.num_tokens, [int(t) for t in proposed if t >= 0])
         self.blocks.shrink(seq, seq.num_tokens)
 
     def _append(self, seq: Sequence, samples: StepSamples, row: int, outcome: StepOutcome) -> bool:

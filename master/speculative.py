@@ -114,6 +114,7 @@ class Speculator:
         self.config = config
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.states: dict[int, SpecState] = {}  # seq id -> its state
+        self.agent_drafts: dict[int, tuple[int, list[int]]] = {}  # seq id -> (its length then, the draft's proposals)
         self.num_drafts = 0  # verifications of at least one proposed token
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -125,28 +126,51 @@ class Speculator:
         return not limit or num_running < limit
 
     def propose(self, seq_id: int, token_ids: list[int], room: int, num_running: int = 1) -> list[int]:
-        """At most `room` tokens proposed to follow `token_ids`, with `num_running` sequences in the batch.
+        """At most `room` tokens proposed to follow `token_ids`, with `num_running` sequences in the batch: the
+        n-gram proposer's, or what the agent's draft model proposed after the last step.
 
         Adaptive (speculative_config.adaptive): the draft length k maximises the expected tokens per unit of
         step time, (1 + a + ... + a^k) / (1 + c k), with a the sequence's acceptance rate and c what a verified
         token costs relative to a step: draft_token_cost per running sequence (the more rows a step has, the
         closer it is to compute-bound, where every row costs its share). When no k > 0 pays, proposing pauses
         for 2, 4, ... MAX_BACKOFF_STEPS steps, then a single token probes again."""
-        state = self.states.get(seq_id)
-        if state is None:
-            state = self.states[seq_id] = SpecState()
+        state = self._state(seq_id)
         if state.pause:
             state.pause -= 1
             return []
+        k = self._length(state, num_running)
+        if not k and not state.probe:
+            state.num_pauses += 1
+            state.pause, state.probe = min(2 ** state.num_pauses, MAX_BACKOFF_STEPS) - 1, True
+            return []
+        k, state.probe = min(max(k, 1), room), False
+        if self.config.method == "draft":
+            num_tokens, drafts = self.agent_drafts.pop(seq_id, (-1, []))
+            return drafts[:k] if num_tokens == len(token_ids) else []
+        return self.proposer(state.sync(token_ids), k)[:k]
+
+    def next_draft_length(self, seq_id: int, room: int, num_running: int) -> int:
+        """How many tokens the agent's draft model should propose after this step (without changing the state)."""
+        state = self._state(seq_id)
+        if state.pause > 1:
+            return 0
+        return min(max(self._length(state, num_running), 1), room)
+
+    def keep_agent_drafts(self, seq_id: int, num_tokens: int, drafts: list[int]) -> None:
+        """The draft model's proposals to follow the sequence's first `num_tokens` tokens (its next step's)."""
+        self.agent_drafts[seq_id] = (num_tokens, drafts)
+
+    def _state(self, seq_id: int) -> SpecState:
+        state = self.states.get(seq_id)
+        if state is None:
+            state = self.states[seq_id] = SpecState()
+        return state
+
+    def _length(self, state: SpecState, num_running: int) -> int:
         k = self.config.num_speculative_tokens
-        if self.config.adaptive:
-            k = best_draft_length(state.rate, min(1.0, self.config.draft_token_cost * num_running), k)
-            if not k and not state.probe:
-                state.num_pauses += 1
-                state.pause, state.probe = min(2 ** state.num_pauses, MAX_BACKOFF_STEPS) - 1, True
-                return []
-            k, state.probe = max(k, 1), False
-        return self.proposer(state.sync(token_ids), min(k, room))[:room]
+        if not self.config.adaptive:
+            return k
+        return best_draft_length(state.rate, min(1.0, self.config.draft_token_cost * num_running), k)
 
     def verify(self, seq_id: int, drafts: list[int], sampled: list[int]) -> int:
         """How many of `drafts` the rows' samples accept (`sampled` holds len(drafts) + 1 ids); the counters
@@ -168,8 +192,9 @@ class Speculator:
         return accepted
 
     def forget(self, seq_id: int) -> None:
-        """The sequence is finished or preempted (a resumed one starts afresh)."""
+        """The sequence is finished."""
         self.states.pop(seq_id, None)
+        self.agent_drafts.pop(seq_id, None)
 
     def stats(self) -> dict:
         return {

@@ -18,10 +18,12 @@ def write_step(
     step_id: int,
     request_id_of: Optional[Callable[[int], str]] = None,
     suppress_width: int = 1,
+    draft_width: int = 0,
 ) -> StepRequest:
     """Fill the input arrays for `plan` and return the header that describes them.
 
     With `request_id_of` (seq id -> request id) the header names each sampled row's logits file.
+    `draft_width`: the most tokens the agent's draft model proposes per sequence (0 without one).
     """
     token_pos = num_scored = prompt_num_top = num_new_blocks = 0
     sample_rows: list[SampleRow] = []
@@ -43,6 +45,8 @@ def write_step(
             arrays["slot_mapping"][token_pos : token_pos + count] = block_ids * block_size + positions % block_size
         arrays["query_lens"][row] = count
         arrays["context_lens"][row] = end
+        arrays["num_draft_tokens"][row] = len(item.draft_ids)
+        arrays["propose_counts"][row] = item.propose_count
         if item.num_scored:
             _write_scored(arrays, num_scored, item, token_pos - start)
             num_scored += item.num_scored
@@ -68,6 +72,7 @@ def write_step(
         num_prompt_positions=num_scored,
         prompt_num_top=prompt_num_top,
         released_seq_ids=plan.released,
+        draft_width=draft_width,
     )
 
 

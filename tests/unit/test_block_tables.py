@@ -18,6 +18,7 @@ def step(deltas: list[tuple[int, int, list[int]]], released: tuple[int, ...] = (
                        block_starts=np.array([d[1] for d in deltas], dtype=np.int32),
                        block_counts=np.array([len(d[2]) for d in deltas], dtype=np.int32),
                        new_block_ids=np.array(new_ids, dtype=np.int32), block_copies=np.zeros((0, 2)),
+                       num_draft_tokens=np.zeros(len(deltas)), propose_counts=np.zeros(len(deltas)),
                        logits_indices=np.zeros(0), prompt_positions=np.zeros(0), prompt_targets=np.zeros(0))
     return header, batch
 

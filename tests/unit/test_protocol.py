@@ -21,7 +21,7 @@ from llmserve.common.protocol import (
 )
 
 EXAMPLES = [
-    InitAgent("llmserve_1_in_ab", "llmserve_1_out_cd", 2048, 64, 128, 4096, 20, 16, 320),
+    InitAgent("llmserve_1_in_ab", "llmserve_1_out_cd", 2048, 64, 128, 4096, 20, 16, 320, 4),
     AgentReady(rank=0, pid=42, vocab_size=1024, num_layers=4, num_kv_blocks=512, block_size=16, dtype="float32", device="cpu"),
     StepRequest(step_id=7, num_tokens=19, num_seqs=3, num_sample=2, num_new_blocks=5, is_all_greedy=False,
                 released_seq_ids=[4, 9]),

@@ -18,7 +18,7 @@ from llmserve.common.protocol import StepResult
 from llmserve.common.sampling import SamplingParams
 from llmserve.common.step_arrays import step_inputs
 from llmserve.master.speculative import NgramProposer, Speculator, best_draft_length
-from tests.unit.fake_agent import VOCAB, fake_engine
+from tests.unit.fake_agent import VOCAB, counting_step, fake_engine
 from tests.unit.test_engine_workload import engine_with, finish_of, run_workload
 
 
@@ -97,6 +97,48 @@ def test_a_random_workload_with_speculation_gives_the_outputs_without_it_and_lea
             assert len(common) >= 15
             assert {key: outputs[key] for key in common} == {key: plain[key] for key in common}
             assert engine.scheduler.speculator.num_draft_tokens > 0
+
+
+def counting_draft_model(wrong_share: float, seed: int):
+    """The fake agent's step, then draft proposals as an agent's draft model makes them: after each asking
+    sequence's new token (its first sample that differs from its proposals, or the bonus), counting on,
+    some tokens wrong."""
+    rng = random.Random(seed)
+
+    def step(header, inputs, outputs):
+        result = counting_step(header, inputs, outputs)
+        batch = step_inputs(inputs, header, suppress_width=1)
+        proposals = outputs["draft_ids"][: header.num_seqs * header.draft_width].reshape(header.num_seqs, -1)
+        proposals.fill(-1)
+        sampled = outputs["sampled_ids"][: header.num_sample]
+        starts = np.concatenate([[0], np.cumsum(batch.query_lens)[:-1]])
+        for seq, (start, count, drafted) in enumerate(zip(starts, batch.query_lens, batch.num_draft_tokens)):
+            rows = np.flatnonzero((batch.logits_indices >= start) & (batch.logits_indices < start + count))
+            if not len(rows) or not batch.propose_counts[seq]:
+                continue
+            drafts, samples = batch.input_ids[start + count - drafted : start + count], sampled[rows]
+            accepted = next((i for i in range(drafted) if drafts[i] != samples[i]), drafted)
+            new = int(samples[accepted])
+            for i in range(batch.propose_counts[seq]):
+                right = (new + 1 + i) % VOCAB
+                proposals[seq, i] = right if rng.random() >= wrong_share else rng.randrange(VOCAB)
+        return result
+    return step
+
+
+@pytest.mark.parametrize("wrong_share", [0.0, 0.4])
+def test_a_workload_with_draft_model_proposals_gives_the_outputs_without_them(wrong_share):
+    for seed in range(2):
+        plain = asyncio.run(run_workload(engine_with(400, 16), seed))
+        engine = engine_with(10 if wrong_share else 400, 0, {"method": "draft", "draft_num_layers": 1,
+                             "num_speculative_tokens": 3, "adaptive": False}, counting_draft_model(wrong_share, seed))
+        outputs = asyncio.run(run_workload(engine, seed))  # checks every step's blocks and tables
+        common = plain.keys() & outputs.keys()
+        assert len(common) >= 15
+        assert {key: outputs[key] for key in common} == {key: plain[key] for key in common}
+        speculator = engine.scheduler.speculator
+        assert speculator.num_accepted_tokens > 0
+        assert (speculator.num_accepted_tokens == speculator.num_draft_tokens) == (wrong_share == 0)
 
 
 # ---------------------------------------------------------------- a Markov "model" sampled by the real sampler
