@@ -4,7 +4,8 @@ The draft keeps a paged KV pool of its own under the target's block ids (same co
 the master's tables and copy-on-write serve both. After the target's step has sampled, the draft reads
 every sequence's tokens that are now settled: the step's tokens up to the last accepted proposal (a
 prefill chunk whole), and for a sequence asked for proposals the token just sampled, at the same positions
-as the target. Then it proposes greedily, one token per pass, as many as each sequence asked for; the
+as the target (a sequence whose proposals pause is skipped: its draft KV goes stale, which can only lower
+the acceptance later). Then it proposes greedily, one token per pass, as many as each sequence asked for; the
 master verifies them in the next step (master/speculative.py). A greedy proposal is a deterministic
 function of the tokens, which keeps the verification exact. KV the draft writes for proposals the target
 rejects is rewritten when those positions are settled later.
@@ -59,8 +60,10 @@ class DraftModel:
         num_rows = np.bincount(row_of, minlength=len(query_lens))
         ids, positions, seqs, new_tokens = [], [], [], {}
         capacity = table_lengths * self.block_size  # positions each table holds
-        wanted = np.minimum(batch.propose_counts, out.shape[1]).astype(np.int64)
+        wanted = np.clip(batch.propose_counts, 0, out.shape[1]).astype(np.int64)
         for seq in range(len(query_lens)):
+            if batch.propose_counts[seq] < 0:  # not read: it never speculates, or its proposals pause
+                continue
             start, count, drafted = int(starts[seq]), int(query_lens[seq]), int(batch.num_draft_tokens[seq])
             settled = count - drafted
             if drafted:  # the proposals the step's samples accepted are settled too
@@ -88,8 +91,7 @@ class DraftModel:
         logits = self._forward(np.array(ids), np.array(positions), np.array(seqs), block_tables, asking)
         if not asking:
             return
-        tokens = logits.argmax(dim=-1).numpy()
-        out[asking, 0] = tokens
+        out[asking, 0] = logits.argmax(dim=-1).cpu().numpy()
         for step in range(1, int(wanted.max())):
             asking = [seq for seq in asking if wanted[seq] > step]
             if not asking:
@@ -97,7 +99,7 @@ class DraftModel:
             step_positions = np.array([new_tokens[seq] + step for seq in asking])
             previous = out[asking, step - 1].astype(np.int64)
             logits = self._forward(previous, step_positions, np.array(asking), block_tables, asking)
-            out[asking, step] = logits.argmax(dim=-1).numpy()
+            out[asking, step] = logits.argmax(dim=-1).cpu().numpy()
 
     def _forward(self, ids: np.ndarray, positions: np.ndarray, seqs: np.ndarray, block_tables: np.ndarray,
                  last_of: list[int]) -> Optional[torch.Tensor]:

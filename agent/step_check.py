@@ -59,8 +59,12 @@ def check_inputs(batch: StepInputs, pool: PoolShape) -> None:
     _within("block_copies", batch.block_copies, pool.num_blocks - 1)
     _within("prompt_positions", batch.prompt_positions, len(batch.input_ids) - 1)
     _within("prompt_targets", batch.prompt_targets, pool.vocab_size - 1)
+    _within("positions", batch.positions, MAX_POSITION)  # a draft model addresses its blocks through them
     if not ((batch.num_draft_tokens >= 0) & (batch.num_draft_tokens < batch.query_lens)).all():
         raise ProtocolError("num_draft_tokens: each sequence's proposals are fewer than its tokens")
+
+
+MAX_POSITION = 2**31 - 1
 
 
 def _within(name: str, values: np.ndarray, high: int) -> None:

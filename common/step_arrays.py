@@ -131,7 +131,7 @@ class StepInputs:
         np.int64, lambda cap: 2 * cap.max_num_seqs, lambda h, width: 2 * h.num_block_copies,
         lambda h, width: (h.num_block_copies, 2))
     # speculation: how many of each sequence's tokens are proposals (at its end), and how many tokens the
-    # agent's draft model should propose after this step
+    # agent's draft model should propose after this step (-1: it skips the sequence)
     num_draft_tokens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     propose_counts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     logits_indices: np.ndarray = column(np.int64, _rows, _sampled)  # per sampled row; n samples share one

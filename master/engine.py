@@ -168,6 +168,7 @@ class Engine:
             self.block_manager.num_hit_tokens = previous.num_hit_tokens
         previous_scheduler = self.scheduler
         self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__, self._speculator())
+        self.scheduler.max_history = self.transport.capacity.history_capacity
         if previous_scheduler is not None:  # counters only go up
             self.scheduler.num_preemptions = previous_scheduler.num_preemptions
             self.scheduler.speculator = previous_scheduler.speculator

@@ -31,7 +31,8 @@ class ScheduledSeq:
     num_scored: int = 0  # prompt positions from `first_scored` whose next token's log-probability is returned
     first_scored: int = 0
     draft_ids: list[int] = field(default_factory=list)  # proposed tokens verified after the last one (speculation)
-    propose_count: int = 0  # tokens the agent's draft model proposes after this step
+    propose_count: int = 0  # tokens the agent's draft model proposes after this step; SKIP_DRAFT_MODEL: it
+    # does not even read this sequence's tokens (it never speculates, or its proposals pause)
 
     @property
     def num_rows(self) -> int:
@@ -104,6 +105,8 @@ class PromptScores:
                 for logprob, rank, top in zip(self.logprobs[rows].tolist(), self.ranks[rows].tolist(), tops)]
 
 
+SKIP_DRAFT_MODEL = -1
+MAX_HISTORY = 1 << 62  # no bound unless the engine gives the step arrays' capacity
 RESUME_RESERVE = 4  # a resumed sequence reserves this many times reserve_new_tokens (at least a block's worth)
 
 
@@ -127,6 +130,7 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.speculator = speculator
+        self.max_history = MAX_HISTORY  # the step's room for penalised rows' tokens (the engine sets its capacity)
         self.next_seq_id = next_seq_id or itertools.count(1 << 48).__next__  # ids of forked sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -184,32 +188,43 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens - plan.num_tokens
         rows = sum(item.num_rows for item in plan.scheduled)
         max_rows = self.config.decode_batch_size * self.speculator.config.rows_per_seq
+        history = sum(item.num_rows * item.seq.num_tokens for item in plan.scheduled if item.seq.params.needs_history)
         uses_draft_model = self.speculator.config.method == "draft"
         for item in plan.scheduled:
             seq = item.seq
-            if not item.samples or item.num_samples > 1 or seq.beam is not None or not seq.params.speculative:
+            if seq.beam is not None or not seq.params.speculative:
+                item.propose_count = SKIP_DRAFT_MODEL if uses_draft_model else 0
+                continue
+            skips_draft_model = uses_draft_model and self.speculator.is_paused(seq.seq_id)
+            if skips_draft_model:
+                item.propose_count = SKIP_DRAFT_MODEL
+            if not item.samples or item.num_samples > 1:
                 continue
             room = min(budget, max_rows - rows, seq.num_tokens_left - 1)
+            while seq.params.needs_history and room > 0 and history + room * (seq.num_tokens + room) > self.max_history:
+                room -= 1  # a penalised row sends its tokens (and the proposals before it) once per position
             if not item.is_prefill and room > 0:
                 drafts = self.speculator.propose(seq.seq_id, seq.token_ids, room, len(self.running))
                 while drafts and not self.blocks.can_grow(seq, seq.num_tokens + len(drafts)):
                     drafts.pop()
                 if drafts:
+                    history += seq.params.needs_history * len(drafts) * (seq.num_tokens + len(drafts))
                     plan.block_copies.extend(self.blocks.grow(seq, seq.num_tokens + len(drafts)))
                     item.draft_ids = drafts
                     item.num_new_tokens += len(drafts)
                     plan.num_tokens += len(drafts)
                     budget -= len(drafts)
                     rows += len(drafts)
-            if uses_draft_model:
+            if uses_draft_model and not skips_draft_model:
                 self._ask_draft_model(item)
 
     def _ask_draft_model(self, item: ScheduledSeq) -> None:
         """The agent's draft model proposes up to this many tokens after the step: it writes its KV at the
         positions of the new token and of all but the last proposal, so they get blocks now (returned after
         the step with the rejected ones')."""
-        seq = item.seq
-        count = self.speculator.next_draft_length(seq.seq_id, seq.num_tokens_left - 2, len(self.running))
+        seq = item.seq  # at most what the next step could verify, and the draft writes below max_seq_len
+        room = max(0, seq.num_tokens_left - 2 - len(item.draft_ids))
+        count = self.speculator.next_draft_length(seq.seq_id, room, len(self.running)) if room else 0
         end = seq.num_computed + item.num_new_tokens + count
         while count and not self.blocks.can_grow(seq, end):
             count, end = count - 1, end - 1
@@ -405,7 +420,7 @@ class Scheduler:
                 self._apply(GroupChange(forked=[(seq, child) for child in children]), outcome)
                 for offset, target in enumerate([seq, *children]):
                     self._append(target, samples, first_row + offset, outcome)
-            if item.propose_count and not seq.is_finished:
+            if item.propose_count > 0 and not seq.is_finished:
                 self._keep_proposals(seq, samples.draft_ids[index, : item.propose_count])
         for group in beam_groups:
             if group.is_ready:

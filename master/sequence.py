@@ -61,6 +61,7 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. (params.prompt_logprobs)
     cumulative_logprob: float = 0.0
+    token_logprobs: list[float] = field(default_factory=list)  # each output token's, when the agent returned them
     beam: Optional["BeamGroup"] = None
 
     def __post_init__(self) -> None:
@@ -130,6 +131,7 @@ class Sequence:
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.cumulative_logprob += logprobs.logprob
+            self.token_logprobs.append(logprobs.logprob)
             if self.params.logprobs is not None:
                 self.logprobs.append(logprobs)
         if token_id in self.eos_token_ids and not self.params.ignore_eos:
@@ -141,14 +143,13 @@ class Sequence:
         return None
 
     def truncate(self, num_tokens: int) -> None:
-        """Drop the tokens past the first `num_tokens` (a stop string ended the text before them): the output is
-        what decoding one token at a time stops at. Their log-probabilities leave the cumulative one only when
-        they were kept (params.logprobs)."""
+        """Drop the tokens past the first `num_tokens` (a stop string ended the text before them): the output,
+        its log-probabilities and their sum are what decoding one token at a time stops at."""
         num_output = num_tokens - self.num_prompt_tokens
-        if self.params.logprobs is not None:
-            self.cumulative_logprob -= sum(entry.logprob for entry in self.logprobs[num_output:])
-            del self.logprobs[num_output:]
-        del self.token_ids[num_tokens:]
+        del self.token_ids[num_tokens:], self.logprobs[num_output:], self.token_logprobs[num_output:]
+        self.cumulative_logprob = 0.0
+        for logprob in self.token_logprobs:  # summed in the same order as append_token did
+            self.cumulative_logprob += logprob
 
     def fork(self, seq_id: int, sample_index: int) -> "Sequence":
         """A copy that shares this sequence's blocks (the caller adds the references)."""
@@ -168,6 +169,7 @@ class Sequence:
             status=self.status,
             sample_index=sample_index,
             logprobs=list(self.logprobs),
+            token_logprobs=list(self.token_logprobs),
             prompt_logprobs=self.prompt_logprobs,  # complete once a sequence forks; never changed after
             cumulative_logprob=self.cumulative_logprob,
             beam=self.beam,

@@ -149,6 +149,12 @@ class Speculator:
             return drafts[:k] if num_tokens == len(token_ids) else []
         return self.proposer(state.sync(token_ids), k)[:k]
 
+    def is_paused(self, seq_id: int) -> bool:
+        """Proposing pauses for this sequence past the next step (a draft model need not read its tokens: its
+        KV for them stays stale, which lowers the acceptance later, never the output)."""
+        state = self.states.get(seq_id)
+        return state is not None and state.pause > 1
+
     def next_draft_length(self, seq_id: int, room: int, num_running: int) -> int:
         """How many tokens the agent's draft model should propose after this step (without changing the state)."""
         state = self._state(seq_id)

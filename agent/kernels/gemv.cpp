@@ -41,25 +41,6 @@ inline void row_dot(const float* w_row, const float* x, int64_t K, float* out) {
   }
 }
 
-// The same for 5 to 8 rows of x (a decode step verifying speculative tokens): one accumulator per row,
-// so the accumulators, a weight vector and an x vector still fit AVX2's 16 registers.
-template <int M>
-inline void row_dot_wide(const float* w_row, const float* x, int64_t K, float* out) {
-  Vec a[M];
-  for (int m = 0; m < M; ++m) a[m] = vzero();
-  int64_t k = 0;
-  for (; k + kWidth <= K; k += kWidth) {
-    _mm_prefetch(reinterpret_cast<const char*>(w_row + k + kPrefetch), _MM_HINT_T0);
-    Vec w0 = vload(w_row + k);
-    for (int m = 0; m < M; ++m) a[m] = vfma(w0, vload(x + m * K + k), a[m]);
-  }
-  for (int m = 0; m < M; ++m) {
-    float s = vsum(a[m]);
-    for (int64_t kk = k; kk < K; ++kk) s += w_row[kk] * x[m * K + kk];
-    out[m] = s;
-  }
-}
-
 template <int M>
 void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t K) {
 #pragma omp parallel for schedule(static)
@@ -67,8 +48,11 @@ void gemv_rows(const float* x, const float* w, const float* bias, float* y, int6
     float out[M];
     if constexpr (M <= 4) {
       row_dot<M>(w + n * K, x, K, out);
-    } else {
-      row_dot_wide<M>(w + n * K, x, K, out);
+    } else {  // 5-8 rows: the first 4, then the rest, with the weight row still in L1. Each row's sums are
+      // those of a 1-row call, bit for bit: a step verifying speculative tokens computes every position as a
+      // plain decode step would.
+      row_dot<4>(w + n * K, x, K, out);
+      row_dot<M - 4>(w + n * K, x + 4 * K, K, out + 4);
     }
     for (int m = 0; m < M; ++m) y[m * N + n] = bias ? out[m] + bias[n] : out[m];
   }

@@ -26,7 +26,7 @@ def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = Non
         "scheduler_config": {**SCHEDULER, "reserve_new_tokens": reserve},
         "speculative_config": speculative or {},
     })
-    engines, agent_tables = [], BlockTables(max_blocks_per_seq=64)
+    engines, agent_tables = [], BlockTables(max_blocks_per_seq=16)  # max_seq_len 64 in blocks of 4, as an agent has
 
     def checked_step(header, inputs, outputs):
         engine = engines[0]
@@ -35,7 +35,7 @@ def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = Non
         engine.block_manager.check_consistent(engine.scheduler.running)
         batch = step_inputs(inputs, header, suppress_width=1)
         agent_tables.check(header, batch)
-        block_tables = agent_tables.apply(header, batch)  # what an agent would attend through
+        agent_tables.apply(header, batch)  # what an agent would attend through
         running = {seq.seq_id: seq for seq in engine.scheduler.running}
         pending = set(header.released_seq_ids) | set(engine.block_manager.take_released())
         engine.block_manager.release_again(sorted(pending - set(header.released_seq_ids)))
@@ -43,7 +43,7 @@ def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = Non
         for row, seq_id in enumerate(batch.seq_ids.tolist()):
             if seq_id in running:  # not aborted while the step was on its way
                 blocks = running[seq_id].block_ids
-                assert block_tables[row, : len(blocks)].tolist() == blocks, "the agent's table follows the master's"
+                assert agent_tables.held(seq_id) == blocks, "the agent's table follows the master's"
         return answer(header, inputs, outputs)
 
     engines.append(fake_engine(config, max_seq_len=64, step_fn=checked_step))
