@@ -259,7 +259,7 @@ class SpeculativeConfig:
     method: Literal["none", "ngram", "draft"] = "none"  # ngram: continue the latest earlier match of the
     # sequence's own tokens; draft: a small model on the agent proposes (draft_model_path or draft_num_layers)
     num_speculative_tokens: int = 4  # the most proposed tokens verified per sequence and step (k)
-    prompt_lookup_min: int = 2  # ngram: the shortest suffix of the tokens that may match
+    prompt_lookup_min: int = 1  # ngram: the shortest suffix of the tokens that may match
     prompt_lookup_max: int = 4  # ngram: the longest suffix tried first
     adaptive: bool = True  # each sequence's k follows its acceptance rate; proposing pauses while it does not pay
     draft_token_cost: float = 0.1  # adaptive: a verified token's cost relative to a step, per running sequence

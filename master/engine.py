@@ -528,6 +528,10 @@ class Engine:
         master_ms = self.timer.reset()
         step_s = time.perf_counter() - start
         self.metrics.on_step(step_s, len(outcome.new_tokens), master_ms, agent_ms)
+        speculator = self.scheduler.speculator
+        if speculator is not None and "draft" in agent_ms:
+            proposed = sum(max(item.propose_count, 0) for item in plan.scheduled)
+            speculator.observe_draft_model(agent_ms["draft"], proposed, step_s * 1e3)
         if self.trace_file is None:
             return
         record = {

@@ -24,6 +24,7 @@ from llmserve.common.config import SpeculativeConfig
 
 MAX_BACKOFF_STEPS = 64  # the longest pause in proposing for a sequence whose proposals do not pay
 DECAY = 0.8  # weight of the acceptance seen before each verification
+DRAFT_MODEL_COST = 0.15  # a draft model's pass per proposed token, as a share of a step, until measured
 PRIOR_ACCEPTED, PRIOR_ATTEMPTS = 1.0, 1.5  # a new sequence starts as if 2 of 3 proposed tokens were accepted
 
 
@@ -115,6 +116,7 @@ class Speculator:
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.states: dict[int, SpecState] = {}  # seq id -> its state
         self.agent_drafts: dict[int, tuple[int, list[int]]] = {}  # seq id -> (its length then, the draft's proposals)
+        self.draft_model_cost = DRAFT_MODEL_COST if config.method == "draft" else 0.0  # per token, share of a step
         self.num_drafts = 0  # verifications of at least one proposed token
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -130,10 +132,11 @@ class Speculator:
         n-gram proposer's, or what the agent's draft model proposed after the last step.
 
         Adaptive (speculative_config.adaptive): the draft length k maximises the expected tokens per unit of
-        step time, (1 + a + ... + a^k) / (1 + c k), with a the sequence's acceptance rate and c what a verified
-        token costs relative to a step: draft_token_cost per running sequence (the more rows a step has, the
-        closer it is to compute-bound, where every row costs its share). When no k > 0 pays, proposing pauses
-        for 2, 4, ... MAX_BACKOFF_STEPS steps, then a single token probes again."""
+        step time, (1 + a + ... + a^k) / (1 + c k), with a the sequence's acceptance rate and c what a proposed
+        token costs relative to a step: draft_token_cost per running sequence to verify it (the more rows a
+        step has, the closer it is to compute-bound, where every row costs its share), plus a draft model's
+        measured time to propose it. When no k > 0 pays, proposing pauses for 2, 4, ... MAX_BACKOFF_STEPS
+        steps, then a single token probes again."""
         state = self._state(seq_id)
         if state.pause:
             state.pause -= 1
@@ -176,7 +179,15 @@ class Speculator:
         k = self.config.num_speculative_tokens
         if not self.config.adaptive:
             return k
-        return best_draft_length(state.rate, min(1.0, self.config.draft_token_cost * num_running), k)
+        cost = self.config.draft_token_cost * num_running + self.draft_model_cost
+        return best_draft_length(state.rate, min(1.0, cost), k)
+
+    def observe_draft_model(self, draft_ms: float, num_proposed: int, step_ms: float) -> None:
+        """A step's draft-model time: what proposing one token costs relative to a step (a decayed mean), added
+        to the cost of verifying it."""
+        if num_proposed > 0 and step_ms > 0:
+            share = draft_ms / num_proposed / step_ms
+            self.draft_model_cost = DECAY * self.draft_model_cost + (1 - DECAY) * share
 
     def verify(self, seq_id: int, drafts: list[int], sampled: list[int]) -> int:
         """How many of `drafts` the rows' samples accept (`sampled` holds len(drafts) + 1 ids); the counters
