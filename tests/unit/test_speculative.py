@@ -260,7 +260,7 @@ CHI2_DF24_P001 = 51.18  # the chi-square distribution's 99.9% quantile with 24 d
 ], ids=["always-wrong", "mode", "ngram"])
 def test_sampled_outputs_follow_the_target_distribution_with_any_proposer(proposer):
     """Tokens 2 and 3 of unseeded samples, given the first: a chi-square test against the chain's probabilities."""
-    num = 2400
+    num = 1800
     prompt = [10, 11, 12, 13, 10]
     params = [SamplingParams(max_new_tokens=4, do_sample=True, ignore_eos=True)] * num
     engine = markov_engine(True, sampler_seed=1)
