@@ -441,6 +441,7 @@ class Engine:
                 delta = text.add(seq, num_tokens)
                 if text.stopped:
                     seq.truncate(num_tokens)
+                    outcome.num_dropped += num_new[seq.seq_id]
                     num_new[seq.seq_id] = 0
                     if not seq.is_finished:
                         self.scheduler.abort(seq, FinishReason.STOP)
@@ -527,7 +528,7 @@ class Engine:
         """Feed the step's stage timings to the metrics, and to the trace file when one is configured."""
         master_ms = self.timer.reset()
         step_s = time.perf_counter() - start
-        self.metrics.on_step(step_s, len(outcome.new_tokens), master_ms, agent_ms)
+        self.metrics.on_step(step_s, len(outcome.new_tokens) - outcome.num_dropped, master_ms, agent_ms)
         speculator = self.scheduler.speculator
         if speculator is not None and "draft" in agent_ms:
             proposed = sum(max(item.propose_count, 0) for item in plan.scheduled)

@@ -66,6 +66,7 @@ class StepOutcome:
     finished: list[Sequence]
     forked: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, new sequence)
     num_accepted: int = 0  # proposed tokens accepted (speculation)
+    num_dropped: int = 0  # tokens past a stop string found inside an accepted run (the engine cuts them)
 
 
 @dataclass

@@ -308,10 +308,11 @@ def test_a_stop_string_inside_an_accepted_run_cuts_the_output_where_decoding_one
     plain_events, plain = asyncio.run(streamed(fake_engine(), prompt, SamplingParams(max_new_tokens=30, ignore_eos=True)))
     stop = plain.text[len(plain.text) // 2 :][:4]
     params = SamplingParams(max_new_tokens=30, ignore_eos=True, stop=(stop,), **extra)
-    expected_events, expected = asyncio.run(streamed(fake_engine(step_fn=counting_with_logprobs), prompt, params))
-    config = fake_config_with({"method": "ngram", "num_speculative_tokens": 8})
-    events, output = asyncio.run(streamed(fake_engine(config, step_fn=counting_with_logprobs), prompt, params,
-                                          counting_oracle))
+    plain_engine = fake_engine(step_fn=counting_with_logprobs)
+    expected_events, expected = asyncio.run(streamed(plain_engine, prompt, params))
+    engine = fake_engine(fake_config_with({"method": "ngram", "num_speculative_tokens": 8}), step_fn=counting_with_logprobs)
+    events, output = asyncio.run(streamed(engine, prompt, params, counting_oracle))
+    assert engine.metrics.num_generation_tokens == plain_engine.metrics.num_generation_tokens  # cut tokens uncounted
     assert output.text == expected.text == plain.text[: plain.text.index(stop)]
     assert output.output_ids == expected.output_ids and output.finish_reason == expected.finish_reason == "stop_sequence"
     assert events == expected_events and len(events) < len(plain_events)
