@@ -12,7 +12,6 @@ rejects is rewritten when those positions are settled later.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import numpy as np
@@ -21,8 +20,6 @@ import torch
 from llmserve.agent.kv_cache import allocate_kv_cache, copy_blocks
 from llmserve.agent.model_runner import ModelRunner
 from llmserve.common.step_arrays import StepInputs
-
-logger = logging.getLogger("llmserve.agent")
 
 
 class DraftModel:

@@ -212,9 +212,13 @@ class SampleRow:
 
 
 def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow], suppress_width: int) -> bool:
-    """Fill the sampled rows' arrays; return whether every row is greedy (the agent's fast path)."""
+    """Fill the sampled rows' arrays; return whether every row is greedy (the agent's fast path).
+
+    A penalised row that follows the previous row's tokens plus one more proposal (the next verified position
+    of the same sequence) shares its history: one more token is written, not the whole sequence again."""
     history_end = 0
     history = arrays["history"]
+    previous = None  # the last history written: (token_ids, drafts, start)
     for row, spec in enumerate(rows):
         params = spec.params
         num_output = len(spec.token_ids) + len(spec.drafts) - spec.num_prompt_tokens
@@ -236,11 +240,19 @@ def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow]
         arrays["history_prompt_lens"][row] = spec.num_prompt_tokens
         if params.needs_history:
             count = len(spec.token_ids) + len(spec.drafts)
-            if history_end + count > len(history):
+            extends = (previous is not None and previous[0] is spec.token_ids and previous[2] + count - 1 == history_end
+                       and list(previous[1]) == list(spec.drafts[:-1]))
+            start = previous[2] if extends else history_end
+            if start + count > len(history):
                 raise ValueError(f"the step's penalised rows hold more than {len(history)} tokens")
-            history[history_end : history_end + len(spec.token_ids)] = spec.token_ids
-            history[history_end + len(spec.token_ids) : history_end + count] = spec.drafts
-            history_end += count
+            if extends:
+                history[history_end] = spec.drafts[-1]
+            else:
+                history[start : start + len(spec.token_ids)] = spec.token_ids
+                history[start + len(spec.token_ids) : start + count] = spec.drafts
+            history_end = start + count
+            previous = (spec.token_ids, spec.drafts, start)
+            arrays["history_starts"][row] = start
             arrays["history_lens"][row] = count
         else:
             arrays["history_lens"][row] = 0

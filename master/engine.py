@@ -167,11 +167,10 @@ class Engine:
             self.block_manager.num_queried_tokens = previous.num_queried_tokens
             self.block_manager.num_hit_tokens = previous.num_hit_tokens
         previous_scheduler = self.scheduler
-        self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__, self._speculator())
-        self.scheduler.max_history = self.transport.capacity.history_capacity
+        speculator = previous_scheduler.speculator if previous_scheduler is not None else self._speculator()
+        self.scheduler = Scheduler(self.config.scheduler_config, self.block_manager, self.seq_ids.__next__, speculator)
         if previous_scheduler is not None:  # counters only go up
             self.scheduler.num_preemptions = previous_scheduler.num_preemptions
-            self.scheduler.speculator = previous_scheduler.speculator
         num_tokens = num_blocks * pa.block_size
         logger.info(
             "KV cache (%s): %d blocks of %d tokens = %d tokens (%.2f GiB per agent), %.1f sequences of the longest %d tokens",

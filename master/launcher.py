@@ -57,8 +57,7 @@ def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1) -> 
         max_num_tokens=sched.max_num_batched_tokens,
         max_num_seqs=sched.decode_batch_size,
         max_blocks_per_seq=-(-max_seq_len // config.pa_config.block_size),
-        history_capacity=min(sched.decode_batch_size * config.speculative_config.rows_per_seq * max_seq_len,
-                             MAX_HISTORY_TOKENS),
+        history_capacity=min(sched.decode_batch_size * max_seq_len, MAX_HISTORY_TOKENS),  # verified rows share
         topk_width=max(limits.max_logprobs, limits.max_num_beams * max(2, 1 + num_end_tokens), 1),
         suppress_width=num_end_tokens + limits.max_stop_token_ids,
         max_num_rows=sched.decode_batch_size * config.speculative_config.rows_per_seq,

@@ -107,7 +107,6 @@ class PromptScores:
 
 
 SKIP_DRAFT_MODEL = -1
-MAX_HISTORY = 1 << 62  # no bound unless the engine gives the step arrays' capacity
 RESUME_RESERVE = 4  # a resumed sequence reserves this many times reserve_new_tokens (at least a block's worth)
 
 
@@ -131,7 +130,6 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.speculator = speculator
-        self.max_history = MAX_HISTORY  # the step's room for penalised rows' tokens (the engine sets its capacity)
         self.next_seq_id = next_seq_id or itertools.count(1 << 48).__next__  # ids of forked sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -189,7 +187,6 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens - plan.num_tokens
         rows = sum(item.num_rows for item in plan.scheduled)
         max_rows = self.config.decode_batch_size * self.speculator.config.rows_per_seq
-        history = sum(item.num_rows * item.seq.num_tokens for item in plan.scheduled if item.seq.params.needs_history)
         uses_draft_model = self.speculator.config.method == "draft"
         for item in plan.scheduled:
             seq = item.seq
@@ -202,14 +199,11 @@ class Scheduler:
             if not item.samples or item.num_samples > 1:
                 continue
             room = min(budget, max_rows - rows, seq.num_tokens_left - 1)
-            while seq.params.needs_history and room > 0 and history + room * (seq.num_tokens + room) > self.max_history:
-                room -= 1  # a penalised row sends its tokens (and the proposals before it) once per position
             if not item.is_prefill and room > 0:
                 drafts = self.speculator.propose(seq.seq_id, seq.token_ids, room, len(self.running))
                 while drafts and not self.blocks.can_grow(seq, seq.num_tokens + len(drafts)):
                     drafts.pop()
                 if drafts:
-                    history += seq.params.needs_history * len(drafts) * (seq.num_tokens + len(drafts))
                     plan.block_copies.extend(self.blocks.grow(seq, seq.num_tokens + len(drafts)))
                     item.draft_ids = drafts
                     item.num_new_tokens += len(drafts)

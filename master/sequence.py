@@ -112,13 +112,9 @@ class Sequence:
         """Tokens it may still generate: up to max_new_tokens, within the context."""
         return max(0, min(self.params.max_new_tokens - self.num_output_tokens, self.max_seq_len - self.num_tokens))
 
-    @property
-    def suppressed_ids(self) -> tuple[int, ...]:
-        """Ids that may not be drawn now: the end tokens until min_new_tokens are out."""
-        return self.suppressed_after(0)
-
     def suppressed_after(self, num_more: int) -> tuple[int, ...]:
-        """The ids suppressed once `num_more` more tokens are out (rows after proposed tokens)."""
+        """Ids that may not be drawn once `num_more` more tokens are out (0 now; more for the rows after proposed
+        tokens): the end tokens until min_new_tokens are out."""
         if self.num_output_tokens + num_more >= self.params.min_new_tokens:
             return ()
         eos = () if self.params.ignore_eos else tuple(sorted(self.eos_token_ids))

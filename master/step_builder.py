@@ -106,7 +106,7 @@ def _sample_row(seq: Sequence, logits_index: int, sample: int, drafts: list[int]
         token_ids=seq.token_ids,
         num_prompt_tokens=seq.num_prompt_tokens,
         sample_index=seq.sample_index + sample,
-        suppress=seq.suppressed_after(len(drafts)) if drafts else seq.suppressed_ids,
+        suppress=seq.suppressed_after(len(drafts)),
         beam_candidates=0 if beam is None else beam.search.candidates_per_beam,
         drafts=drafts,
     )

@@ -330,3 +330,22 @@ def test_a_large_batch_makes_verified_tokens_too_dear_to_propose():
     speculator = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4), proposer=lambda tokens, k: [1] * k)
     assert speculator.propose(1, [3, 1], room=10, num_running=16) == []  # each token would cost a whole step
     assert speculator.propose(2, [3, 1], room=10, num_running=2) == [1, 1]  # a new sequence: 2 of 3 accepted so far
+
+
+def test_the_verified_rows_of_a_penalised_sequence_share_one_history():
+    from llmserve.common.step_arrays import SampleRow, write_sampling_rows
+    arrays = {name: np.zeros(64, dtype) for name, dtype in
+              [("logits_indices", np.int64), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+               ("min_p", np.float32), ("typical_p", np.float32), ("repetition_penalty", np.float32),
+               ("presence_penalty", np.float32), ("frequency_penalty", np.float32), ("no_repeat_ngram_size", np.int32),
+               ("seeds", np.int64), ("seed_offsets", np.int64), ("num_logprobs", np.int32), ("beam_candidates", np.int32),
+               ("history_starts", np.int64), ("history_lens", np.int32), ("history_prompt_lens", np.int32),
+               ("num_suppress", np.int32), ("history", np.int32), ("suppress_ids", np.int32)]}
+    params, tokens, drafts = SamplingParams(repetition_penalty=1.2), [5, 6, 7], [8, 9]
+    rows = [SampleRow(i, params, tokens, 2, drafts=drafts[:i]) for i in range(3)]
+    rows.append(SampleRow(3, params, [1, 2], 1))  # another sequence: its own history
+    write_sampling_rows(arrays, rows, suppress_width=1)
+    assert arrays["history_starts"][:4].tolist() == [0, 0, 0, 5]
+    assert arrays["history_lens"][:4].tolist() == [3, 4, 5, 2]
+    assert arrays["history"][:7].tolist() == [5, 6, 7, 8, 9, 1, 2]  # written once
+    assert arrays["seed_offsets"][:3].tolist() == [1, 2, 3]  # each position's own noise
