@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmserve.common.protocol import ProtocolError, StepRequest, is_safe_file_name
-from llmserve.common.step_arrays import StepCapacity, StepInputs
+from llmserve.common.step_arrays import STEP_BUFFERS, StepCapacity, StepInputs
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
         ("num_prompt_positions", header.num_prompt_positions, header.num_tokens),
         ("prompt_num_top", header.prompt_num_top, capacity.topk_width),
         ("draft_width", header.draft_width, capacity.draft_width),
+        ("buffer", header.buffer, STEP_BUFFERS - 1),
     )
     for name, value, most in counts:
         if not 0 <= value <= most:

@@ -32,8 +32,8 @@ from llmserve.common.protocol import (
 )
 from llmserve.common.shm import SharedArrays
 from llmserve.common.step_arrays import (
-    StepCapacity, StepInputs, input_layout, output_layout, output_lengths, pack_arrays, row_lengths, step_inputs,
-    unpack_arrays,
+    STEP_BUFFERS, StepCapacity, StepInputs, fill_pending_tokens, input_layout, output_layout, output_lengths, pack_arrays,
+    row_lengths, step_inputs, unpack_arrays,
 )
 from llmserve.common.timers import StageTimer
 
@@ -89,10 +89,12 @@ class Worker:
         self.sampler = Sampler(self.device, seed=config.model_config.seed + 1)
         self.capacity: Optional[StepCapacity] = None
         self.block_tables = BlockTables(0)
-        self.inputs: Optional[SharedArrays] = None  # the master's segments, with the shared-memory transport
-        self.outputs: Optional[SharedArrays] = None
-        self.input_arrays: dict[str, np.ndarray] = {}  # the segments' arrays, or each step's inline arrays
+        self.segments: list[SharedArrays] = []  # the master's step buffers, with the shared-memory transport
+        self.input_buffers: list[dict[str, np.ndarray]] = []  # their arrays (outputs: local ones when inline)
+        self.output_buffers: list[dict[str, np.ndarray]] = []
+        self.input_arrays: dict[str, np.ndarray] = {}  # this step's: a buffer's arrays, or the inline arrays
         self.output_arrays: dict[str, np.ndarray] = {}
+        self.sampled: tuple[int, Optional[np.ndarray]] = (-1, None)  # the last step's id and sampled ids (rank 0)
         self.timer = StageTimer()
         self.is_inline = False
         self.last_step_id = -1
@@ -153,18 +155,24 @@ class Worker:
 
     def attach(self, init: InitAgent) -> AgentReady:
         """Map the master's step arrays (or expect them inline) and say what this agent holds."""
-        self.is_inline = not init.input_shm
+        self.is_inline = not init.input_shms
         capacity = StepCapacity(**{f.name: getattr(init, f.name) for f in dataclasses.fields(StepCapacity)})
         self.capacity = capacity
         self.block_tables = BlockTables(capacity.max_blocks_per_seq, capacity.max_num_seqs)  # a new master resends all
         self.last_step_id = -1  # a new master counts from 0 again
+        self.sampled = (-1, None)
         self.close()
         if self.is_inline:
-            self.output_arrays = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
+            self.output_buffers = [{name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}]
         else:
-            self.inputs = SharedArrays.attach(init.input_shm, input_layout(capacity))
-            self.outputs = SharedArrays.attach(init.output_shm, output_layout(capacity))
-            self.input_arrays, self.output_arrays = self.inputs.arrays, self.outputs.arrays
+            if not len(init.input_shms) == len(init.output_shms) == STEP_BUFFERS:
+                raise ValueError(f"{len(init.input_shms)} input and {len(init.output_shms)} output buffers, "
+                                 f"where this agent takes {STEP_BUFFERS} of each")
+            for names, layout, buffers in ((init.input_shms, input_layout(capacity), self.input_buffers),
+                                           (init.output_shms, output_layout(capacity), self.output_buffers)):
+                for name in names:
+                    self.segments.append(SharedArrays.attach(name, layout))
+                    buffers.append(self.segments[-1].arrays)
         return AgentReady(
             rank=self.rank,
             pid=os.getpid(),
@@ -212,6 +220,7 @@ class Worker:
                 scores = runner.score_tokens(hidden, batch.prompt_positions, batch.prompt_targets, header.prompt_num_top)
         with timer.stage("write_back"):
             self.write_back(output, header.num_sample)
+            self.sampled = (header.step_id, self.output_arrays["sampled_ids"][: header.num_sample].copy())
             if scores is not None:
                 self.write_prompt_scores(scores)
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
@@ -225,13 +234,29 @@ class Worker:
         check_header(header, self.capacity)
         if self.is_inline:
             self.input_arrays = self._inline_arrays(frames, header)
+            self.output_arrays = self.output_buffers[0]  # sent back in the reply
         elif frames:
             raise ProtocolError("array frames came with a step, but the arrays are in shared memory")
+        else:
+            self.input_arrays, self.output_arrays = self.input_buffers[header.buffer], self.output_buffers[header.buffer]
         batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
+        self._fill_pending(header, batch)
         check_inputs(batch, self.pool)
         self.block_tables.check(header, batch)
         self.last_step_id = header.step_id
         return batch
+
+    def _fill_pending(self, header: StepRequest, batch: StepInputs) -> None:
+        """A step planned while the one before ran (overlapped scheduling) takes its pending tokens from that
+        step's sampled ids; ProtocolError unless that is the step this agent ran last, and it ran well."""
+        step_id, sampled = self.sampled
+        if header.follows_step >= 0 and (header.follows_step != self.last_step_id or step_id != header.follows_step):
+            raise ProtocolError(f"step {header.step_id} follows step {header.follows_step}, whose sampled ids this agent "
+                                "does not hold (that step failed, or another ran after it)")
+        try:
+            fill_pending_tokens(batch, sampled if header.follows_step >= 0 else None)
+        except ValueError as exc:
+            raise ProtocolError(f"step {header.step_id}: {exc}") from None
 
     def _inline_arrays(self, frames: Sequence[zmq.Frame], header: StepRequest) -> dict[str, np.ndarray]:
         try:
@@ -279,10 +304,9 @@ class Worker:
 
     def close(self) -> None:
         """Unmap the master's arrays (the master owns and unlinks them)."""
-        for segment in (self.inputs, self.outputs):
-            if segment is not None:
-                segment.close()
-        self.inputs = self.outputs = None
+        for segment in self.segments:
+            segment.close()
+        self.segments, self.input_buffers, self.output_buffers = [], [], []
         self.input_arrays, self.output_arrays = {}, {}
 
 

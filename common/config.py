@@ -236,6 +236,9 @@ class SchedulerConfig:
     # max_new_tokens); 0 admits whenever a prompt fits; preempted sequences resume with their whole rest reserved
     reserve_new_tokens: int = 16
     max_queue_size: int = 1024
+    # plan and send step N+1 while the agent runs step N (its sampled tokens become N+1's inputs on the agent);
+    # one agent only, and not while a sequence in flight speculates, beams or forks n samples
+    overlap_scheduling: bool = True
 
     def validate(self) -> None:
         for name in ("prefill_batch_size", "decode_batch_size", "max_num_batched_tokens", "max_queue_size"):

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = 7  # 1 had no version field; bump on any change to a message
+PROTOCOL_VERSION = 8  # 1 had no version field; bump on any change to a message
 
 
 class ProtocolError(ValueError):
@@ -27,11 +27,12 @@ class ProtocolError(ValueError):
 
 @dataclass
 class InitAgent:
-    """Master -> agent: attach to these shared-memory segments and report ready."""
+    """Master -> agent: attach to these shared-memory segments (a pair of step buffers each way; none when the
+    arrays travel inline) and report ready."""
 
     TAG: ClassVar[int] = 1
-    input_shm: str
-    output_shm: str
+    input_shms: list[str]
+    output_shms: list[str]
     max_num_tokens: int
     max_num_seqs: int
     max_blocks_per_seq: int
@@ -76,6 +77,10 @@ class StepRequest:
     prompt_num_top: int = 0  # top log-probabilities returned per scored position
     released_seq_ids: list[int] = field(default_factory=list)  # sequences whose block tables the agent drops first
     draft_width: int = 0  # speculative draft model: the most tokens proposed per sequence (draft_ids' row width)
+    buffer: int = 0  # which pair of step buffers holds this step's arrays (steps in flight together alternate)
+    # overlapped scheduling: the step it was planned after, or -1. Its input and history tokens -1 - r stand for
+    # row r of that step's sampled ids, which the agent fills in (that step must be the last one it ran, and ran well)
+    follows_step: int = -1
 
 
 @dataclass

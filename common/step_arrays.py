@@ -71,6 +71,7 @@ def _scored(header: StepRequest, width: int) -> int:
 
 
 NO_SEED = -1
+STEP_BUFFERS = 2  # pairs of input and output arrays: a step is built in one while the agents run the other's
 
 
 @dataclass
@@ -260,6 +261,35 @@ def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow]
         arrays["num_suppress"][row] = len(suppress)
         arrays["suppress_ids"][row * suppress_width : row * suppress_width + len(suppress)] = suppress
     return all(spec.params.is_greedy for spec in rows)
+
+
+def take_pending_tokens(ids: np.ndarray, sampled: Optional[np.ndarray]) -> np.ndarray:
+    """`ids` with each placeholder of a pending token, -1 - r, replaced by `sampled[r]` (the sampled ids of the
+    step it follows; a copy when any is there). ValueError for a placeholder with nothing to fill it."""
+    pending = ids < 0
+    if not pending.any():
+        return ids
+    rows = -1 - ids[pending]
+    if sampled is None:
+        raise ValueError("a token id is negative (a pending token) in a step that follows no other")
+    if int(rows.max()) >= len(sampled):
+        raise ValueError(f"a pending token names sampled row {int(rows.max())} of a step that sampled {len(sampled)}")
+    ids = ids.copy()
+    ids[pending] = sampled[rows]
+    return ids
+
+
+def fill_pending_tokens(batch: StepInputs, sampled: Optional[np.ndarray]) -> None:
+    """Put the ids of the step before (`sampled`) in place of the pending tokens of `batch`'s input ids and of
+    the history its penalised rows use (copies of those arrays when any is pending)."""
+    batch.input_ids = take_pending_tokens(batch.input_ids, sampled)
+    rows = batch.sampling
+    if len(rows.history_lens) and rows.history_lens.max() > 0:
+        end = int((rows.history_starts + rows.history_lens).max())
+        view = rows.history[:end]
+        used = take_pending_tokens(view, sampled)
+        if used is not view:
+            rows.history = used
 
 
 SEED_STRIDE = 1 << 32  # sample i of a seeded request draws from offsets i * SEED_STRIDE + position

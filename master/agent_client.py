@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import subprocess
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,7 +28,8 @@ from llmserve.common.protocol import (
 )
 from llmserve.common.shm import SharedArrays
 from llmserve.common.step_arrays import (
-    StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays,
+    STEP_BUFFERS, StepCapacity, fill_pending_tokens, input_layout, input_lengths, output_layout, pack_arrays, step_inputs,
+    unpack_arrays,
 )
 
 logger = logging.getLogger("llmserve.master")
@@ -39,18 +41,24 @@ HANDSHAKE_FAILURES = (
 
 
 class Transport(abc.ABC):
-    """Moves steps to the agents and results back."""
+    """Moves steps to the agents and results back. Two steps may be in flight at once, each in its own pair
+    of buffers (`inputs[header.buffer]`, `outputs[header.buffer]`); results come back in the order sent."""
 
-    inputs: dict[str, np.ndarray]
-    outputs: dict[str, np.ndarray]
+    inputs: list[dict[str, np.ndarray]]  # one set of step arrays per buffer
+    outputs: list[dict[str, np.ndarray]]
+    can_overlap: bool = True  # the agents fill a step's pending tokens from the step before (one agent only)
 
     @abc.abstractmethod
     async def start(self, timeout: float) -> list[AgentReady]:
         """Wait until every agent is ready; raise AgentFailure if one cannot start."""
 
     @abc.abstractmethod
-    async def step(self, header: StepRequest) -> StepResult:
-        """Run one step whose inputs are already in `inputs`; the tokens land in `outputs`."""
+    async def send(self, header: StepRequest) -> None:
+        """Send one step whose inputs are already in `inputs[header.buffer]`."""
+
+    @abc.abstractmethod
+    async def receive(self, header: StepRequest) -> StepResult:
+        """The result of the oldest step sent and not received, `header`'s; its tokens are in `outputs[header.buffer]`."""
 
     @abc.abstractmethod
     def failure(self) -> Optional[str]:
@@ -92,15 +100,17 @@ class ZmqShmTransport(Transport):
         self.monitors: list[zmq.Socket] = []
         self.was_connected = [False] * len(endpoints)
         self._failure: Optional[str] = None
-        self.input_segment = self.output_segment = None
+        self.can_overlap = len(endpoints) == 1  # tensor-parallel ranks other than 0 do not see the sampled ids
+        self.segments: list[SharedArrays] = []
         if inline:
-            self.inputs = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)}
-            self.outputs = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
+            self.inputs, self.outputs = _local_buffers(capacity)
         else:
-            self.input_segment = SharedArrays.create("in", input_layout(capacity))
-            self.output_segment = SharedArrays.create("out", output_layout(capacity))
-            self.inputs = self.input_segment.arrays
-            self.outputs = self.output_segment.arrays
+            self.input_segments = [SharedArrays.create("in", input_layout(capacity)) for _ in range(STEP_BUFFERS)]
+            self.segments += self.input_segments
+            self.output_segments = [SharedArrays.create("out", output_layout(capacity)) for _ in range(STEP_BUFFERS)]
+            self.segments += self.output_segments
+            self.inputs = [segment.arrays for segment in self.input_segments]
+            self.outputs = [segment.arrays for segment in self.output_segments]
         for endpoint in endpoints:
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
@@ -119,8 +129,8 @@ class ZmqShmTransport(Transport):
 
     async def start(self, timeout: float) -> list[AgentReady]:
         init = InitAgent(
-            input_shm="" if self.inline else self.input_segment.name,
-            output_shm="" if self.inline else self.output_segment.name,
+            input_shms=[] if self.inline else [segment.name for segment in self.input_segments],
+            output_shms=[] if self.inline else [segment.name for segment in self.output_segments],
             **dataclasses.asdict(self.capacity),
         )
         deadline = time.monotonic() + timeout
@@ -142,18 +152,21 @@ class ZmqShmTransport(Transport):
                 raise AgentFailure(f"agent {endpoint.rank} answered {type(answer).__name__} instead of ready")
         return answers
 
-    async def step(self, header: StepRequest) -> StepResult:
+    async def send(self, header: StepRequest) -> None:
         message = [encode(header)]
-        if self.inline:
-            lengths = input_lengths(self.inputs, header, self.capacity.suppress_width)
-            message += pack_arrays(self.inputs, input_layout(self.capacity), lengths)
+        if self.inline:  # frames are views of the buffer: it is not written again until this step's result is in
+            inputs = self.inputs[header.buffer]
+            lengths = input_lengths(inputs, header, self.capacity.suppress_width)
+            message += pack_arrays(inputs, input_layout(self.capacity), lengths)
         for socket in self.sockets:
             await socket.send_multipart(message, copy=False)
+
+    async def receive(self, header: StepRequest) -> StepResult:
         deadline = time.monotonic() + self.step_timeout
         replies = [await self._receive(e, s, deadline, what="to run a step") for e, s in zip(self.endpoints, self.sockets)]
         results = [result for result, _ in replies]
         if self.inline and replies[0][1]:
-            self._copy_outputs(replies[0][1])
+            self._copy_outputs(replies[0][1], self.outputs[header.buffer])
         for result in results:
             if not isinstance(result, StepResult) or result.step_id != header.step_id:
                 self._fail(f"agent answered {result!r} to step {header.step_id}")
@@ -165,9 +178,9 @@ class ZmqShmTransport(Transport):
             header.step_id, first.rank, _merge_timings(results), errors[0] if errors else None, first.received_at, first.replied_at
         )
 
-    def _copy_outputs(self, frames: list[bytes]) -> None:
+    def _copy_outputs(self, frames: list[bytes], outputs: dict[str, np.ndarray]) -> None:
         for name, values in unpack_arrays(frames, output_layout(self.capacity)).items():
-            self.outputs[name][: len(values)] = values
+            outputs[name][: len(values)] = values
 
     async def _receive(self, endpoint: AgentEndpoint, socket: zmq.asyncio.Socket, deadline: float, what: str):
         """The agent's next message and the array frames after it (inline transport)."""
@@ -226,9 +239,8 @@ class ZmqShmTransport(Transport):
             monitor.close(0)
             socket.close(0)
         self.context.term()
-        for segment in (self.input_segment, self.output_segment):
-            if segment is not None:
-                segment.close()
+        for segment in self.segments:
+            segment.close()
 
 
 def _merge_timings(results: list[StepResult]) -> dict:
@@ -242,25 +254,48 @@ def _merge_timings(results: list[StepResult]) -> dict:
 StepFunction = Callable[[StepRequest, dict[str, np.ndarray], dict[str, np.ndarray]], StepResult]
 
 
+def _local_buffers(capacity: StepCapacity) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The step buffers as plain arrays of this process: inputs, outputs."""
+    inputs = [{name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)} for _ in range(STEP_BUFFERS)]
+    outputs = [{name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)} for _ in range(STEP_BUFFERS)]
+    return inputs, outputs
+
+
 class InProcessTransport(Transport):
-    """Runs `step_fn` in this process over plain numpy arrays: the agent without a process."""
+    """Runs `step_fn` in this process over plain numpy arrays: the agent without a process. As an agent does,
+    it fills a step's pending tokens from the sampled ids of the step it follows before `step_fn` sees it."""
 
     def __init__(self, capacity: StepCapacity, step_fn: StepFunction, ready: AgentReady):
         self.capacity = capacity
-        self.inputs = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)}
-        self.outputs = {name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}
+        self.inputs, self.outputs = _local_buffers(capacity)
         self.step_fn = step_fn
         self.ready = ready
         self.dead_reason: Optional[str] = None
+        self.results: deque[StepResult] = deque()
+        self.sampled: tuple[int, Optional[np.ndarray]] = (-1, None)  # the last step's id and sampled ids
 
     async def start(self, timeout: float) -> list[AgentReady]:
         return [self.ready]
 
-    async def step(self, header: StepRequest) -> StepResult:
+    async def send(self, header: StepRequest) -> None:
         if self.dead_reason:
             raise AgentFailure(self.dead_reason)
         await asyncio.sleep(0)
-        return self.step_fn(header, self.inputs, self.outputs)
+        inputs, outputs = self.inputs[header.buffer], self.outputs[header.buffer]
+        if header.follows_step >= 0:  # the filled arrays written back where step_fn reads them
+            step_id, sampled = self.sampled
+            batch = step_inputs(inputs, header, self.capacity.suppress_width)
+            fill_pending_tokens(batch, sampled if step_id == header.follows_step else None)
+            inputs["input_ids"][: header.num_tokens] = batch.input_ids
+            inputs["history"][: len(batch.sampling.history)] = batch.sampling.history
+        result = self.step_fn(header, inputs, outputs)
+        self.sampled = (header.step_id, None if result.error else outputs["sampled_ids"][: header.num_sample].copy())
+        self.results.append(result)
+
+    async def receive(self, header: StepRequest) -> StepResult:
+        if self.dead_reason:
+            raise AgentFailure(self.dead_reason)
+        return self.results.popleft()
 
     def failure(self) -> Optional[str]:
         return self.dead_reason

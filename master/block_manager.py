@@ -145,11 +145,13 @@ class BlockManager:
         self.num_queried_tokens += seq.num_prompt_tokens
         self.num_hit_tokens += hit
 
-    def cache_computed(self, seq: Sequence) -> None:
-        """Name every block `seq` has filled with computed tokens, so later sequences can find it."""
+    def cache_computed(self, seq: Sequence, num_tokens: Optional[int] = None) -> None:
+        """Name every block `seq` has filled with computed tokens (its first `num_tokens`, when a later step in
+        flight counts more as computed), so later sequences can find it."""
         if not self.enable_caching:
             return
-        hashes = self._prefix_hashes(seq, min(seq.num_computed // self.block_size, len(seq.block_ids)))
+        num_computed = seq.num_computed if num_tokens is None else min(num_tokens, seq.num_computed)
+        hashes = self._prefix_hashes(seq, min(num_computed // self.block_size, len(seq.block_ids)))
         for digest, block_id in zip(hashes[len(seq.block_hashes):], seq.block_ids[len(seq.block_hashes):]):
             if digest not in self._block_of and block_id not in self._hash_of:
                 self._block_of[digest], self._hash_of[block_id] = block_id, digest

@@ -18,7 +18,7 @@ from llmserve.common.errors import AgentFailure, Overloaded, RequestError
 from llmserve.common.model_info import ModelInfo
 from llmserve.common.protocol import AgentReady, StepRequest, StepResult
 from llmserve.common.sampling import ParamNames, SamplingParams
-from llmserve.common.step_arrays import step_outputs
+from llmserve.common.step_arrays import STEP_BUFFERS, step_outputs
 from llmserve.common.timers import StageTimer, own_ms
 from llmserve.master.agent_client import Transport
 from llmserve.master.agent_group import RestartPolicy
@@ -57,6 +57,18 @@ class FinishEvent:
 
     reason: FinishReason
     error: Optional[str] = None
+
+
+@dataclass
+class Flight:
+    """A step sent to the agents whose result the master has not read yet."""
+
+    plan: StepPlan
+    header: StepRequest
+    start: float  # time.perf_counter() when planning it began
+    sent_at: float = 0.0
+    ahead: bool = False  # planned while the step before was in flight (overlapped scheduling)
+    failure: Optional[str] = None  # it could not be built, so it was never sent
 
 
 @dataclass(eq=False)
@@ -131,6 +143,9 @@ class Engine:
         self.text_worker = TextWorker(tokenizer, model.max_seq_len)
         self.processes = ProcessWatch()
         self.kernels: dict[str, str] = {}  # what the agents compute with, as rank 0 reports it
+        self.last_recorded = 0.0  # time.perf_counter() when the last step was recorded
+        self.overlap = config.scheduler_config.overlap_scheduling  # a benchmark may switch it between requests
+        self.last_replied = 0.0  # when the agent answered it (the agent's clock: the same on one host)
 
     async def start(self) -> None:
         """Wait for the agents, then start the step loop."""
@@ -335,20 +350,40 @@ class Engine:
             low, high = (middle, high) if self._fits_in_cache(num_prompt_tokens, middle, num_samples) else (low, middle - 1)
         return low
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether a step may be planned and sent while the one before runs (scheduler_config.overlap_scheduling,
+        with a transport whose agents take the sampled tokens of a step as the next one's input)."""
+        return self.overlap and self.transport.can_overlap
+
     async def _run(self) -> None:
+        """The step loop. With overlapped scheduling, while step N runs the master plans and sends step N+1
+        (when every sequence of N goes on by itself: Scheduler.may_look_ahead), then reads N's result; the
+        agent finds N+1 waiting when N is done, so the master's work and the round trip leave the step's
+        critical path."""
+        flight: Optional[Flight] = None
         try:
             while True:
-                start = time.perf_counter()
-                plan = self._next_plan()
-                if plan is None:
-                    self.timer.reset()
-                    self.stats_line.idle(time.monotonic())
-                    await self._sleep_until_work()
-                    continue
-                outcome, header, agent_ms = await self._step(plan)
+                if flight is None:
+                    start = time.perf_counter()
+                    plan = self._next_plan()
+                    if plan is None:
+                        self.timer.reset()
+                        self.stats_line.idle(time.monotonic())
+                        await self._sleep_until_work()
+                        continue
+                    flight = await self._launch(plan, start)
+                following = None
+                if self.overlaps and flight.failure is None and self.scheduler.may_look_ahead(flight.plan):
+                    start = time.perf_counter()
+                    plan = self._next_plan(ahead=True)
+                    if plan is not None:
+                        following = await self._launch(plan, start, after=flight)
+                outcome, agent_ms = await self._land(flight)
                 self._emit(outcome)
-                self._record_step(plan, outcome, header, agent_ms, start)
+                self._record_step(flight, outcome, agent_ms)
                 self._log_stats()
+                flight = following
         except AgentFailure as exc:
             self._fail_everything(str(exc))
         except Exception as exc:
@@ -356,12 +391,16 @@ class Engine:
             self._fail_everything(f"internal error: {exc}")
             raise
 
-    def _next_plan(self) -> Optional[StepPlan]:
+    def _next_plan(self, ahead: bool = False) -> Optional[StepPlan]:
+        """The next step's plan; `ahead`: while the step before is in flight (no proposals then)."""
         with self.timer.stage("schedule"):
-            plan = self.scheduler.schedule(time.monotonic())
+            plan = self.scheduler.schedule(time.monotonic(), ahead)
         if plan is not None and self.scheduler.speculator is not None:
             with self.timer.stage("propose"):
-                self.scheduler.add_drafts(plan)
+                if ahead:
+                    self.scheduler.pass_drafts(plan)
+                else:
+                    self.scheduler.add_drafts(plan)
         return plan
 
     async def _sleep_until_work(self) -> None:
@@ -373,29 +412,57 @@ class Engine:
         except asyncio.TimeoutError:
             pass
 
-    async def _step(self, plan: StepPlan) -> tuple[StepOutcome, StepRequest, dict]:
-        timer = self.timer
+    async def _launch(self, plan: StepPlan, start: float, after: Optional[Flight] = None) -> Flight:
+        """Build `plan`'s step in the next pair of step buffers and send it; `after`: the step in flight that
+        this one follows (its placeholders name that step's sampled rows)."""
         step_id = next(self.step_ids)
         try:
-            with timer.stage("build"):
-                header = write_step(plan, self.transport.inputs, self.block_manager.block_size, step_id,
-                                    self.request_id_of, self.suppress_width, self.transport.capacity.draft_width)
+            with self.timer.stage("build"):
+                header = write_step(plan, self.transport.inputs[step_id % STEP_BUFFERS], self.block_manager.block_size,
+                                    step_id, self.request_id_of, self.suppress_width, self.transport.capacity.draft_width)
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)
-            return self._fail_step(plan, f"building the step failed: {exc}"), empty, {}
-        sent_at = time.perf_counter()
-        result = await self.transport.step(header)
-        _add_ipc_times(timer, sent_at, time.perf_counter(), result)
+            return Flight(plan, empty, start, failure=f"building the step failed: {exc}")
+        header.buffer = step_id % STEP_BUFFERS
+        header.follows_step = -1 if after is None else after.header.step_id
+        self.scheduler.launch(plan)
+        flight = Flight(plan, header, start, time.perf_counter(), ahead=after is not None)
+        await self.transport.send(header)
+        return flight
+
+    async def _land(self, flight: Flight) -> tuple[StepOutcome, dict]:
+        """Read a step's result and apply it (a step that failed fails its requests)."""
+        if flight.failure is not None:
+            return self._fail_step(flight.plan, flight.failure), {}
+        result = await self.transport.receive(flight.header)
+        landed_at = time.perf_counter()
+        self._add_ipc_times(flight, landed_at, result)
+        self.last_replied = result.replied_at
         if result.error:
-            return self._fail_step(plan, result.error), header, result.timings_ms
-        with timer.stage("update"):
-            outcome = self.scheduler.update(plan, self._samples(header), time.monotonic())
-        return outcome, header, result.timings_ms
+            return self._fail_step(flight.plan, result.error), result.timings_ms
+        with self.timer.stage("update"):
+            outcome = self.scheduler.update(flight.plan, self._samples(flight.header), time.monotonic())
+        return outcome, result.timings_ms
+
+    def _add_ipc_times(self, flight: Flight, landed_at: float, result: StepResult) -> None:
+        """The round trip less the agent's stages: split into out, agent loop and back when the clocks agree.
+        The way out counts from when the agent could take the step: once it was sent and the step before was
+        answered (with overlapped scheduling the agent finds it waiting, and only the time to read it counts)."""
+        timer = self.timer
+        ready_at = max(flight.sent_at, self.last_replied) if flight.ahead else flight.sent_at
+        out_ms = (result.received_at - ready_at) * 1e3
+        back_ms = (landed_at - result.replied_at) * 1e3
+        if result.received_at and out_ms >= 0 and back_ms >= 0:
+            timer.add("ipc_out", out_ms)
+            timer.add("agent_loop", (result.replied_at - result.received_at) * 1e3 - own_ms(result.timings_ms))
+            timer.add("ipc_back", back_ms)
+        else:  # an in-process agent, or one on another host whose clock differs
+            timer.add("ipc", (landed_at - flight.sent_at) * 1e3 - own_ms(result.timings_ms))
 
     def _samples(self, header: StepRequest) -> StepSamples:
         """Views of the agent's answer for the step's sampled rows and scored prompt positions."""
-        out = step_outputs(self.transport.outputs, header, self.transport.capacity.topk_width)
+        out = step_outputs(self.transport.outputs[header.buffer], header, self.transport.capacity.topk_width)
         prompt = None
         if header.num_prompt_positions:
             prompt = PromptScores(out.prompt_logprobs, out.prompt_ranks, out.prompt_topk_ids, out.prompt_topk_logprobs)
@@ -435,7 +502,7 @@ class Engine:
                     continue
                 if num_new[seq.seq_id] == 0:
                     continue  # cut off by a stop string earlier in this step
-                num_tokens = seq.num_tokens - num_new[seq.seq_id] + 1  # the sequence up to this token
+                num_tokens = seq.num_settled - num_new[seq.seq_id] + 1  # the sequence up to this token
                 num_new[seq.seq_id] -= 1
                 delta = text.add(seq, num_tokens)
                 if text.stopped:
@@ -449,7 +516,7 @@ class Engine:
                 if handle.wants_tokens:
                     output_index = num_tokens - seq.num_prompt_tokens - 1
                     logprobs = seq.logprobs[output_index] if 0 <= output_index < len(seq.logprobs) else None
-                    reason = seq.finish_reason.value if seq.is_finished and num_tokens == seq.num_tokens else None
+                    reason = seq.finish_reason.value if seq.is_finished and num_tokens == seq.num_settled else None
                     handle.events.put_nowait(TokenEvent(token_id, delta, seq.sample_index, logprobs, reason))
             for seq in finished:
                 handle = self.handles.get(seq.seq_id)
@@ -523,10 +590,15 @@ class Engine:
         self.failure = f"{reason}; no restart left ({self.restart_policy.describe()}): restart the server"
         logger.error("%s", self.failure)
 
-    def _record_step(self, plan: StepPlan, outcome: StepOutcome, header: StepRequest, agent_ms: dict, start: float) -> None:
-        """Feed the step's stage timings to the metrics, and to the trace file when one is configured."""
+    def _record_step(self, flight: Flight, outcome: StepOutcome, agent_ms: dict) -> None:
+        """Feed the step's stage timings to the metrics, and to the trace file when one is configured. A step's
+        wall time runs from its planning, or from the step before's end when it was planned ahead, to the end
+        of its update and streaming (the master stages timed since the step before's record count here)."""
+        plan, header = flight.plan, flight.header
         master_ms = self.timer.reset()
-        step_s = time.perf_counter() - start
+        now = time.perf_counter()
+        step_s = now - max(flight.start, self.last_recorded)
+        self.last_recorded = now
         self.metrics.on_step(step_s, len(outcome.new_tokens) - outcome.num_dropped, master_ms, agent_ms)
         speculator = self.scheduler.speculator
         if speculator is not None and "draft" in agent_ms:
@@ -543,6 +615,7 @@ class Engine:
             "num_sampled": header.num_sample,
             "num_draft_tokens": sum(len(item.draft_ids) for item in plan.scheduled),
             "num_accepted": outcome.num_accepted,
+            "overlapped": flight.ahead,
             "step_ms": step_s * 1e3,
             "master_ms": master_ms,
             "agent_ms": agent_ms,
@@ -619,18 +692,6 @@ class Engine:
         self.text_worker.close()
         if self.trace_file is not None:
             self.trace_file.close()
-
-
-def _add_ipc_times(timer: StageTimer, sent_at: float, answered_at: float, result: StepResult) -> None:
-    """The round trip less the agent's stages: split into out, agent loop and back when the clocks agree."""
-    out_ms = (result.received_at - sent_at) * 1e3
-    back_ms = (answered_at - result.replied_at) * 1e3
-    if result.received_at and out_ms >= 0 and back_ms >= 0:
-        timer.add("ipc_out", out_ms)
-        timer.add("agent_loop", (result.replied_at - result.received_at) * 1e3 - own_ms(result.timings_ms))
-        timer.add("ipc_back", back_ms)
-    else:  # an in-process agent, or one on another host whose clock differs
-        timer.add("ipc", (answered_at - sent_at) * 1e3 - own_ms(result.timings_ms))
 
 
 def time_per_output_token(handle: RequestHandle) -> Optional[float]:

@@ -33,6 +33,7 @@ class ScheduledSeq:
     draft_ids: list[int] = field(default_factory=list)  # proposed tokens verified after the last one (speculation)
     propose_count: int = 0  # tokens the agent's draft model proposes after this step; SKIP_DRAFT_MODEL: it
     # does not even read this sequence's tokens (it never speculates, or its proposals pause)
+    computed_end: int = 0  # the sequence's tokens with KV once this step ran (set when it is sent)
 
     @property
     def num_rows(self) -> int:
@@ -52,6 +53,7 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step runs
     released: list[int] = field(default_factory=list)  # sequences whose tables the agents may drop first
+    launched: bool = False  # Scheduler.launch applied it
 
     @property
     def is_decode_only(self) -> bool:
@@ -162,13 +164,17 @@ class Scheduler:
             times.append(self.last_step_time + self.config.decode_batch_waiting_time)
         return min(times) if times else None
 
-    def schedule(self, now: float) -> Optional[StepPlan]:
-        """Plan the next step, or None when nothing should run yet."""
+    def schedule(self, now: float, ahead: bool = False) -> Optional[StepPlan]:
+        """Plan the next step, or None when nothing should run yet.
+
+        `ahead`: the step before is still in flight (overlapped scheduling, when `may_look_ahead` allowed it).
+        Its sequences count the tokens it samples as pending; one whose pending token is its last is left
+        out, and nothing is preempted (the pending tokens would be lost): a sequence that cannot grow waits."""
         plan = StepPlan(scheduled=[], num_tokens=0, num_prefill_seqs=0)
-        self._schedule_running(plan)
+        self._schedule_running(plan, ahead)
         if not plan.preempted and self._may_admit(now):
             self._admit_waiting(plan, now)
-        if not plan.scheduled and self.waiting and self._all_running_await_siblings():
+        if not plan.scheduled and self.waiting and not ahead and self._all_running_await_siblings():
             self._unblock(plan, now)
         if not plan.scheduled:
             return None
@@ -176,6 +182,57 @@ class Scheduler:
             return None
         plan.released = self.blocks.take_released()
         return plan
+
+    def may_look_ahead(self, plan: StepPlan) -> bool:
+        """Whether the next step may be planned while `plan`'s step is in flight: every sequence it samples
+        goes on by itself with one token (no proposals to verify or to use next, no beams, no forks of n
+        samples), and none would get proposals in the next step."""
+        for item in plan.scheduled:
+            if not item.samples:
+                continue
+            seq = item.seq
+            if item.draft_ids or item.propose_count > 0 or seq.beam is not None or item.num_samples > 1:
+                return False
+            if self._would_propose(seq):
+                return False
+        return True
+
+    def _would_propose(self, seq: Sequence) -> bool:
+        """The next plan would ask the speculator for `seq`'s proposals."""
+        speculator = self.speculator
+        return (speculator is not None and seq.params.speculative and seq.beam is None
+                and speculator.wants_batch(len(self.running)) and not speculator.pauses(seq.seq_id))
+
+    def launch(self, plan: StepPlan) -> None:
+        """`plan`'s step is on its way to the agents: the KV of its tokens counts as computed, and the token
+        sampled for each sequence that goes on by itself (one row, no proposals, no beam) is pending, held by
+        a placeholder naming its row, -1 - row, until `update`."""
+        plan.launched = True
+        row = 0
+        for item in plan.scheduled:
+            seq, first_row = item.seq, row
+            row += item.num_rows
+            if item.draft_ids:  # the verification decides what is computed
+                continue
+            seq.num_computed += item.num_new_tokens
+            item.computed_end = seq.num_computed
+            if item.samples and item.num_samples == 1 and seq.beam is None and seq.params.max_new_tokens:
+                seq.add_pending(-1 - first_row)
+
+    def pass_drafts(self, plan: StepPlan) -> None:
+        """A plan made ahead gets no proposals: each sequence's pause in proposing counts the step, and an
+        agent's draft model reads the tokens of those whose proposals do not pause."""
+        speculator = self.speculator
+        if speculator is None:
+            return
+        uses_draft_model = speculator.config.method == "draft"
+        for item in plan.scheduled:
+            seq = item.seq
+            speculates = seq.params.speculative and seq.beam is None
+            if speculates and item.samples and not item.is_prefill:
+                speculator.pass_step(seq.seq_id)
+            if uses_draft_model and (not speculates or speculator.is_paused(seq.seq_id)):
+                item.propose_count = SKIP_DRAFT_MODEL
 
     def add_drafts(self, plan: StepPlan) -> None:
         """With a speculator: give the decode rows of `plan` proposed tokens to verify, within the step's token
@@ -227,21 +284,23 @@ class Scheduler:
             item.propose_count = count
             self.blocks.grow(seq, end)  # past the tokens written now: nothing shared to copy
 
-    def _schedule_running(self, plan: StepPlan) -> None:
+    def _schedule_running(self, plan: StepPlan, ahead: bool = False) -> None:
         budget = self.config.max_num_batched_tokens
         for seq in list(self.running):
             if plan.num_tokens >= budget:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed == 0:
                 continue  # preempted for an older sequence, or a beam waiting for its siblings' candidates
+            if seq.num_pending and seq.num_tokens_left == 0:
+                continue  # its pending token is its last
             num_new = min(seq.num_uncomputed, budget - plan.num_tokens)
-            if self._make_room(seq, seq.num_computed + num_new, plan):
+            if self._make_room(seq, seq.num_computed + num_new, plan, may_preempt=not ahead):
                 self._add_to_plan(plan, seq, num_new, is_prefill=seq.num_uncomputed > 1)
 
-    def _make_room(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
-        """Preempt running sequences until `seq` can grow; False if `seq` was the one."""
+    def _make_room(self, seq: Sequence, num_tokens: int, plan: StepPlan, may_preempt: bool = True) -> bool:
+        """Preempt running sequences until `seq` can grow; False if `seq` was the one (or may not grow now)."""
         while not self.blocks.can_grow(seq, num_tokens):
-            if self._preempt_victim(plan) is seq:
+            if not may_preempt or self._preempt_victim(plan) is seq:
                 return False
         plan.block_copies.extend(self.blocks.grow(seq, num_tokens))
         return True
@@ -259,6 +318,7 @@ class Scheduler:
         """Free `seq`'s blocks and queue it first in line to be recomputed."""
         self.running.remove(seq)
         self.blocks.free(seq)
+        seq.drop_pending()
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -387,7 +447,10 @@ class Scheduler:
         return now - self.last_step_time < wait
 
     def update(self, plan: StepPlan, samples: StepSamples, now: float) -> StepOutcome:
-        """Apply a finished step: advance computed counts, append tokens; samples and beams act as groups."""
+        """Apply a finished step (launching its plan first if no one did): settle its computed counts, append
+        tokens; samples and beams act as groups."""
+        if not plan.launched:
+            self.launch(plan)
         self.last_step_time = now
         outcome = StepOutcome(new_tokens=[], finished=[])
         beam_groups: list[BeamGroup] = []
@@ -402,9 +465,8 @@ class Scheduler:
                 seq.prompt_logprobs += samples.prompt.token_logprobs(first_scored, item.num_scored, seq.params.prompt_logprobs)
             if item.draft_ids:
                 self._verify(item, samples, first_row, outcome)
-            else:
-                seq.num_computed += item.num_new_tokens
-                self.blocks.cache_computed(seq)
+            else:  # its computed count moved when the step was sent; what it computed is now in the cache
+                self.blocks.cache_computed(seq, item.computed_end)
                 if not item.samples:
                     continue
                 if seq.beam is not None:
@@ -465,6 +527,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.blocks.free(seq)
+        seq.drop_pending()
         if self.speculator is not None:
             self.speculator.forget(seq.seq_id)
         seq.status = SequenceStatus.FINISHED

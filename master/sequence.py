@@ -49,6 +49,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: the names of its first full blocks
     num_computed: int = 0
+    num_pending: int = 0  # last tokens of token_ids still being sampled by a step in flight (placeholders)
     agent_blocks: int = 0  # leading block_ids the agents hold right in their copy of the table (sent as deltas)
     on_agents: bool = False  # the agents hold a table for it (to drop when it is freed)
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
@@ -71,6 +72,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_settled(self) -> int:
+        """Tokens whose ids are known: all but those a step in flight is still sampling."""
+        return len(self.token_ids) - self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -120,11 +126,30 @@ class Sequence:
         eos = () if self.params.ignore_eos else tuple(sorted(self.eos_token_ids))
         return eos + self.params.stop_token_ids
 
+    def add_pending(self, placeholder: int) -> None:
+        """A step in flight samples this sequence's next token: `placeholder` (negative) stands for it until
+        append_token puts the id in its place. A step built meanwhile feeds it to the agent, which reads the id
+        from the samples of the step before (overlapped scheduling)."""
+        self.token_ids.append(placeholder)
+        self.num_pending += 1
+
+    def drop_pending(self) -> None:
+        """Forget the tokens still being sampled (the sequence ended before them)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending :]
+            self.num_pending = 0
+
     def append_token(self, token_id: int, logprobs: Optional[TokenLogprobs] = None) -> Optional[FinishReason]:
-        """Add a generated token; return why the sequence is now done, if it is."""
+        """Add a generated token (in the place of the first pending one, if any); return why the sequence is now
+        done, if it is."""
         if self.params.max_new_tokens == 0:  # it wanted its prompt's log-probabilities only: the token is dropped
+            self.drop_pending()
             return FinishReason.LENGTH
-        self.token_ids.append(token_id)
+        if self.num_pending:
+            self.token_ids[self.num_settled] = token_id
+            self.num_pending -= 1
+        else:
+            self.token_ids.append(token_id)
         if logprobs is not None:
             self.cumulative_logprob += logprobs.logprob
             self.token_logprobs.append(logprobs.logprob)
@@ -134,7 +159,8 @@ class Sequence:
             return FinishReason.EOS
         if token_id in self.params.stop_token_ids:
             return FinishReason.STOP
-        if self.num_output_tokens >= self.params.max_new_tokens or self.num_tokens >= self.max_seq_len:
+        settled = self.num_settled
+        if settled - self.num_prompt_tokens >= self.params.max_new_tokens or settled >= self.max_seq_len:
             return FinishReason.LENGTH
         return None
 
@@ -142,6 +168,7 @@ class Sequence:
         """Drop the tokens past the first `num_tokens` (a stop string ended the text before them): the output,
         its log-probabilities and their sum are what decoding one token at a time stops at."""
         num_output = num_tokens - self.num_prompt_tokens
+        self.num_pending = 0  # the cut is within the settled tokens
         del self.token_ids[num_tokens:], self.logprobs[num_output:], self.token_logprobs[num_output:]
         self.cumulative_logprob = 0.0
         for logprob in self.token_logprobs:  # summed in the same order as append_token did

@@ -23,6 +23,7 @@ import numpy as np
 from llmserve.common.config import SpeculativeConfig
 
 MAX_BACKOFF_STEPS = 64  # the longest pause in proposing for a sequence whose proposals do not pay
+MAX_MISS_PAUSE = 4  # the longest pause in looking for n-gram matches after looking found none
 DECAY = 0.8  # weight of the acceptance seen before each verification
 DRAFT_MODEL_COST = 0.15  # a draft model's pass per proposed token, as a share of a step, until measured
 PRIOR_ACCEPTED, PRIOR_ATTEMPTS = 1.0, 1.5  # a new sequence starts as if 2 of 3 proposed tokens were accepted
@@ -73,6 +74,7 @@ class SpecState:
     attempts: float = PRIOR_ATTEMPTS  # accepted ones, plus one per verification that rejected one
     pause: int = 0  # steps left without proposing
     num_pauses: int = 0  # pauses since a proposed token was last accepted (each twice as long)
+    num_misses: int = 0  # n-gram lookups in a row that found no match
     probe: bool = False  # a pause just ended: propose one token, whatever the rate says
 
     @property
@@ -136,7 +138,8 @@ class Speculator:
         token costs relative to a step: draft_token_cost per running sequence to verify it (the more rows a
         step has, the closer it is to compute-bound, where every row costs its share), plus a draft model's
         measured time to propose it. When no k > 0 pays, proposing pauses for 2, 4, ... MAX_BACKOFF_STEPS
-        steps, then a single token probes again."""
+        steps, then a single token probes again. An n-gram lookup that finds no match pauses 1, 2, then
+        MAX_MISS_PAUSE steps (a paused sequence lets overlapped scheduling plan its steps ahead)."""
         state = self._state(seq_id)
         if state.pause:
             state.pause -= 1
@@ -150,13 +153,29 @@ class Speculator:
         if self.config.method == "draft":
             num_tokens, drafts = self.agent_drafts.pop(seq_id, (-1, []))
             return drafts[:k] if num_tokens == len(token_ids) else []
-        return self.proposer(state.sync(token_ids), k)[:k]
+        drafts = self.proposer(state.sync(token_ids), k)[:k]
+        state.num_misses = 0 if drafts else state.num_misses + 1
+        if not drafts:
+            state.pause = min(2 ** (state.num_misses - 1), MAX_MISS_PAUSE)
+        return drafts
 
     def is_paused(self, seq_id: int) -> bool:
         """Proposing pauses for this sequence past the next step (a draft model need not read its tokens: its
         KV for them stays stale, which lowers the acceptance later, never the output)."""
         state = self.states.get(seq_id)
         return state is not None and state.pause > 1
+
+    def pauses(self, seq_id: int) -> bool:
+        """The next `propose` for this sequence returns nothing, as its proposals pause."""
+        state = self.states.get(seq_id)
+        return state is not None and state.pause > 0
+
+    def pass_step(self, seq_id: int) -> None:
+        """A step without proposals for this sequence (planned ahead, while the one before was in flight): it
+        counts towards a pause as a `propose` would."""
+        state = self.states.get(seq_id)
+        if state is not None and state.pause:
+            state.pause -= 1
 
     def next_draft_length(self, seq_id: int, room: int, num_running: int) -> int:
         """How many tokens the agent's draft model should propose after this step (without changing the state)."""

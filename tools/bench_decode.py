@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["none", "int8", "int4"], default=None, help="model_config.quantization")
     parser.add_argument("--quantize-lm-head", action="store_true", help="model_config.quantize_lm_head")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default=None, help="pa_config.kv_cache_dtype")
+    parser.add_argument("--overlap", choices=["on", "off"], default=None, help="scheduler_config.overlap_scheduling")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_decode.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
@@ -113,6 +114,8 @@ def main() -> None:
         if args.quantize_lm_head:
             model_keys["quantize_lm_head"] = True
         sections = {"pa_config": {"kv_cache_dtype": args.kv_cache_dtype}} if args.kv_cache_dtype else {}
+        if args.overlap:
+            sections["scheduler_config"] = {"overlap_scheduling": args.overlap == "on"}
         process, url = start_server(args.config, trace_path, workdir, args.num_threads, args.tensor_parallel, model_keys,
                                     sections)
         try:

@@ -32,6 +32,7 @@ class Breakdown:
     num_tokens_generated: int
     step_ms: float
     stage_ms: dict[str, float]
+    num_overlapped: int = 0  # steps planned and sent while the step before ran (overlapped scheduling)
 
     @property
     def forward_ms(self) -> float:
@@ -72,6 +73,7 @@ def breakdown(records: list[dict]) -> Breakdown:
         num_tokens_generated=sum(tokens_generated(r) for r in records),
         step_ms=sum(r["step_ms"] for r in records),
         stage_ms=stage_ms,
+        num_overlapped=sum(bool(r.get("overlapped")) for r in records),
     )
 
 
@@ -101,6 +103,9 @@ def format_breakdown(title: str, b: Breakdown) -> str:
                  f"{b.unaccounted_ms / b.step_ms:>8.1%}")
     lines.append(f"  {'step wall':<22}{b.step_ms / b.num_steps:>10.3f}{b.step_ms / per_token:>10.3f}{1:>8.1%}")
     lines.append(f"  serving overhead (step - forward) / step: {b.overhead:.1%}")
+    if b.num_overlapped:
+        lines.append(f"  overlapped: {b.num_overlapped} of {b.num_steps} steps were sent while the step before ran; their "
+                     "master stages ran in its shadow, and ipc_out is the agent's turnaround between steps")
     return "\n".join(lines)
 
 

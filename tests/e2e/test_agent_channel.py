@@ -67,14 +67,16 @@ def reply(socket: zmq.Socket, frames: list, timeout_ms: int = 1500) -> Optional[
     return socket.recv_multipart()
 
 
-def one_token_step(step_id: int, slot: int = 0) -> list:
-    """A real one-token prefill as the inline transport sends it: header, then the used rows of every input array."""
+def one_token_step(step_id: int, slot: int = 0, token: int = 5, follows: int = -1) -> list:
+    """A real one-token prefill as the inline transport sends it: header, then the used rows of every input array.
+    `token` -1 - r with `follows`: row r of that step's sampled ids (overlapped scheduling)."""
     arrays = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(CAPACITY)}
-    arrays["input_ids"][0], arrays["slot_mapping"][0] = 5, slot
+    arrays["input_ids"][0], arrays["slot_mapping"][0] = token, slot
     arrays["query_lens"][0] = arrays["context_lens"][0] = 1
     arrays["seq_ids"][0], arrays["block_counts"][0] = step_id, 1  # a new sequence each step, in block 0
     write_sampling_rows(arrays, [SampleRow(0, SamplingParams(), [5], 1)], CAPACITY.suppress_width)
-    header = StepRequest(step_id, num_tokens=1, num_seqs=1, num_sample=1, num_new_blocks=1, is_all_greedy=True)
+    header = StepRequest(step_id, num_tokens=1, num_seqs=1, num_sample=1, num_new_blocks=1, is_all_greedy=True,
+                         follows_step=follows)
     return [encode(header), *pack_arrays(arrays, input_layout(CAPACITY), input_lengths(arrays, header, CAPACITY.suppress_width))]
 
 
@@ -85,7 +87,7 @@ def step_error(frames: Optional[list[bytes]]) -> Optional[str]:
     return result.error
 
 
-INIT = InitAgent(input_shm="", output_shm="", **vars(CAPACITY))
+INIT = InitAgent(input_shms=[], output_shms=[], **vars(CAPACITY))
 GARBAGE = [
     b"",
     b"\xc1",  # a byte msgpack never uses
@@ -142,6 +144,18 @@ def test_no_frame_ends_the_agent_and_bad_steps_are_refused_one_by_one(agent):
         assert len(sampled) == 1 and 0 <= sampled[0] < TINY_LLAMA["vocab_size"]
         assert "not after the last step" in step_error(reply(master, one_token_step(6)))
         assert step_error(reply(master, one_token_step(7), REPLY_TIMEOUT_MS)) is None
+
+        # a pending token is the sampled id of the step it follows: as if that id had been sent
+        first = reply(master, one_token_step(8, token=-1, follows=7), REPLY_TIMEOUT_MS)
+        assert step_error(first) is None
+        step_7_token = int(unpack_arrays(answer[1:], output_layout(CAPACITY))["sampled_ids"][0])  # steps 6 and 7 alike
+        same = reply(master, one_token_step(9, token=step_7_token), REPLY_TIMEOUT_MS)
+        sampled_ids = [unpack_arrays(frames[1:], output_layout(CAPACITY))["sampled_ids"][0] for frames in (first, same)]
+        assert sampled_ids[0] == sampled_ids[1]
+        assert "follows step 8" in step_error(reply(master, one_token_step(10, token=-1, follows=8)))  # 9 ran after it
+        assert "follows no other" in step_error(reply(master, one_token_step(11, token=-1)))
+        assert step_error(reply(master, one_token_step(12), REPLY_TIMEOUT_MS)) is None
+        assert "sampled row 2" in step_error(reply(master, one_token_step(13, token=-3, follows=12)))
 
         assert process.poll() is None
         master.send(encode(Shutdown()))

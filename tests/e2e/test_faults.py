@@ -209,7 +209,7 @@ def test_killed_agent_is_restarted_until_the_restart_budget_is_spent(tmp_path):
             assert httpx.post(f"{server.url}/models/llama/generate", json=short, timeout=60).status_code == 200
             assert f"llmserve_agent_restarts_total {restarts}.0" in httpx.get(f"{server.url}/metrics").text
         segments = glob.glob(f"/dev/shm/llmserve_{server.process.pid}_*")
-        assert len(segments) == 2  # the live transport's input and output arrays, nothing of the dead ones
+        assert len(segments) == 4  # the live transport's two input and two output buffers, nothing of the dead ones
         (agent_pid,) = server.agent_pids()
         os.kill(agent_pid, signal.SIGKILL)
         assert wait_for(lambda: "no restart left" in (server.health().json().get("reason") or ""))

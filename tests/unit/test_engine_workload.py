@@ -19,17 +19,19 @@ from tests.unit.fake_agent import VOCAB, counting_step, fake_engine
 SCHEDULER = {"max_num_batched_tokens": 24, "decode_batch_size": 6, "prefill_batch_size": 3}
 
 
-def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = None, answer=counting_step):
+def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = None, answer=counting_step,
+                overlap: bool = True):
     config = config_from_dict({
         "model_config": {"load_format": "dummy", "dummy_config": {"vocab_size": VOCAB}, "tokenizer_path": "builtin"},
         "pa_config": {"num_blocks": num_blocks, "block_size": 4},
-        "scheduler_config": {**SCHEDULER, "reserve_new_tokens": reserve},
+        "scheduler_config": {**SCHEDULER, "reserve_new_tokens": reserve, "overlap_scheduling": overlap},
         "speculative_config": speculative or {},
     })
     engines, agent_tables = [], BlockTables(max_blocks_per_seq=16)  # max_seq_len 64 in blocks of 4, as an agent has
 
     def checked_step(header, inputs, outputs):
         engine = engines[0]
+        engine.num_overlapped = getattr(engine, "num_overlapped", 0) + (header.follows_step >= 0)
         assert header.num_tokens <= SCHEDULER["max_num_batched_tokens"]
         assert engine.scheduler.num_slots <= SCHEDULER["decode_batch_size"]
         engine.block_manager.check_consistent(engine.scheduler.running)
@@ -95,7 +97,29 @@ async def finish_of(handle) -> FinishEvent:
 def test_a_random_workload_through_the_engine_keeps_every_step_within_limits_and_outputs_unchanged():
     for seed in range(3):
         tiny = asyncio.run(run_workload(engine_with(num_blocks=10, reserve=0), seed))  # preempted several times
-        ample = asyncio.run(run_workload(engine_with(num_blocks=400, reserve=16), seed))
-        common = tiny.keys() & ample.keys()
+        overlapped = engine_with(num_blocks=400, reserve=16)
+        ample = asyncio.run(run_workload(overlapped, seed))
+        serial = asyncio.run(run_workload(engine_with(num_blocks=400, reserve=16, overlap=False), seed))
+        assert overlapped.num_overlapped > 5, "steps were planned while the one before ran"
+        common = tiny.keys() & ample.keys() & serial.keys()
         assert len(common) >= 15
-        assert {key: tiny[key] for key in common} == {key: ample[key] for key in common}
+        assert {key: tiny[key] for key in common} == {key: ample[key] for key in common} == {key: serial[key] for key in common}
+
+
+def test_a_sequence_that_stops_while_the_step_after_it_runs_ends_there_and_gives_its_blocks_back():
+    async def outputs(overlap: bool):
+        engine = engine_with(num_blocks=40, reserve=4, overlap=overlap)
+        await engine.start()
+        try:  # the fake model counts up from the prompt's last token: 13, 14, 15 ... 
+            stops = engine.submit("stops", [10, 11, 12], SamplingParams(max_new_tokens=20, stop_token_ids=(15,)), stream=False)
+            ends = engine.submit("ends", [40, 41], SamplingParams(max_new_tokens=6), stream=False)
+            events = await asyncio.wait_for(asyncio.gather(finish_of(stops), finish_of(ends)), timeout=30)
+            assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+            return [(event.reason.value, handle.outputs[0].output_ids) for event, handle in zip(events, (stops, ends))], \
+                getattr(engine, "num_overlapped", 0)
+        finally:
+            await engine.stop()
+
+    (with_overlap, num_overlapped), (serial, _) = asyncio.run(outputs(True)), asyncio.run(outputs(False))
+    assert with_overlap == serial == [("stop_sequence", [13, 14, 15]), ("length", [42, 43, 44, 45, 46, 47])]
+    assert num_overlapped >= 3

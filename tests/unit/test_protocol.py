@@ -21,10 +21,10 @@ from llmserve.common.protocol import (
 )
 
 EXAMPLES = [
-    InitAgent("llmserve_1_in_ab", "llmserve_1_out_cd", 2048, 64, 128, 4096, 20, 16, 320, 4),
+    InitAgent(["llmserve_1_in_ab", "llmserve_1_in_ef"], ["llmserve_1_out_cd", "llmserve_1_out_gh"], 2048, 64, 128, 4096, 20, 16, 320, 4),
     AgentReady(rank=0, pid=42, vocab_size=1024, num_layers=4, num_kv_blocks=512, block_size=16, dtype="float32", device="cpu"),
     StepRequest(step_id=7, num_tokens=19, num_seqs=3, num_sample=2, num_new_blocks=5, is_all_greedy=False,
-                released_seq_ids=[4, 9]),
+                released_seq_ids=[4, 9], buffer=1, follows_step=6),
     StepRequest(7, 19, 3, 2, 5, True, dump_names=["req-a_00000.npy", "req-b_00012.npy"]),
     StepResult(step_id=7, rank=0, timings_ms={"predict": 3.5, "sample": 0.25}, error=None),
     StepResult(step_id=8, rank=0, timings_ms={}, error="Traceback: boom", received_at=12.5, replied_at=12.75),

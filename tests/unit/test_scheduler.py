@@ -381,3 +381,92 @@ def test_admission_reserves_a_decode_slot_for_every_sample():
     scheduler.add(make_sampled_seq(1, prompt_len=4, n=2))
     plan = scheduler.schedule(0.0)
     assert [item.seq.seq_id for item in plan.scheduled] == [0]
+
+
+# ------------------------------------------------------------------ overlapped scheduling (planning ahead)
+
+
+def launch(scheduler: Scheduler, ahead: bool = False):
+    plan = scheduler.schedule(0.0, ahead=ahead)
+    assert plan is not None
+    scheduler.launch(plan)
+    return plan
+
+
+def test_a_plan_made_ahead_feeds_each_pending_token_as_a_placeholder_for_its_row():
+    scheduler = make_scheduler()
+    first, second = make_seq(0, prompt_len=5), make_seq(1, prompt_len=3)
+    scheduler.add(first)
+    scheduler.add(second)
+    now = launch(scheduler)  # both prefills, rows 0 and 1
+    assert scheduler.may_look_ahead(now)
+    assert first.token_ids[-1] == -1 and second.token_ids[-1] == -2 and first.num_settled == 5
+    ahead = launch(scheduler, ahead=True)
+    assert [(item.seq, item.num_new_tokens, item.samples) for item in ahead.scheduled] == [(first, 1, True), (second, 1, True)]
+    assert first.num_computed == 6 and first.token_ids[-2:] == [-1, -1]  # its row in the plan ahead is row 0 again
+    scheduler.update(now, samples([7, 8]), 0.0)
+    assert first.token_ids[5:] == [7, -1] and second.token_ids[3:] == [8, -2] and first.num_pending == 1
+    outcome = scheduler.update(ahead, samples([9, 4]), 0.0)
+    assert outcome.new_tokens == [(first, 9), (second, 4)]
+    assert first.output_ids == [7, 9] and second.output_ids == [8, 4] and first.num_pending == 0
+    scheduler.blocks.check_consistent(scheduler.running)
+
+
+def test_a_sequence_whose_pending_token_is_its_last_is_not_planned_ahead():
+    scheduler = make_scheduler()
+    short, long = make_seq(0, prompt_len=4, max_new_tokens=1), make_seq(1, prompt_len=4, max_new_tokens=5)
+    scheduler.add(short)
+    scheduler.add(long)
+    now = launch(scheduler)
+    ahead = launch(scheduler, ahead=True)
+    assert [item.seq for item in ahead.scheduled] == [long]
+    outcome = scheduler.update(now, samples([7, 8]), 0.0)
+    assert outcome.finished == [short] and short.output_ids == [7]
+
+
+def test_a_sequence_that_ends_while_the_step_after_runs_drops_that_steps_token_and_its_blocks():
+    scheduler = make_scheduler(num_blocks=8)
+    seq, other = make_seq(0, prompt_len=4), make_seq(1, prompt_len=4)
+    scheduler.add(seq)
+    scheduler.add(other)
+    now = launch(scheduler)
+    ahead = launch(scheduler, ahead=True)
+    outcome = scheduler.update(now, samples([EOS, 5]), 0.0)  # seq ends; its row in the step ahead is wasted
+    assert outcome.finished == [seq] and seq.output_ids == [EOS] and seq.finish_reason is FinishReason.EOS
+    assert seq.block_ids == [] and seq.num_pending == 0
+    outcome = scheduler.update(ahead, samples([6, 6]), 0.0)
+    assert outcome.new_tokens == [(other, 6)] and seq.output_ids == [EOS]
+    scheduler.blocks.check_consistent(scheduler.running)
+    assert scheduler.blocks.num_free_blocks == 8 - len(other.block_ids)
+
+
+def test_a_plan_made_ahead_never_preempts_a_sequence_short_of_blocks_waits():
+    scheduler = make_scheduler(num_blocks=2, block_size=4, reserve_new_tokens=0)
+    old, new = make_seq(0, prompt_len=4), make_seq(1, prompt_len=2)
+    scheduler.add(old)
+    scheduler.add(new)
+    first = launch(scheduler)  # one block each
+    ahead = scheduler.schedule(0.0, ahead=True)  # old's next token needs a second block: it waits
+    assert [item.seq for item in ahead.scheduled] == [new] and not ahead.preempted
+    scheduler.launch(ahead)
+    scheduler.update(first, samples([5, 6]), 0.0)
+    scheduler.update(ahead, samples([7]), 0.0)
+    assert new.output_ids == [6, 7] and old.output_ids == [5]
+    plan, _ = run_step(scheduler)  # planned after the results, old may preempt new
+    assert [item.seq for item in plan.scheduled] == [old] and plan.preempted == [new]
+
+
+def test_only_sequences_that_go_on_alone_let_the_next_plan_be_made_ahead():
+    scheduler = make_scheduler()
+    seq = make_seq(0, prompt_len=4)
+    seq.params = SamplingParams(max_new_tokens=8, n=2, do_sample=True)
+    seq.pending_forks = 1
+    scheduler.add(seq)
+    plan = launch(scheduler)
+    assert not scheduler.may_look_ahead(plan)  # its first token forks a second sample
+    assert seq.num_pending == 0  # forks are made when the tokens are in
+    scheduler.update(plan, samples([5, 6]), 0.0)
+    plan = launch(scheduler)
+    assert scheduler.may_look_ahead(plan)
+    plan.scheduled[0].draft_ids = [3]
+    assert not scheduler.may_look_ahead(plan)
