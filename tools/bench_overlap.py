@@ -28,6 +28,10 @@ from llmserve.master.offline import OfflineEngine  # noqa: E402
 from llmserve.tools.local_config import write_local_config  # noqa: E402
 
 MODES = ("on", "off")
+# what stands between two forwards when the steps overlap: the agent's own stages besides predict, its time
+# outside them, and its turnaround from answering one step to holding the next (ipc_out)
+AGENT_STAGES = ("deserialize", "preprocess", "sample", "write_back")
+MASTER_STAGES = ("agent_loop", "ipc_out", "ipc_back", "schedule", "build", "update", "detokenize")
 
 
 async def run_round(llm: OfflineEngine, trace_path: str, batch: int, prompt_len: int, output_len: int) -> dict:
@@ -42,7 +46,10 @@ async def run_round(llm: OfflineEngine, trace_path: str, batch: int, prompt_len:
         steps = [json.loads(line) for line in f if line.strip()]
     decode = [s for s in steps if s["num_prefill_seqs"] == 0 and s["num_seqs"] == batch]
     per_step = [(o.res_time - o.first_token_time) / (output_len - 1) * 1e3 for o in outputs]
+    stages = {f"agent {k}": [s["agent_ms"].get(k, 0.0) for s in decode] for k in AGENT_STAGES}
+    stages.update({f"master {k}": [s["master_ms"].get(k, 0.0) for s in decode] for k in MASTER_STAGES})
     return {
+        "stages_ms": {name: statistics.median(values) for name, values in stages.items()},
         "decode_ms": statistics.median(per_step),
         "step_ms": statistics.median(s["step_ms"] for s in decode),
         "forward_ms": statistics.median(s["agent_ms"].get("predict", 0.0) for s in decode),
@@ -77,6 +84,10 @@ def summarize(rounds: list[dict]) -> dict:
 
     summary = {mode: {key: median(mode, key) for key in ("decode_ms", "step_ms", "forward_ms", "overlapped")} for mode in MODES}
     for mode in MODES:
+        names = rounds[0][mode]["stages_ms"]
+        summary[mode]["stages_ms"] = {name: round(statistics.median(r[mode]["stages_ms"][name] for r in rounds), 3)
+                                      for name in names}
+    for mode in MODES:
         figures = summary[mode]
         figures["outside_forward_share"] = round((figures["step_ms"] - figures["forward_ms"]) / figures["step_ms"], 3)
     ratios = [r["off"]["decode_ms"] / r["on"]["decode_ms"] for r in rounds]
@@ -102,6 +113,7 @@ def main(argv=None) -> int:
             print(f"batch {batch:3d} overlap {mode:3s}: decode {f['decode_ms']:.3f} ms/step  step {f['step_ms']:.3f} ms  "
                   f"forward {f['forward_ms']:.3f} ms  outside forward {100 * f['outside_forward_share']:.1f}%  "
                   f"overlapped {100 * f['overlapped']:.0f}% of steps")
+            print("              stages (median ms): " + ", ".join(f"{k} {v:.3f}" for k, v in f["stages_ms"].items()))
         print(f"batch {batch:3d}: overlap speed-up (off/on, median of paired rounds) {r['speedup']:.3f} {r['speedups']}  "
               f"outputs equal: {r['outputs_equal']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
