@@ -141,11 +141,12 @@ async def _sse_events(engine: Engine, handle: RequestHandle, body: GenerateReque
     RequestStream aborts the request when the client leaves first.
     """
     async for event in handle.stream():
-        if isinstance(event, TokenEvent):
-            token = {"id": event.token_id, "text": event.text}
-            if event.logprobs is not None:
-                token.update(_logprob_entry(engine, event.token_id, event.logprobs))
-            yield sse({"index": event.index, "token": token, "generated_text": None, "details": None})
+        if isinstance(event, TokenEvent):  # one event per token, as TGI streams, however many a step added
+            for i, (token_id, text) in enumerate(zip(event.token_ids, event.texts)):
+                token = {"id": token_id, "text": text}
+                if event.logprobs is not None:
+                    token.update(_logprob_entry(engine, token_id, event.logprobs[i]))
+                yield sse({"index": event.index, "token": token, "generated_text": None, "details": None})
         elif event.error:
             yield sse({"error": event.error, "error_type": "generation_failed"})
         else:

@@ -42,13 +42,18 @@ AGENT_WATCH_INTERVAL = 0.5
 
 @dataclass
 class TokenEvent:
-    """One generated token of output `index` and the text it completed (may be empty)."""
+    """The tokens one step added to output `index` (several when speculative decoding accepted proposals), with
+    the text each completed (may be empty)."""
 
-    token_id: int
-    text: str
+    token_ids: list[int]
+    texts: list[str]
     index: int = 0
-    logprobs: Optional[TokenLogprobs] = None
-    finish_reason: Optional[str] = None  # set on the last token of its sequence
+    logprobs: Optional[list[TokenLogprobs]] = None  # one per token, when the request asked for them
+    finish_reason: Optional[str] = None  # set when the last token ends its sequence
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
 
 @dataclass
@@ -490,6 +495,7 @@ class Engine:
             for parent, child in outcome.forked:
                 self._track(self.handles[parent.seq_id], child)
             finished = list(outcome.finished)
+            events: dict[int, TokenEvent] = {}  # seq id -> the event of its tokens in this step
             num_new: dict[int, int] = {}  # seq id -> its tokens in this step (several when proposals were accepted)
             for seq, _ in outcome.new_tokens:
                 num_new[seq.seq_id] = num_new.get(seq.seq_id, 0) + 1
@@ -514,10 +520,9 @@ class Engine:
                         finished.append(seq)
                     seq.finish_reason = FinishReason.STOP
                 if handle.wants_tokens:
-                    output_index = num_tokens - seq.num_prompt_tokens - 1
-                    logprobs = seq.logprobs[output_index] if 0 <= output_index < len(seq.logprobs) else None
-                    reason = seq.finish_reason.value if seq.is_finished and num_tokens == seq.num_settled else None
-                    handle.events.put_nowait(TokenEvent(token_id, delta, seq.sample_index, logprobs, reason))
+                    self._add_to_event(events, seq, token_id, delta, num_tokens)
+            for seq_id, event in events.items():
+                self.handles[seq_id].events.put_nowait(event)
             for seq in finished:
                 handle = self.handles.get(seq.seq_id)
                 if handle is not None and not handle.is_finished and all(s.is_finished for s in handle.seqs):
@@ -525,6 +530,20 @@ class Engine:
                         self._first_token(handle, now)
                     handle.outputs = self._outputs(handle)
                     self._finish(handle, FinishReason(handle.outputs[0].finish_reason))
+
+    @staticmethod
+    def _add_to_event(events: dict[int, TokenEvent], seq: Sequence, token_id: int, text: str, num_tokens: int) -> None:
+        """Add token `num_tokens` - 1 of `seq` (which completed `text`) to its event of this step."""
+        event = events.get(seq.seq_id)
+        if event is None:
+            event = events[seq.seq_id] = TokenEvent([], [], seq.sample_index)
+        event.token_ids.append(token_id)
+        event.texts.append(text)
+        output_index = num_tokens - seq.num_prompt_tokens - 1
+        if 0 <= output_index < len(seq.logprobs):
+            event.logprobs = (event.logprobs or []) + [seq.logprobs[output_index]]
+        if seq.is_finished and num_tokens == seq.num_settled:
+            event.finish_reason = seq.finish_reason.value
 
     def _outputs(self, handle: RequestHandle) -> list[GenerationOutput]:
         """The n sequences returned: all samples, the best_of with the highest log-probability, or the best beams."""

@@ -251,7 +251,8 @@ class OpenAIJob:
         raise NotImplementedError
 
     def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
-        """The chunk choice of one token event; None when it carries no text, finish or logprobs."""
+        """The chunk choice of one step's tokens (one chunk however many); None when it carries no text, finish
+        or logprobs."""
         finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
         if not event.text and finish is None and event.logprobs is None:
             return None
@@ -319,8 +320,8 @@ class CompletionJob(OpenAIJob):
         logprobs = None
         if event.logprobs is not None:
             start = self.offsets.get(index, 0)
-            logprobs = _completion_logprobs(self.engine, [event.token_id], [event.logprobs], start)
-            self.offsets[index] = start + len(logprobs["tokens"][0])
+            logprobs = _completion_logprobs(self.engine, event.token_ids, event.logprobs, start)
+            self.offsets[index] = start + sum(map(len, logprobs["tokens"]))
         return {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
 
 
@@ -349,7 +350,8 @@ class ChatJob(OpenAIJob):
     def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
         logprobs = None
         if event.logprobs is not None:
-            logprobs = {"content": [_chat_logprob(self.engine, event.token_id, event.logprobs)], "refusal": None}
+            logprobs = {"content": [_chat_logprob(self.engine, token_id, entry)
+                                    for token_id, entry in zip(event.token_ids, event.logprobs)], "refusal": None}
         delta = {"content": event.text} if event.text or finish is None else {}
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 

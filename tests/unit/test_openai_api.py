@@ -236,6 +236,27 @@ def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason():
     assert len({c.id for c in parsed}) == 1 and "usage" not in chunks[0]
 
 
+def test_a_chat_stream_sends_the_tokens_a_step_accepted_together_in_one_chunk():
+    from tests.unit.test_speculative import counting_oracle, fake_config_with
+
+    messages = [{"role": "user", "content": "Hi!"}]
+    engine = fake_engine(fake_config_with({"method": "ngram", "num_speculative_tokens": 4}))
+    prompt_ids = chat_prompt_ids(engine, messages)
+    body = {"messages": messages, "max_tokens": 12, "temperature": 0, "stream": True, "logprobs": True}
+
+    async def go(client, engine):
+        engine.scheduler.speculator.proposer = counting_oracle  # every proposal is accepted
+        return await client.post("/v1/chat/completions", json=body)
+
+    chunks = events(call(go, engine).text)
+    parsed = [ChatCompletionChunk.model_validate(chunk) for chunk in chunks[:-1]]
+    assert "".join(c.choices[0].delta.content or "" for c in parsed) == following_text(prompt_ids, 12)
+    entries = [c.choices[0].logprobs.content for c in parsed if c.choices[0].logprobs is not None]
+    assert sum(map(len, entries)) == 12 and max(map(len, entries)) > 1  # one chunk per step, not per token
+    assert [entry.token for chunk in entries for entry in chunk] == [
+        decode(TOKENIZER, [prompt_ids[-1] + i]) for i in range(1, 13)]
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -280,7 +280,8 @@ def test_sampled_outputs_follow_the_target_distribution_with_any_proposer(propos
 
 
 async def streamed(engine, prompt: list[int], params: SamplingParams, proposer=None):
-    """The token events' (id, text, finish reason) and the final output of one streamed request."""
+    """Each streamed token's (id, text, finish reason, log-probability), the final output and the number of token
+    events (a step's tokens come in one) of one streamed request."""
     await engine.start()
     if proposer is not None:
         engine.scheduler.speculator.proposer = proposer
@@ -288,8 +289,9 @@ async def streamed(engine, prompt: list[int], params: SamplingParams, proposer=N
         handle = engine.submit("r", prompt, params, stream=params.num_samples == 1)  # best_of: not streamed
         events = [event async for event in handle.stream()]
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-        tokens = [(e.token_id, e.text, e.finish_reason, e.logprobs and e.logprobs.logprob) for e in events[:-1]]
-        return tokens, handle.outputs[0]
+        tokens = [(token_id, e.texts[i], e.finish_reason if i == len(e.token_ids) - 1 else None,
+                   e.logprobs and e.logprobs[i].logprob) for e in events[:-1] for i, token_id in enumerate(e.token_ids)]
+        return tokens, handle.outputs[0], len(events) - 1
     finally:
         await engine.stop()
 
@@ -305,17 +307,19 @@ def counting_with_logprobs(header, inputs, outputs):
 @pytest.mark.parametrize("extra", [{"logprobs": 0}, {"do_sample": True, "best_of": 2}], ids=["logprobs", "best_of"])
 def test_a_stop_string_inside_an_accepted_run_cuts_the_output_where_decoding_one_token_at_a_time_stops(extra):
     prompt = [300, 301, 302]
-    plain_events, plain = asyncio.run(streamed(fake_engine(), prompt, SamplingParams(max_new_tokens=30, ignore_eos=True)))
+    plain_events, plain, _ = asyncio.run(streamed(fake_engine(), prompt, SamplingParams(max_new_tokens=30, ignore_eos=True)))
     stop = plain.text[len(plain.text) // 2 :][:4]
     params = SamplingParams(max_new_tokens=30, ignore_eos=True, stop=(stop,), **extra)
     plain_engine = fake_engine(step_fn=counting_with_logprobs)
-    expected_events, expected = asyncio.run(streamed(plain_engine, prompt, params))
+    expected_events, expected, num_expected_events = asyncio.run(streamed(plain_engine, prompt, params))
     engine = fake_engine(fake_config_with({"method": "ngram", "num_speculative_tokens": 8}), step_fn=counting_with_logprobs)
-    events, output = asyncio.run(streamed(engine, prompt, params, counting_oracle))
+    events, output, num_events = asyncio.run(streamed(engine, prompt, params, counting_oracle))
     assert engine.metrics.num_generation_tokens == plain_engine.metrics.num_generation_tokens  # cut tokens uncounted
     assert output.text == expected.text == plain.text[: plain.text.index(stop)]
     assert output.output_ids == expected.output_ids and output.finish_reason == expected.finish_reason == "stop_sequence"
     assert events == expected_events and len(events) < len(plain_events)
+    if "logprobs" in extra:  # streamed: each step's accepted run comes as one event
+        assert num_expected_events == len(expected_events) and num_events < len(events)
     assert output.cumulative_logprob == expected.cumulative_logprob < 0
 
 
