@@ -282,10 +282,15 @@ class InProcessTransport(Transport):
             raise AgentFailure(self.dead_reason)
         await asyncio.sleep(0)
         inputs, outputs = self.inputs[header.buffer], self.outputs[header.buffer]
+        step_id, sampled = self.sampled
+        batch = step_inputs(inputs, header, self.capacity.suppress_width)
+        try:  # as an agent would: pending tokens from the step followed, which must be the last, and have run well
+            fill_pending_tokens(batch, sampled if header.follows_step == step_id >= 0 else None)
+        except ValueError as exc:
+            self.sampled = (header.step_id, None)
+            self.results.append(StepResult(header.step_id, 0, error=f"the agent refused the step: {exc}"))
+            return
         if header.follows_step >= 0:  # the filled arrays written back where step_fn reads them
-            step_id, sampled = self.sampled
-            batch = step_inputs(inputs, header, self.capacity.suppress_width)
-            fill_pending_tokens(batch, sampled if step_id == header.follows_step else None)
             inputs["input_ids"][: header.num_tokens] = batch.input_ids
             inputs["history"][: len(batch.sampling.history)] = batch.sampling.history
         result = self.step_fn(header, inputs, outputs)

@@ -149,6 +149,8 @@ class Engine:
         self.processes = ProcessWatch()
         self.kernels: dict[str, str] = {}  # what the agents compute with, as rank 0 reports it
         self.last_recorded = 0.0  # time.perf_counter() when the last step was recorded
+        self.last_landed = 0.0  # when the last step's result was read
+        self.last_failed = False  # the last step landed failed
         self.overlap = config.scheduler_config.overlap_scheduling  # a benchmark may switch it between requests
         self.last_replied = 0.0  # when the agent answered it (the agent's clock: the same on one host)
 
@@ -379,12 +381,14 @@ class Engine:
                         continue
                     flight = await self._launch(plan, start)
                 following = None
-                if self.overlaps and flight.failure is None and self.scheduler.may_look_ahead(flight.plan):
+                if self.overlaps and flight.failure is None and not self.last_failed \
+                        and self.scheduler.may_look_ahead(flight.plan):
                     start = time.perf_counter()
                     plan = self._next_plan(ahead=True)
                     if plan is not None:
                         following = await self._launch(plan, start, after=flight)
                 outcome, agent_ms = await self._land(flight)
+                self.last_failed = flight.failure is not None  # what follows it may be refused: plan after it
                 self._emit(outcome)
                 self._record_step(flight, outcome, agent_ms)
                 self._log_stats()
@@ -430,40 +434,44 @@ class Engine:
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)
             return Flight(plan, empty, start, failure=f"building the step failed: {exc}")
         header.buffer = step_id % STEP_BUFFERS
-        header.follows_step = -1 if after is None else after.header.step_id
+        if after is not None and any(item.seq.num_pending for item in plan.scheduled):  # placeholders of `after`'s rows
+            header.follows_step = after.header.step_id
         self.scheduler.launch(plan)
         flight = Flight(plan, header, start, time.perf_counter(), ahead=after is not None)
         await self.transport.send(header)
         return flight
 
     async def _land(self, flight: Flight) -> tuple[StepOutcome, dict]:
-        """Read a step's result and apply it (a step that failed fails its requests)."""
+        """Read a step's result and apply it (a step that failed fails its requests, and gets `failure` set)."""
         if flight.failure is not None:
             return self._fail_step(flight.plan, flight.failure), {}
+        waited_at = time.perf_counter()
         result = await self.transport.receive(flight.header)
         landed_at = time.perf_counter()
-        self._add_ipc_times(flight, landed_at, result)
-        self.last_replied = result.replied_at
+        self._add_ipc_times(flight, waited_at, landed_at, result)
+        self.last_replied, self.last_landed = result.replied_at, landed_at
         if result.error:
+            flight.failure = result.error
             return self._fail_step(flight.plan, result.error), result.timings_ms
         with self.timer.stage("update"):
             outcome = self.scheduler.update(flight.plan, self._samples(flight.header), time.monotonic())
         return outcome, result.timings_ms
 
-    def _add_ipc_times(self, flight: Flight, landed_at: float, result: StepResult) -> None:
+    def _add_ipc_times(self, flight: Flight, waited_at: float, landed_at: float, result: StepResult) -> None:
         """The round trip less the agent's stages: split into out, agent loop and back when the clocks agree.
-        The way out counts from when the agent could take the step: once it was sent and the step before was
-        answered (with overlapped scheduling the agent finds it waiting, and only the time to read it counts)."""
+        A step planned ahead counts only what the step before did not hide: the way out from when the agent
+        could take it (it had answered the step before), the way back from when the master waited for it."""
         timer = self.timer
         ready_at = max(flight.sent_at, self.last_replied) if flight.ahead else flight.sent_at
         out_ms = (result.received_at - ready_at) * 1e3
-        back_ms = (landed_at - result.replied_at) * 1e3
+        back_ms = (landed_at - max(result.replied_at, waited_at if flight.ahead else 0.0)) * 1e3
         if result.received_at and out_ms >= 0 and back_ms >= 0:
             timer.add("ipc_out", out_ms)
             timer.add("agent_loop", (result.replied_at - result.received_at) * 1e3 - own_ms(result.timings_ms))
             timer.add("ipc_back", back_ms)
         else:  # an in-process agent, or one on another host whose clock differs
-            timer.add("ipc", (landed_at - flight.sent_at) * 1e3 - own_ms(result.timings_ms))
+            since = max(flight.sent_at, self.last_landed) if flight.ahead else flight.sent_at
+            timer.add("ipc", (landed_at - since) * 1e3 - own_ms(result.timings_ms))
 
     def _samples(self, header: StepRequest) -> StepSamples:
         """Views of the agent's answer for the step's sampled rows and scored prompt positions."""
@@ -480,7 +488,6 @@ class Engine:
         """A step failed to build or raised on the agent: fail its requests, keep serving the rest."""
         self.block_manager.release_again(plan.released)
         logger.error("step failed; failing its %d requests: %s", len(plan.scheduled), error)
-        self.timer.reset()
         for item in plan.scheduled:
             handle = self.handles.get(item.seq.seq_id)
             if handle and not handle.is_finished:

@@ -54,6 +54,7 @@ class StepPlan:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step runs
     released: list[int] = field(default_factory=list)  # sequences whose tables the agents may drop first
     launched: bool = False  # Scheduler.launch applied it
+    starved: bool = False  # made ahead, it left out a running sequence short of blocks (the next plan may preempt)
 
     @property
     def is_decode_only(self) -> bool:
@@ -169,10 +170,11 @@ class Scheduler:
 
         `ahead`: the step before is still in flight (overlapped scheduling, when `may_look_ahead` allowed it).
         Its sequences count the tokens it samples as pending; one whose pending token is its last is left
-        out, and nothing is preempted (the pending tokens would be lost): a sequence that cannot grow waits."""
+        out, and nothing is preempted (the pending tokens would be lost): a sequence that cannot grow waits,
+        nothing new is admitted, and the plan after this one is made once the step before is back."""
         plan = StepPlan(scheduled=[], num_tokens=0, num_prefill_seqs=0)
         self._schedule_running(plan, ahead)
-        if not plan.preempted and self._may_admit(now):
+        if not plan.preempted and not plan.starved and self._may_admit(now):
             self._admit_waiting(plan, now)
         if not plan.scheduled and self.waiting and not ahead and self._all_running_await_siblings():
             self._unblock(plan, now)
@@ -186,7 +188,9 @@ class Scheduler:
     def may_look_ahead(self, plan: StepPlan) -> bool:
         """Whether the next step may be planned while `plan`'s step is in flight: every sequence it samples
         goes on by itself with one token (no proposals to verify or to use next, no beams, no forks of n
-        samples), and none would get proposals in the next step."""
+        samples), none would get proposals in the next step, and `plan` left no sequence short of blocks."""
+        if plan.starved:
+            return False
         for item in plan.scheduled:
             if not item.samples:
                 continue
@@ -296,6 +300,8 @@ class Scheduler:
             num_new = min(seq.num_uncomputed, budget - plan.num_tokens)
             if self._make_room(seq, seq.num_computed + num_new, plan, may_preempt=not ahead):
                 self._add_to_plan(plan, seq, num_new, is_prefill=seq.num_uncomputed > 1)
+            elif ahead:
+                plan.starved = True
 
     def _make_room(self, seq: Sequence, num_tokens: int, plan: StepPlan, may_preempt: bool = True) -> bool:
         """Preempt running sequences until `seq` can grow; False if `seq` was the one (or may not grow now)."""

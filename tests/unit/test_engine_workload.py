@@ -11,6 +11,7 @@ from typing import Optional
 
 from llmserve.agent.block_tables import BlockTables
 from llmserve.common.config import config_from_dict
+from llmserve.common.protocol import StepResult
 from llmserve.common.sampling import SamplingParams
 from llmserve.common.step_arrays import step_inputs
 from llmserve.master.engine import FinishEvent
@@ -123,3 +124,37 @@ def test_a_sequence_that_stops_while_the_step_after_it_runs_ends_there_and_gives
     (with_overlap, num_overlapped), (serial, _) = asyncio.run(outputs(True)), asyncio.run(outputs(False))
     assert with_overlap == serial == [("stop_sequence", [13, 14, 15]), ("length", [42, 43, 44, 45, 46, 47])]
     assert num_overlapped >= 3
+
+
+def test_a_failed_step_fails_its_requests_and_at_most_the_step_planned_ahead_of_it_no_more():
+    def failing_step(header, inputs, outputs):
+        if header.step_id == 8:
+            return StepResult(header.step_id, 0, error="Traceback: the model raised")
+        return counting_step(header, inputs, outputs)
+
+    engine = engine_with(num_blocks=64, reserve=4, answer=failing_step)
+
+    async def run():  # a request arrives every step or so, before, during and after the failure
+        await engine.start()
+        try:
+            handles = []
+            for i in range(40):
+                handles.append(engine.submit(f"r{i}", [10 + i, 11 + i], SamplingParams(max_new_tokens=8), stream=False))
+                await asyncio.sleep(0)
+            return handles, await asyncio.wait_for(_finish_all(handles), timeout=30)
+        finally:
+            await engine.stop()
+
+    handles, events = asyncio.run(run())
+    failed = [h.request_id for h, event in zip(handles, events) if event.error]
+    assert 0 < len(failed) <= 2 * SCHEDULER["decode_batch_size"], failed  # the failed step's and the next one's
+    assert not any(event.error for event in events[-8:])  # no chain: later steps serve again
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+async def _finish_all(handles: list) -> list[FinishEvent]:
+    """Every handle's finish event, in order, including handles added to the list while waiting."""
+    events = []
+    while len(events) < len(handles):
+        events.append(await finish_of(handles[len(events)]))
+    return events

@@ -448,6 +448,7 @@ def test_a_plan_made_ahead_never_preempts_a_sequence_short_of_blocks_waits():
     first = launch(scheduler)  # one block each
     ahead = scheduler.schedule(0.0, ahead=True)  # old's next token needs a second block: it waits
     assert [item.seq for item in ahead.scheduled] == [new] and not ahead.preempted
+    assert ahead.starved and not scheduler.may_look_ahead(ahead)  # the plan after it waits for the results
     scheduler.launch(ahead)
     scheduler.update(first, samples([5, 6]), 0.0)
     scheduler.update(ahead, samples([7]), 0.0)
