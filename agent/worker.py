@@ -94,7 +94,10 @@ class Worker:
         self.output_buffers: list[dict[str, np.ndarray]] = []
         self.input_arrays: dict[str, np.ndarray] = {}  # this step's: a buffer's arrays, or the inline arrays
         self.output_arrays: dict[str, np.ndarray] = {}
-        self.sampled: tuple[int, Optional[np.ndarray]] = (-1, None)  # the last step's id and sampled ids (rank 0)
+        # the last step that ran well here: its id and sampled ids (rank 0; the other ranks read them from rank 0's
+        # output buffer when a step follows it: which buffer, and how many rows)
+        self.sampled: tuple[int, Optional[np.ndarray]] = (-1, None)
+        self.sampled_at: tuple[int, int] = (0, 0)
         self.timer = StageTimer()
         self.is_inline = False
         self.last_step_id = -1
@@ -201,6 +204,7 @@ class Worker:
         if self.shard.world > 1:
             timer.add("all_reduce", self.all_reduce_timer.take())  # part of predict
         if self.rank != 0:  # only rank 0 samples and answers with tokens
+            self.sampled, self.sampled_at = (header.step_id, None), (header.buffer, header.num_sample)
             return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
         logits = runner.logits(hidden, batch.logits_indices, timer)
         if header.dump_names is not None and self.logits_dump_dir is not None:
@@ -221,6 +225,7 @@ class Worker:
         with timer.stage("write_back"):
             self.write_back(output, header.num_sample)
             self.sampled = (header.step_id, self.output_arrays["sampled_ids"][: header.num_sample].copy())
+            self.output_arrays["sampled_step"][0] = header.step_id  # after the ids: the other ranks wait on it
             if scores is not None:
                 self.write_prompt_scores(scores)
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
@@ -253,10 +258,26 @@ class Worker:
         if header.follows_step >= 0 and (header.follows_step != self.last_step_id or step_id != header.follows_step):
             raise ProtocolError(f"step {header.step_id} follows step {header.follows_step}, whose sampled ids this agent "
                                 "does not hold (that step failed, or another ran after it)")
+        if header.follows_step >= 0 and sampled is None:
+            sampled = self._rank_0_samples(header.follows_step)
         try:
             fill_pending_tokens(batch, sampled if header.follows_step >= 0 else None)
         except ValueError as exc:
             raise ProtocolError(f"step {header.step_id}: {exc}") from None
+
+    def _rank_0_samples(self, step_id: int) -> np.ndarray:
+        """The ids rank 0 sampled in step `step_id`, from its output buffer once it marks them written (it may
+        still be sampling: this rank answers as soon as the forward is done)."""
+        if not self.output_buffers or self.is_inline:
+            raise ProtocolError(f"step {step_id}'s sampled ids reach the other ranks only through shared memory")
+        buffer, num_sample = self.sampled_at
+        outputs = self.output_buffers[buffer]
+        deadline = time.monotonic() + self.config.serving_config.step_timeout
+        while int(outputs["sampled_step"][0]) != step_id:
+            if time.monotonic() > deadline:
+                raise ProtocolError(f"rank 0 did not share step {step_id}'s sampled ids in time")
+            time.sleep(0)
+        return outputs["sampled_ids"][:num_sample].copy()
 
     def _inline_arrays(self, frames: Sequence[zmq.Frame], header: StepRequest) -> dict[str, np.ndarray]:
         try:

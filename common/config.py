@@ -237,7 +237,7 @@ class SchedulerConfig:
     reserve_new_tokens: int = 16
     max_queue_size: int = 1024
     # plan and send step N+1 while the agent runs step N (its sampled tokens become N+1's inputs on the agent);
-    # one agent only, and not while a sequence in flight speculates, beams or forks n samples
+    # not while a sequence in flight speculates, beams or forks n samples, nor with ranks on other hosts
     overlap_scheduling: bool = True
 
     def validate(self) -> None:

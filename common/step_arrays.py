@@ -156,6 +156,9 @@ class StepOutputs:
     draft_ids: np.ndarray = column(  # [num_seqs, draft_width]: the draft model's proposals, -1 past each row's
         np.int32, lambda cap: max(cap.max_num_seqs * cap.draft_width, 1), lambda h, width: h.num_seqs * h.draft_width,
         lambda h, width: (h.num_seqs, h.draft_width))
+    # the step whose ids sampled_ids holds, written after them: the other ranks of a host wait on it to take a
+    # step's pending tokens from it (overlapped scheduling with tensor parallelism)
+    sampled_step: np.ndarray = column(np.int64, lambda cap: 1, lambda h, width: 1)
     prompt_logprobs: np.ndarray = column(np.float32, _tokens, _scored)  # raw log-probability of each prompt target
     prompt_ranks: np.ndarray = column(np.int32, _tokens, _scored)  # its rank in the vocabulary, 1 the most likely
     prompt_topk_ids: np.ndarray = column(

@@ -46,7 +46,7 @@ class Transport(abc.ABC):
 
     inputs: list[dict[str, np.ndarray]]  # one set of step arrays per buffer
     outputs: list[dict[str, np.ndarray]]
-    can_overlap: bool = True  # the agents fill a step's pending tokens from the step before (one agent only)
+    can_overlap: bool = True  # the agents fill a step's pending tokens from the step before
 
     @abc.abstractmethod
     async def start(self, timeout: float) -> list[AgentReady]:
@@ -100,7 +100,7 @@ class ZmqShmTransport(Transport):
         self.monitors: list[zmq.Socket] = []
         self.was_connected = [False] * len(endpoints)
         self._failure: Optional[str] = None
-        self.can_overlap = len(endpoints) == 1  # tensor-parallel ranks other than 0 do not see the sampled ids
+        self.can_overlap = len(endpoints) == 1 or not inline  # other ranks read rank 0's samples in shared memory
         self.segments: list[SharedArrays] = []
         if inline:
             self.inputs, self.outputs = _local_buffers(capacity)
@@ -111,6 +111,8 @@ class ZmqShmTransport(Transport):
             self.segments += self.output_segments
             self.inputs = [segment.arrays for segment in self.input_segments]
             self.outputs = [segment.arrays for segment in self.output_segments]
+        for outputs in self.outputs:
+            outputs["sampled_step"][0] = -1  # no step's ids yet (step ids start at 0)
         for endpoint in endpoints:
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)

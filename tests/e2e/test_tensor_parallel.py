@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import time
@@ -52,8 +53,11 @@ def test_two_ranks_give_the_tokens_and_logits_of_one(checkpoints, tmp_path, num_
     model_path = checkpoints[num_kv_heads]
     dumps = {world: str(tmp_path / f"dump{world}") for world in (1, 2)}
     one, _ = greedy_run(tp_config(tmp_path, model_path, 1, logits_dump_dir=dumps[1]))
-    two, _ = greedy_run(tp_config(tmp_path, model_path, 2, logits_dump_dir=dumps[2]))
+    trace = tmp_path / "trace.jsonl"
+    two, _ = greedy_run(tp_config(tmp_path, model_path, 2, logits_dump_dir=dumps[2], step_trace_path=str(trace)))
     assert two == one
+    # rank 1 took the pending tokens of overlapped steps from rank 0's samples in shared memory
+    assert sum(json.loads(line)["overlapped"] for line in trace.read_text().splitlines()) > 5
     logits_one, logits_two = dumped_logits(dumps[1]), dumped_logits(dumps[2])
     assert logits_one.shape == logits_two.shape == (len(PROMPTS) * 10, 1024)
     np.testing.assert_allclose(logits_two, logits_one, atol=1e-4, rtol=0)
