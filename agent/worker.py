@@ -343,6 +343,10 @@ def serve_agent(
         psutil.Process().cpu_affinity(cpus)  # before torch starts its threads: they inherit it
     if serving.num_threads or cpus:
         torch.set_num_threads(serving.num_threads or len(cpus))
+    elif serving.world_size > 1 and serving.device == "cpu" and serving.transport == "shm":
+        # ranks sharing this host's cores: a share each, not every rank a thread per core (oversubscribed, each
+        # parallel op waits for threads the others' took the core from)
+        torch.set_num_threads(max(1, len(psutil.Process().cpu_affinity()) // serving.world_size))
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 1000)
