@@ -30,11 +30,8 @@ from llmserve.common.protocol import (
     EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, ProtocolError,
     Shutdown, StepRequest, StepResult, decode, encode,
 )
-from llmserve.common.shm import SharedArrays
-from llmserve.common.step_arrays import (
-    STEP_BUFFERS, StepCapacity, StepInputs, fill_pending_tokens, input_layout, output_layout, output_lengths, pack_arrays,
-    row_lengths, step_inputs, unpack_arrays,
-)
+from llmserve.common.channel import InlineChannel, SharedMemoryChannel, StepChannel
+from llmserve.common.step_arrays import StepCapacity, StepInputs, fill_pending_tokens, step_inputs
 from llmserve.common.timers import StageTimer
 
 logger = logging.getLogger("llmserve.agent")
@@ -89,9 +86,7 @@ class Worker:
         self.sampler = Sampler(self.device, seed=config.model_config.seed + 1)
         self.capacity: Optional[StepCapacity] = None
         self.block_tables = BlockTables(0)
-        self.segments: list[SharedArrays] = []  # the master's step buffers, with the shared-memory transport
-        self.input_buffers: list[dict[str, np.ndarray]] = []  # their arrays (outputs: local ones when inline)
-        self.output_buffers: list[dict[str, np.ndarray]] = []
+        self.channel: Optional[StepChannel] = None  # the step buffers: the master's segments, or inline
         self.input_arrays: dict[str, np.ndarray] = {}  # this step's: a buffer's arrays, or the inline arrays
         self.output_arrays: dict[str, np.ndarray] = {}
         # the last step that ran well here: its id and sampled ids (rank 0; the other ranks read them from rank 0's
@@ -99,7 +94,6 @@ class Worker:
         self.sampled: tuple[int, Optional[np.ndarray]] = (-1, None)
         self.sampled_at: tuple[int, int] = (0, 0)
         self.timer = StageTimer()
-        self.is_inline = False
         self.last_step_id = -1
         self.pool = PoolShape(self.runner.num_blocks, config.pa_config.block_size, self.runner.vocab_size)
         self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
@@ -158,24 +152,16 @@ class Worker:
 
     def attach(self, init: InitAgent) -> AgentReady:
         """Map the master's step arrays (or expect them inline) and say what this agent holds."""
-        self.is_inline = not init.input_shms
         capacity = StepCapacity(**{f.name: getattr(init, f.name) for f in dataclasses.fields(StepCapacity)})
         self.capacity = capacity
         self.block_tables = BlockTables(capacity.max_blocks_per_seq, capacity.max_num_seqs)  # a new master resends all
         self.last_step_id = -1  # a new master counts from 0 again
         self.sampled = (-1, None)
         self.close()
-        if self.is_inline:
-            self.output_buffers = [{name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)}]
+        if init.input_shms or init.output_shms:
+            self.channel = SharedMemoryChannel.attach(capacity, init.input_shms, init.output_shms)
         else:
-            if not len(init.input_shms) == len(init.output_shms) == STEP_BUFFERS:
-                raise ValueError(f"{len(init.input_shms)} input and {len(init.output_shms)} output buffers, "
-                                 f"where this agent takes {STEP_BUFFERS} of each")
-            for names, layout, buffers in ((init.input_shms, input_layout(capacity), self.input_buffers),
-                                           (init.output_shms, output_layout(capacity), self.output_buffers)):
-                for name in names:
-                    self.segments.append(SharedArrays.attach(name, layout))
-                    buffers.append(self.segments[-1].arrays)
+            self.channel = InlineChannel(capacity)
         return AgentReady(
             rank=self.rank,
             pid=os.getpid(),
@@ -237,13 +223,7 @@ class Worker:
         if header.step_id <= self.last_step_id:
             raise ProtocolError(f"step id {header.step_id} is not after the last step, {self.last_step_id}")
         check_header(header, self.capacity)
-        if self.is_inline:
-            self.input_arrays = self._inline_arrays(frames, header)
-            self.output_arrays = self.output_buffers[0]  # sent back in the reply
-        elif frames:
-            raise ProtocolError("array frames came with a step, but the arrays are in shared memory")
-        else:
-            self.input_arrays, self.output_arrays = self.input_buffers[header.buffer], self.output_buffers[header.buffer]
+        self.input_arrays, self.output_arrays = self.channel.step_arrays(header, [frame.buffer for frame in frames])
         batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
         self._fill_pending(header, batch)
         check_inputs(batch, self.pool)
@@ -268,26 +248,16 @@ class Worker:
     def _rank_0_samples(self, step_id: int) -> np.ndarray:
         """The ids rank 0 sampled in step `step_id`, from its output buffer once it marks them written (it may
         still be sampling: this rank answers as soon as the forward is done)."""
-        if not self.output_buffers or self.is_inline:
+        if not isinstance(self.channel, SharedMemoryChannel):
             raise ProtocolError(f"step {step_id}'s sampled ids reach the other ranks only through shared memory")
         buffer, num_sample = self.sampled_at
-        outputs = self.output_buffers[buffer]
+        outputs = self.channel.outputs[buffer]
         deadline = time.monotonic() + self.config.serving_config.step_timeout
         while int(outputs["sampled_step"][0]) != step_id:
             if time.monotonic() > deadline:
                 raise ProtocolError(f"rank 0 did not share step {step_id}'s sampled ids in time")
             time.sleep(0)
         return outputs["sampled_ids"][:num_sample].copy()
-
-    def _inline_arrays(self, frames: Sequence[zmq.Frame], header: StepRequest) -> dict[str, np.ndarray]:
-        try:
-            arrays = unpack_arrays([frame.buffer for frame in frames], input_layout(self.capacity))
-        except ValueError as exc:  # a frame too many or too few, or a length that is not whole elements
-            raise ProtocolError(f"the step's array frames do not fit the layout: {exc}") from None
-        for name, length in row_lengths(header, self.capacity.suppress_width).items():
-            if len(arrays[name]) < length:
-                raise ProtocolError(f"{name}: {len(arrays[name])} values where the header needs {length}")
-        return arrays
 
     def write_back(self, output: SamplerOutput, num_rows: int) -> None:
         arrays = self.output_arrays
@@ -318,16 +288,15 @@ class Worker:
 
     def output_frames(self, result: StepResult, header: StepRequest) -> list:
         """With the inline transport, rank 0 sends the sampled rows and prompt scores back in the reply."""
-        if not self.is_inline or self.rank != 0 or result.error:
+        if self.channel is None or self.rank != 0 or result.error:
             return []
-        lengths = output_lengths(header, self.capacity.topk_width)
-        return pack_arrays(self.output_arrays, output_layout(self.capacity), lengths)
+        return self.channel.reply_frames(header)
 
     def close(self) -> None:
         """Unmap the master's arrays (the master owns and unlinks them)."""
-        for segment in self.segments:
-            segment.close()
-        self.segments, self.input_buffers, self.output_buffers = [], [], []
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = None
         self.input_arrays, self.output_arrays = {}, {}
 
 

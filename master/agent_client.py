@@ -26,11 +26,8 @@ from llmserve.common.errors import AgentFailure
 from llmserve.common.protocol import (
     AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, ProtocolError, Shutdown, StepRequest, StepResult, decode, encode,
 )
-from llmserve.common.shm import SharedArrays
-from llmserve.common.step_arrays import (
-    STEP_BUFFERS, StepCapacity, fill_pending_tokens, input_layout, input_lengths, output_layout, pack_arrays, step_inputs,
-    unpack_arrays,
-)
+from llmserve.common.channel import InlineChannel, SharedMemoryChannel, StepChannel
+from llmserve.common.step_arrays import StepCapacity, fill_pending_tokens, step_inputs
 
 logger = logging.getLogger("llmserve.master")
 
@@ -83,7 +80,7 @@ class ZmqShmTransport(Transport):
 
     With `inline` (agents on other hosts) there is no shared memory: each step
     message carries the used rows of the input arrays as extra frames, and rank
-    0's reply carries the sampled rows back. Same messages otherwise.
+    0's reply carries the sampled rows back (common/channel.py). Same messages otherwise.
     """
 
     def __init__(
@@ -93,7 +90,6 @@ class ZmqShmTransport(Transport):
         self.endpoints = endpoints
         self.capacity = capacity
         self.step_timeout = step_timeout
-        self.inline = inline
         self.context = zmq.asyncio.Context()
         self.sync_context = zmq.Context.shadow(self.context.underlying)  # for the monitors, read without awaiting
         self.sockets: list[zmq.asyncio.Socket] = []
@@ -101,18 +97,8 @@ class ZmqShmTransport(Transport):
         self.was_connected = [False] * len(endpoints)
         self._failure: Optional[str] = None
         self.can_overlap = len(endpoints) == 1 or not inline  # other ranks read rank 0's samples in shared memory
-        self.segments: list[SharedArrays] = []
-        if inline:
-            self.inputs, self.outputs = _local_buffers(capacity)
-        else:
-            self.input_segments = [SharedArrays.create("in", input_layout(capacity)) for _ in range(STEP_BUFFERS)]
-            self.segments += self.input_segments
-            self.output_segments = [SharedArrays.create("out", output_layout(capacity)) for _ in range(STEP_BUFFERS)]
-            self.segments += self.output_segments
-            self.inputs = [segment.arrays for segment in self.input_segments]
-            self.outputs = [segment.arrays for segment in self.output_segments]
-        for outputs in self.outputs:
-            outputs["sampled_step"][0] = -1  # no step's ids yet (step ids start at 0)
+        self.channel: StepChannel = InlineChannel(capacity) if inline else SharedMemoryChannel.create(capacity)
+        self.inputs, self.outputs = self.channel.inputs, self.channel.outputs
         for endpoint in endpoints:
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
@@ -130,9 +116,10 @@ class ZmqShmTransport(Transport):
         return monitor
 
     async def start(self, timeout: float) -> list[AgentReady]:
+        input_shms, output_shms = self.channel.segment_names
         init = InitAgent(
-            input_shms=[] if self.inline else [segment.name for segment in self.input_segments],
-            output_shms=[] if self.inline else [segment.name for segment in self.output_segments],
+            input_shms=input_shms,
+            output_shms=output_shms,
             **dataclasses.asdict(self.capacity),
         )
         deadline = time.monotonic() + timeout
@@ -155,11 +142,7 @@ class ZmqShmTransport(Transport):
         return answers
 
     async def send(self, header: StepRequest) -> None:
-        message = [encode(header)]
-        if self.inline:  # frames are views of the buffer: it is not written again until this step's result is in
-            inputs = self.inputs[header.buffer]
-            lengths = input_lengths(inputs, header, self.capacity.suppress_width)
-            message += pack_arrays(inputs, input_layout(self.capacity), lengths)
+        message = [encode(header), *self.channel.request_frames(header)]
         for socket in self.sockets:
             await socket.send_multipart(message, copy=False)
 
@@ -167,8 +150,7 @@ class ZmqShmTransport(Transport):
         deadline = time.monotonic() + self.step_timeout
         replies = [await self._receive(e, s, deadline, what="to run a step") for e, s in zip(self.endpoints, self.sockets)]
         results = [result for result, _ in replies]
-        if self.inline and replies[0][1]:
-            self._copy_outputs(replies[0][1], self.outputs[header.buffer])
+        self.channel.take_reply(header, replies[0][1])
         for result in results:
             if not isinstance(result, StepResult) or result.step_id != header.step_id:
                 self._fail(f"agent answered {result!r} to step {header.step_id}")
@@ -179,10 +161,6 @@ class ZmqShmTransport(Transport):
         return StepResult(
             header.step_id, first.rank, _merge_timings(results), errors[0] if errors else None, first.received_at, first.replied_at
         )
-
-    def _copy_outputs(self, frames: list[bytes], outputs: dict[str, np.ndarray]) -> None:
-        for name, values in unpack_arrays(frames, output_layout(self.capacity)).items():
-            outputs[name][: len(values)] = values
 
     async def _receive(self, endpoint: AgentEndpoint, socket: zmq.asyncio.Socket, deadline: float, what: str):
         """The agent's next message and the array frames after it (inline transport)."""
@@ -241,8 +219,7 @@ class ZmqShmTransport(Transport):
             monitor.close(0)
             socket.close(0)
         self.context.term()
-        for segment in self.segments:
-            segment.close()
+        self.channel.close()
 
 
 def _merge_timings(results: list[StepResult]) -> dict:
@@ -256,20 +233,14 @@ def _merge_timings(results: list[StepResult]) -> dict:
 StepFunction = Callable[[StepRequest, dict[str, np.ndarray], dict[str, np.ndarray]], StepResult]
 
 
-def _local_buffers(capacity: StepCapacity) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    """The step buffers as plain arrays of this process: inputs, outputs."""
-    inputs = [{name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)} for _ in range(STEP_BUFFERS)]
-    outputs = [{name: np.zeros(n, dtype) for name, dtype, n in output_layout(capacity)} for _ in range(STEP_BUFFERS)]
-    return inputs, outputs
-
-
 class InProcessTransport(Transport):
     """Runs `step_fn` in this process over plain numpy arrays: the agent without a process. As an agent does,
     it fills a step's pending tokens from the sampled ids of the step it follows before `step_fn` sees it."""
 
     def __init__(self, capacity: StepCapacity, step_fn: StepFunction, ready: AgentReady):
         self.capacity = capacity
-        self.inputs, self.outputs = _local_buffers(capacity)
+        channel = InlineChannel(capacity)  # its buffers: plain arrays of this process
+        self.inputs, self.outputs = channel.inputs, channel.outputs
         self.step_fn = step_fn
         self.ready = ready
         self.dead_reason: Optional[str] = None
