@@ -54,6 +54,7 @@ SERVE_KEYS = {
     "memory_utilization": ("pa_config", "memory_utilization"),
     "kv_cache_dtype": ("pa_config", "kv_cache_dtype"),
     "max_num_seqs": ("scheduler_config", "decode_batch_size"),
+    "overlap_scheduling": ("scheduler_config", "overlap_scheduling"),
     "speculative_method": ("speculative_config", "method"),
     "num_speculative_tokens": ("speculative_config", "num_speculative_tokens"),
     "draft_model": ("speculative_config", "draft_model_path"),
@@ -125,6 +126,9 @@ def _add_serve(verbs) -> None:
                        help="pa_config.memory_utilization: the share of the memory left after the weights")
     serve.add_argument("--max-num-seqs", type=int, metavar="N",
                        help="scheduler_config.decode_batch_size: sequences decoded in one step at most")
+    serve.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="scheduler_config.overlap_scheduling: plan and send the next step while the agent runs "
+                            "this one (on by default)")
     serve.add_argument("--speculative-method", choices=("none", "ngram", "draft"),
                        help="speculative_config.method: ngram proposes continuations of earlier matches of each "
                             "sequence's own tokens, draft a small model's greedy tokens; each step verifies them "

@@ -65,6 +65,8 @@ def test_serve_model_dir_with_flags_sets_those_keys_over_the_defaults(tmp_path):
     assert (config.pa_config.block_size, config.pa_config.num_blocks) == (32, 64)
     assert config.scheduler_config.decode_batch_size == 8
     assert config.scheduler_config.prefill_batch_size == 16  # a default: no file's model settings leak in
+    assert config.scheduler_config.overlap_scheduling  # on unless switched off
+    assert not config_of(str(tmp_path), "--no-overlap-scheduling").scheduler_config.overlap_scheduling
 
 
 def test_serve_model_dir_alone_keeps_no_dummy_model(tmp_path):
