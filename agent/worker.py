@@ -234,14 +234,16 @@ class Worker:
     def _fill_pending(self, header: StepRequest, batch: StepInputs) -> None:
         """A step planned while the one before ran (overlapped scheduling) takes its pending tokens from that
         step's sampled ids; ProtocolError unless that is the step this agent ran last, and it ran well."""
-        step_id, sampled = self.sampled
-        if header.follows_step >= 0 and (header.follows_step != self.last_step_id or step_id != header.follows_step):
-            raise ProtocolError(f"step {header.step_id} follows step {header.follows_step}, whose sampled ids this agent "
-                                "does not hold (that step failed, or another ran after it)")
-        if header.follows_step >= 0 and sampled is None:
-            sampled = self._rank_0_samples(header.follows_step)
+        sampled = None  # a step that follows none may hold no pending token
+        if header.follows_step >= 0:
+            step_id, sampled = self.sampled
+            if header.follows_step != self.last_step_id or step_id != header.follows_step:
+                raise ProtocolError(f"step {header.step_id} follows step {header.follows_step}, whose sampled ids this "
+                                    "agent does not hold (that step failed, or another ran after it)")
+            if sampled is None:
+                sampled = self._rank_0_samples(header.follows_step)
         try:
-            fill_pending_tokens(batch, sampled if header.follows_step >= 0 else None)
+            fill_pending_tokens(batch, sampled)
         except ValueError as exc:
             raise ProtocolError(f"step {header.step_id}: {exc}") from None
 

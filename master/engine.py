@@ -150,7 +150,6 @@ class Engine:
         self.kernels: dict[str, str] = {}  # what the agents compute with, as rank 0 reports it
         self.last_recorded = 0.0  # time.perf_counter() when the last step was recorded
         self.last_landed = 0.0  # when the last step's result was read
-        self.last_failed = False  # the last step landed failed
         self.overlap = config.scheduler_config.overlap_scheduling  # a benchmark may switch it between requests
         self.last_replied = 0.0  # when the agent answered it (the agent's clock: the same on one host)
 
@@ -369,6 +368,7 @@ class Engine:
         agent finds N+1 waiting when N is done, so the master's work and the round trip leave the step's
         critical path."""
         flight: Optional[Flight] = None
+        failed = False  # the last step landed failed: what follows it may be refused, so the next plan waits
         try:
             while True:
                 if flight is None:
@@ -381,14 +381,13 @@ class Engine:
                         continue
                     flight = await self._launch(plan, start)
                 following = None
-                if self.overlaps and flight.failure is None and not self.last_failed \
-                        and self.scheduler.may_look_ahead(flight.plan):
+                if self.overlaps and flight.failure is None and not failed and self.scheduler.may_look_ahead(flight.plan):
                     start = time.perf_counter()
                     plan = self._next_plan(ahead=True)
                     if plan is not None:
                         following = await self._launch(plan, start, after=flight)
                 outcome, agent_ms = await self._land(flight)
-                self.last_failed = flight.failure is not None  # what follows it may be refused: plan after it
+                failed = flight.failure is not None
                 self._emit(outcome)
                 self._record_step(flight, outcome, agent_ms)
                 self._log_stats()
@@ -425,15 +424,16 @@ class Engine:
         """Build `plan`'s step in the next pair of step buffers and send it; `after`: the step in flight that
         this one follows (its placeholders name that step's sampled rows)."""
         step_id = next(self.step_ids)
+        buffer = step_id % STEP_BUFFERS
         try:
             with self.timer.stage("build"):
-                header = write_step(plan, self.transport.inputs[step_id % STEP_BUFFERS], self.block_manager.block_size,
+                header = write_step(plan, self.transport.inputs[buffer], self.block_manager.block_size,
                                     step_id, self.request_id_of, self.suppress_width, self.transport.capacity.draft_width)
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)
             return Flight(plan, empty, start, failure=f"building the step failed: {exc}")
-        header.buffer = step_id % STEP_BUFFERS
+        header.buffer = buffer
         if after is not None and any(item.seq.num_pending for item in plan.scheduled):  # placeholders of `after`'s rows
             header.follows_step = after.header.step_id
         self.scheduler.launch(plan)
@@ -548,7 +548,9 @@ class Engine:
         event.texts.append(text)
         output_index = num_tokens - seq.num_prompt_tokens - 1
         if 0 <= output_index < len(seq.logprobs):
-            event.logprobs = (event.logprobs or []) + [seq.logprobs[output_index]]
+            if event.logprobs is None:
+                event.logprobs = []
+            event.logprobs.append(seq.logprobs[output_index])
         if seq.is_finished and num_tokens == seq.num_settled:
             event.finish_reason = seq.finish_reason.value
 

@@ -204,8 +204,13 @@ class Scheduler:
     def _would_propose(self, seq: Sequence) -> bool:
         """The next plan would ask the speculator for `seq`'s proposals."""
         speculator = self.speculator
-        return (speculator is not None and seq.params.speculative and seq.beam is None
-                and speculator.wants_batch(len(self.running)) and not speculator.pauses(seq.seq_id))
+        return (speculator is not None and self._speculates(seq) and speculator.wants_batch(len(self.running))
+                and not speculator.pauses(seq.seq_id))
+
+    @staticmethod
+    def _speculates(seq: Sequence) -> bool:
+        """`seq` may get proposals at all: not a beam, and its request did not switch speculation off."""
+        return seq.beam is None and seq.params.speculative
 
     def launch(self, plan: StepPlan) -> None:
         """`plan`'s step is on its way to the agents: the KV of its tokens counts as computed, and the token
@@ -232,7 +237,7 @@ class Scheduler:
         uses_draft_model = speculator.config.method == "draft"
         for item in plan.scheduled:
             seq = item.seq
-            speculates = seq.params.speculative and seq.beam is None
+            speculates = self._speculates(seq)
             if speculates and item.samples and not item.is_prefill:
                 speculator.pass_step(seq.seq_id)
             if uses_draft_model and (not speculates or speculator.is_paused(seq.seq_id)):
@@ -251,7 +256,7 @@ class Scheduler:
         uses_draft_model = self.speculator.config.method == "draft"
         for item in plan.scheduled:
             seq = item.seq
-            if seq.beam is not None or not seq.params.speculative:
+            if not self._speculates(seq):
                 item.propose_count = SKIP_DRAFT_MODEL if uses_draft_model else 0
                 continue
             skips_draft_model = uses_draft_model and self.speculator.is_paused(seq.seq_id)
