@@ -61,7 +61,7 @@ async def run_round(llm: OfflineEngine, trace_path: str, batch: int, prompt_len:
 async def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         trace_path = os.path.join(workdir, "trace.jsonl")
-        path = write_local_config(args.config, workdir, serving_config={"step_trace_path": trace_path})
+        path = write_local_config(args.config, workdir, serving_config={"step_trace_path": trace_path, "device": args.device})
         async with OfflineEngine(load_config(path)) as llm:
             await llm.generate([[5, 6, 7]] * 2, SamplingParams(max_new_tokens=8))  # warm-up
             results = {}
@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=packaged_config())
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="serving_config.device")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--out", default=os.path.join("results", "bench_overlap.json"))

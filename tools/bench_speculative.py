@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="serving_config.device")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_speculative.json"))
     args = parser.parse_args()
@@ -109,7 +110,8 @@ def main() -> None:
     equal = {w: True for w in args.workloads}
     with tempfile.TemporaryDirectory() as workdir:
         trace = os.path.join(workdir, "trace.jsonl")
-        process, url = start_server(args.config, trace, workdir, None, 1, {}, {"speculative_config": speculative})
+        process, url = start_server(args.config, trace, workdir, None, 1, {}, {"speculative_config": speculative},
+                                     device=args.device)
         try:
             generate(url, words(8, 1), {"max_new_tokens": 4})  # warm-up
             for round_index in range(args.rounds):
