@@ -51,9 +51,10 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
 def check_inputs(batch: StepInputs, pool: PoolShape) -> None:
     """Raise ProtocolError when the step's block indices point outside the KV pool.
 
-    torch refuses other out-of-range indices by itself (token ids, logits rows); what it takes silently
+    torch refuses other out-of-range indices by itself (token ids); what it takes silently
     is a negative index, which wraps: through the slot mapping, the block copies and the block tables' new ids a
-    step would write or read another sequence's KV blocks.
+    step would write or read another sequence's KV blocks, and through a sampled row's indices sample with
+    another row's logits or parameters.
     """
     _within("slot_mapping", batch.slot_mapping, pool.num_blocks * pool.block_size - 1)
     _within("new_block_ids", batch.new_block_ids, pool.num_blocks - 1)
@@ -61,6 +62,10 @@ def check_inputs(batch: StepInputs, pool: PoolShape) -> None:
     _within("prompt_positions", batch.prompt_positions, len(batch.input_ids) - 1)
     _within("prompt_targets", batch.prompt_targets, pool.vocab_size - 1)
     _within("positions", batch.positions, MAX_POSITION)  # a draft model addresses its blocks through them
+    _within("logits_indices", batch.logits_indices, len(batch.input_ids) - 1)  # a sampled row's position too
+    _within("row_seqs", batch.row_seqs, len(batch.seq_ids) - 1)  # a row's parameters are its sequence's
+    _within("row_samples", batch.row_samples, MAX_POSITION)
+    _within("history_ids", batch.history_ids, pool.vocab_size - 1)
     if not ((batch.num_draft_tokens >= 0) & (batch.num_draft_tokens < batch.query_lens)).all():
         raise ProtocolError("num_draft_tokens: each sequence's proposals are fewer than its tokens")
 

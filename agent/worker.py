@@ -14,11 +14,11 @@ import psutil
 import torch
 import zmq
 
-from llmserve.agent.block_tables import BlockTables
 from llmserve.agent.draft import DraftModel
 from llmserve.agent.kv_cache import available_memory, kv_cache_size
 from llmserve.agent.model_runner import ModelRunner, TokenScores
 from llmserve.agent.sampler import Sampler, SamplerOutput
+from llmserve.agent.sequence_table import SequenceTable
 from llmserve.agent.step_check import PoolShape, check_header, check_inputs
 from llmserve.agent.tensor_parallel import (
     AllReduceTimer, Shard, SharedMemoryAllReduce, add_all_reduces, can_share_memory, init_group,
@@ -85,7 +85,7 @@ class Worker:
             add_all_reduces(self.runner.model, self.all_reduce_timer, self._all_reduce_function(config))
         self.sampler = Sampler(self.device, seed=config.model_config.seed + 1)
         self.capacity: Optional[StepCapacity] = None
-        self.block_tables = BlockTables(0)
+        self.sequences = SequenceTable(0, 0)
         self.channel: Optional[StepChannel] = None  # the step buffers: the master's segments, or inline
         self.input_arrays: dict[str, np.ndarray] = {}  # this step's: a buffer's arrays, or the inline arrays
         self.output_arrays: dict[str, np.ndarray] = {}
@@ -154,7 +154,9 @@ class Worker:
         """Map the master's step arrays (or expect them inline) and say what this agent holds."""
         capacity = StepCapacity(**{f.name: getattr(init, f.name) for f in dataclasses.fields(StepCapacity)})
         self.capacity = capacity
-        self.block_tables = BlockTables(capacity.max_blocks_per_seq, capacity.max_num_seqs)  # a new master resends all
+        max_tokens = capacity.max_blocks_per_seq * self.config.pa_config.block_size
+        # a new master resends everything
+        self.sequences = SequenceTable(capacity.max_blocks_per_seq, max_tokens, capacity.max_num_seqs)
         self.last_step_id = -1  # a new master counts from 0 again
         self.sampled = (-1, None)
         self.close()
@@ -183,7 +185,8 @@ class Worker:
         timer = self.timer
         with timer.stage("deserialize"):
             batch = self.accept(header, frames)
-            block_tables = self.block_tables.apply(header, batch)
+            block_tables = self.sequences.apply(header, batch)
+            rows = self.sequences.sampling_rows(batch) if self.rank == 0 else None  # only rank 0 samples
         runner = self.runner
         hidden = runner.forward(batch.input_ids, batch.positions, batch.slot_mapping, batch.query_lens,
                                 batch.context_lens, block_tables, timer, batch.block_copies)
@@ -197,12 +200,12 @@ class Worker:
             with timer.stage("dump"):
                 self.dump_logits(logits, header.dump_names)
         with timer.stage("sample"):
-            output = self.sampler(logits, batch.sampling, header.is_all_greedy)
+            output = self.sampler(logits, rows, header.is_all_greedy)
         if self.draft is not None:
             with timer.stage("draft"):
                 self.draft.copy_blocks(batch.block_copies)
                 proposals = self.output_arrays["draft_ids"][: header.num_seqs * header.draft_width]
-                self.draft.propose(batch, block_tables, self.block_tables.lengths_of(batch.seq_ids),
+                self.draft.propose(batch, block_tables, self.sequences.lengths_of(batch.seq_ids),
                                    output.sampled_ids.cpu().numpy(), proposals.reshape(header.num_seqs, header.draft_width))
         scores = None
         if header.num_prompt_positions:
@@ -227,7 +230,7 @@ class Worker:
         batch = step_inputs(self.input_arrays, header, self.capacity.suppress_width)
         self._fill_pending(header, batch)
         check_inputs(batch, self.pool)
-        self.block_tables.check(header, batch)
+        self.sequences.check(header, batch)
         self.last_step_id = header.step_id
         return batch
 

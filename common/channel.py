@@ -16,7 +16,7 @@ import numpy as np
 from llmserve.common.protocol import ProtocolError, StepRequest
 from llmserve.common.shm import SharedArrays
 from llmserve.common.step_arrays import (
-    STEP_BUFFERS, StepCapacity, input_layout, input_lengths, output_layout, output_lengths, pack_arrays, row_lengths,
+    STEP_BUFFERS, StepCapacity, input_layout, input_lengths, output_layout, output_lengths, pack_arrays,
     unpack_arrays,
 )
 
@@ -114,7 +114,7 @@ class InlineChannel(StepChannel):
 
     def request_frames(self, header: StepRequest) -> list:
         inputs = self.inputs[header.buffer]
-        return pack_arrays(inputs, input_layout(self.capacity), input_lengths(inputs, header, self.capacity.suppress_width))
+        return pack_arrays(inputs, input_layout(self.capacity), input_lengths(header, self.capacity.suppress_width))
 
     def take_reply(self, header: StepRequest, frames: Sequence) -> None:
         if frames:
@@ -127,7 +127,7 @@ class InlineChannel(StepChannel):
             arrays = unpack_arrays(list(frames), input_layout(self.capacity))
         except ValueError as exc:  # a frame too many or too few, or a length that is not whole elements
             raise ProtocolError(f"the step's array frames do not fit the layout: {exc}") from None
-        for name, length in row_lengths(header, self.capacity.suppress_width).items():
+        for name, length in input_lengths(header, self.capacity.suppress_width).items():
             if len(arrays[name]) < length:
                 raise ProtocolError(f"{name}: {len(arrays[name])} values where the header needs {length}")
         return arrays, self.outputs[header.buffer]

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = 8  # 1 had no version field; bump on any change to a message
+PROTOCOL_VERSION = 9  # 1 had no version field; bump on any change to a message
 
 
 class ProtocolError(ValueError):
@@ -81,6 +81,8 @@ class StepRequest:
     # overlapped scheduling: the step it was planned after, or -1. Its input and history tokens -1 - r stand for
     # row r of that step's sampled ids, which the agent fills in (that step must be the last one it ran, and ran well)
     follows_step: int = -1
+    num_new_params: int = 0  # sequences new to the agents, whose sampling parameters the step carries
+    num_history_ids: int = 0  # token ids in history_ids: the history deltas of the step's sequences
 
 
 @dataclass

@@ -1,13 +1,15 @@
 """The arrays of one step: their layout in shared memory and per-step views.
 
 The master fills the first rows of each input array and the agent reads the
-same rows; a StepRequest header carries the row counts.
+same rows; a StepRequest header carries the row counts. What stays the same
+for a sequence (its sampling parameters, its token history) is sent once and
+then as deltas: the agent keeps it (agent/sequence_table.py).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -22,7 +24,7 @@ class StepCapacity:
     max_num_tokens: int
     max_num_seqs: int
     max_blocks_per_seq: int
-    history_capacity: int = 0  # prompt+output tokens of the rows that need them (penalties, n-gram bans)
+    history_capacity: int = 0  # history tokens one step sends (deltas of the sequences with penalties, n-gram bans)
     topk_width: int = 1  # top log-probabilities / beam candidates returned per sampled row
     suppress_width: int = 1  # token ids a row may mask (end tokens before min_new_tokens)
     max_num_rows: int = 0  # sampled rows (a row per verified position with speculation); 0: max_num_seqs
@@ -40,11 +42,11 @@ class Column:
 
     dtype: type
     size: Callable[[StepCapacity], int]
-    used: Optional[Callable[[StepRequest, int], int]]  # None: found from the data (history)
+    used: Callable[[StepRequest, int], int]
     rows: Optional[Callable[[StepRequest, int], tuple[int, int]]] = None  # the view's 2-D shape, when it has one
 
 
-def column(dtype: type, size: Callable[[StepCapacity], int], used: Optional[Callable[[StepRequest, int], int]],
+def column(dtype: type, size: Callable[[StepCapacity], int], used: Callable[[StepRequest, int], int],
            rows: Optional[Callable[[StepRequest, int], tuple[int, int]]] = None):
     """A dataclass field that is one array of the step layout."""
     return field(metadata={"column": Column(dtype, size, used, rows)})
@@ -76,31 +78,29 @@ STEP_BUFFERS = 2  # pairs of input and output arrays: a step is built in one whi
 
 @dataclass
 class SamplingRows:
-    """Views of one step's sampled rows, as the sampler reads them. Neutral values (temperature 0, top_k 0,
+    """One step's sampled rows as the sampler reads them: a row's parameters are its sequence's (kept by the
+    agent; agent/sequence_table.py), the rest comes from the step. Neutral values (temperature 0, top_k 0,
     top_p 1, penalties off) cost nothing."""
 
-    temperature: np.ndarray = column(np.float32, _rows, _sampled)  # 0 means greedy
-    top_k: np.ndarray = column(np.int32, _rows, _sampled)  # 0 means no top-k
-    top_p: np.ndarray = column(np.float32, _rows, _sampled)
-    min_p: np.ndarray = column(np.float32, _rows, _sampled)
-    typical_p: np.ndarray = column(np.float32, _rows, _sampled)
-    repetition_penalty: np.ndarray = column(np.float32, _rows, _sampled)  # multiplicative, prompt and output (transformers)
-    presence_penalty: np.ndarray = column(np.float32, _rows, _sampled)  # additive, over output tokens (OpenAI)
-    frequency_penalty: np.ndarray = column(np.float32, _rows, _sampled)
-    no_repeat_ngram_size: np.ndarray = column(np.int32, _rows, _sampled)
-    seeds: np.ndarray = column(np.int64, _rows, _sampled)  # NO_SEED means the agent's own generator
-    seed_offsets: np.ndarray = column(np.int64, _rows, _sampled)  # (sample index, tokens generated) folded
-    num_logprobs: np.ndarray = column(np.int32, _rows, _sampled)  # -1: none; else the top-N raw log-probabilities
-    beam_candidates: np.ndarray = column(np.int32, _rows, _sampled)  # 0: not a beam; else this many continuations
-    history_starts: np.ndarray = column(np.int64, _rows, _sampled)  # where the row's tokens start in `history`
-    history_lens: np.ndarray = column(np.int32, _rows, _sampled)  # 0 when the row needs no history
-    history_prompt_lens: np.ndarray = column(np.int32, _rows, _sampled)  # the first this-many are the prompt
-    num_suppress: np.ndarray = column(np.int32, _rows, _sampled)  # ids masked in suppress_ids[row]
-    # prompt + output tokens of the rows that need them (penalties, n-gram bans): the whole flat buffer
-    history: np.ndarray = column(np.int32, lambda cap: max(cap.history_capacity, 1), None)
-    suppress_ids: np.ndarray = column(  # [rows, suppress_width]
-        np.int32, lambda cap: cap.num_rows * cap.suppress_width, lambda h, width: h.num_sample * width,
-        lambda h, width: (h.num_sample, width))
+    temperature: np.ndarray  # 0 means greedy
+    top_k: np.ndarray  # 0 means no top-k
+    top_p: np.ndarray
+    min_p: np.ndarray
+    typical_p: np.ndarray
+    repetition_penalty: np.ndarray  # multiplicative, prompt and output (transformers)
+    presence_penalty: np.ndarray  # additive, over output tokens (OpenAI)
+    frequency_penalty: np.ndarray
+    no_repeat_ngram_size: np.ndarray
+    seeds: np.ndarray  # NO_SEED means the agent's own generator
+    seed_offsets: np.ndarray  # (sample index, tokens generated) folded
+    num_logprobs: np.ndarray  # -1: none; else the top-N raw log-probabilities
+    beam_candidates: np.ndarray  # 0: not a beam; else this many continuations
+    history_starts: np.ndarray  # where the row's tokens start in `history`
+    history_lens: np.ndarray  # 0 when the row needs no history
+    history_prompt_lens: np.ndarray  # the first this-many are the prompt
+    num_suppress: np.ndarray  # ids masked in suppress_ids[row]
+    history: np.ndarray  # prompt + output tokens of the rows that need them (penalties, n-gram bans), flat
+    suppress_ids: np.ndarray  # [rows, suppress_width]
 
     @property
     def num_rows(self) -> int:
@@ -110,6 +110,54 @@ class SamplingRows:
         """The rows `selected` (copies of the per-row values; the history buffer is shared)."""
         values = {name: getattr(self, name)[selected] for name in PER_ROW_FIELDS}
         return SamplingRows(**values, history=self.history, suppress_ids=self.suppress_ids[selected])
+
+
+def _new_params(header: StepRequest, width: int) -> int:
+    return header.num_new_params
+
+
+@dataclass
+class SequenceParams:
+    """Master -> agent: the sampling parameters of the step's sequences that are new to the agents, sent once;
+    the agent keeps them in its table until the sequence is released."""
+
+    param_seq_ids: np.ndarray = column(np.int64, _seqs, _new_params)
+    temperature: np.ndarray = column(np.float32, _seqs, _new_params)
+    top_k: np.ndarray = column(np.int32, _seqs, _new_params)
+    top_p: np.ndarray = column(np.float32, _seqs, _new_params)
+    min_p: np.ndarray = column(np.float32, _seqs, _new_params)
+    typical_p: np.ndarray = column(np.float32, _seqs, _new_params)
+    repetition_penalty: np.ndarray = column(np.float32, _seqs, _new_params)
+    presence_penalty: np.ndarray = column(np.float32, _seqs, _new_params)
+    frequency_penalty: np.ndarray = column(np.float32, _seqs, _new_params)
+    no_repeat_ngram_size: np.ndarray = column(np.int32, _seqs, _new_params)
+    seeds: np.ndarray = column(np.int64, _seqs, _new_params)
+    num_logprobs: np.ndarray = column(np.int32, _seqs, _new_params)
+    beam_candidates: np.ndarray = column(np.int32, _seqs, _new_params)
+    sample_indexes: np.ndarray = column(np.int64, _seqs, _new_params)  # which of the request's n / best_of samples
+    prompt_lens: np.ndarray = column(np.int32, _seqs, _new_params)
+    keeps_history: np.ndarray = column(np.bool_, _seqs, _new_params)  # its tokens follow as history deltas
+
+
+def write_sequence_params(arrays: dict[str, np.ndarray], at: int, seq_id: int, params: SamplingParams,
+                          prompt_len: int, sample_index: int = 0, beam_candidates: int = 0) -> None:
+    """Entry `at` of the SequenceParams arrays: sequence `seq_id`'s parameters."""
+    arrays["param_seq_ids"][at] = seq_id
+    for name, value in sequence_param_values(params, prompt_len, sample_index, beam_candidates).items():
+        arrays[name][at] = value
+
+
+def sequence_param_values(params: SamplingParams, prompt_len: int, sample_index: int = 0,
+                          beam_candidates: int = 0) -> dict:
+    """A sequence's SequenceParams values (all but its id), as the agent keeps them."""
+    return {
+        "temperature": params.agent_temperature, "top_k": params.top_k, "top_p": params.top_p, "min_p": params.min_p,
+        "typical_p": params.typical_p, "repetition_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+        "no_repeat_ngram_size": params.no_repeat_ngram_size, "seeds": NO_SEED if params.seed is None else params.seed,
+        "num_logprobs": params.agent_num_logprobs, "beam_candidates": beam_candidates, "sample_indexes": sample_index,
+        "prompt_lens": prompt_len, "keeps_history": params.needs_history,
+    }
 
 
 @dataclass
@@ -122,7 +170,7 @@ class StepInputs:
     query_lens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     context_lens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     # block tables as deltas: each sequence's table from block_starts[row] on is its next block_counts[row]
-    # ids of new_block_ids (the agent keeps the tables; agent/block_tables.py)
+    # ids of new_block_ids (the agent keeps the tables; agent/sequence_table.py)
     seq_ids: np.ndarray = column(np.int64, _seqs, lambda h, width: h.num_seqs)
     block_starts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     block_counts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
@@ -135,10 +183,25 @@ class StepInputs:
     # agent's draft model should propose after this step (-1: it skips the sequence)
     num_draft_tokens: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     propose_counts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
-    logits_indices: np.ndarray = column(np.int64, _rows, _sampled)  # per sampled row; n samples share one
     prompt_positions: np.ndarray = column(np.int64, _tokens, _scored)  # step tokens whose logits score prompt_targets
     prompt_targets: np.ndarray = column(np.int64, _tokens, _scored)  # the next prompt token of each
-    sampling: SamplingRows = None
+    # sampled rows: the token whose logits each samples (n samples share one), the step sequence it extends (an
+    # index into seq_ids), which of that sequence's samples it is (n / best_of forks at the end of a prompt; else
+    # 0), and the ids it must not draw now (end tokens before min_new_tokens)
+    logits_indices: np.ndarray = column(np.int64, _rows, _sampled)
+    row_seqs: np.ndarray = column(np.int32, _rows, _sampled)
+    row_samples: np.ndarray = column(np.int32, _rows, _sampled)
+    num_suppress: np.ndarray = column(np.int32, _rows, _sampled)
+    suppress_ids: np.ndarray = column(  # [rows, suppress_width]
+        np.int32, lambda cap: cap.num_rows * cap.suppress_width, lambda h, width: h.num_sample * width,
+        lambda h, width: (h.num_sample, width))
+    # token histories of the sequences that keep one (penalties, n-gram bans), as deltas: a sequence's tokens from
+    # position history_starts[row] on are its next history_counts[row] ids of history_ids (none for the others)
+    history_starts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
+    history_counts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
+    history_ids: np.ndarray = column(
+        np.int32, lambda cap: max(cap.history_capacity, 1), lambda h, width: h.num_history_ids)
+    params: SequenceParams = None
 
 
 @dataclass
@@ -173,10 +236,12 @@ def _columns(cls: type) -> list[tuple[str, Column]]:
     return [(f.name, f.metadata["column"]) for f in dataclasses.fields(cls) if "column" in f.metadata]
 
 
-STEP_COLUMNS, SAMPLING_COLUMNS = _columns(StepInputs), _columns(SamplingRows)
-INPUT_COLUMNS = STEP_COLUMNS + SAMPLING_COLUMNS
+STEP_COLUMNS, PARAM_COLUMNS = _columns(StepInputs), _columns(SequenceParams)
+INPUT_COLUMNS = STEP_COLUMNS + PARAM_COLUMNS
 OUTPUT_COLUMNS = _columns(StepOutputs)
-PER_ROW_FIELDS = [name for name, col in SAMPLING_COLUMNS if col.used is _sampled]
+PER_ROW_FIELDS = [f.name for f in dataclasses.fields(SamplingRows) if f.name not in ("history", "suppress_ids")]
+# what a sampled row takes from its sequence's parameters as they are
+ROW_PARAM_FIELDS = [name for name, _ in PARAM_COLUMNS if name in PER_ROW_FIELDS]
 
 
 def input_layout(cap: StepCapacity) -> list[tuple[str, type, int]]:
@@ -194,76 +259,9 @@ def _views(arrays: dict[str, np.ndarray], columns: list[tuple[str, Column]], hea
     """The used rows of each array, shaped as declared."""
     views = {}
     for name, col in columns:
-        array, used, rows = arrays[name], col.used, col.rows
-        if used is not None:
-            array = array[: used(header, width)]
-        views[name] = array if rows is None else array.reshape(rows(header, width))
+        array = arrays[name][: col.used(header, width)]
+        views[name] = array if col.rows is None else array.reshape(col.rows(header, width))
     return views
-
-
-@dataclass
-class SampleRow:
-    """What the master knows about one row to sample: its parameters and the sequence it extends."""
-
-    logits_index: int
-    params: SamplingParams
-    token_ids: Sequence[int]  # prompt + output so far
-    num_prompt_tokens: int
-    sample_index: int = 0  # which of the request's n / best_of samples
-    suppress: Sequence[int] = ()  # ids that must not be drawn now
-    beam_candidates: int = 0
-    drafts: Sequence[int] = ()  # proposed tokens after token_ids that this row follows (speculation)
-
-
-def write_sampling_rows(arrays: dict[str, np.ndarray], rows: Sequence[SampleRow], suppress_width: int) -> bool:
-    """Fill the sampled rows' arrays; return whether every row is greedy (the agent's fast path).
-
-    A penalised row that follows the previous row's tokens plus one more proposal (the next verified position
-    of the same sequence) shares its history: one more token is written, not the whole sequence again."""
-    history_end = 0
-    history = arrays["history"]
-    previous = None  # the last history written: (token_ids, drafts, start)
-    for row, spec in enumerate(rows):
-        params = spec.params
-        num_output = len(spec.token_ids) + len(spec.drafts) - spec.num_prompt_tokens
-        arrays["logits_indices"][row] = spec.logits_index
-        arrays["temperature"][row] = params.agent_temperature
-        arrays["top_k"][row] = params.top_k
-        arrays["top_p"][row] = params.top_p
-        arrays["min_p"][row] = params.min_p
-        arrays["typical_p"][row] = params.typical_p
-        arrays["repetition_penalty"][row] = params.repetition_penalty
-        arrays["presence_penalty"][row] = params.presence_penalty
-        arrays["frequency_penalty"][row] = params.frequency_penalty
-        arrays["no_repeat_ngram_size"][row] = params.no_repeat_ngram_size
-        arrays["seeds"][row] = NO_SEED if params.seed is None else params.seed
-        arrays["seed_offsets"][row] = spec.sample_index * SEED_STRIDE + num_output
-        arrays["num_logprobs"][row] = params.agent_num_logprobs
-        arrays["beam_candidates"][row] = spec.beam_candidates
-        arrays["history_starts"][row] = history_end
-        arrays["history_prompt_lens"][row] = spec.num_prompt_tokens
-        if params.needs_history:
-            count = len(spec.token_ids) + len(spec.drafts)
-            extends = (previous is not None and previous[0] is spec.token_ids and previous[2] + count - 1 == history_end
-                       and list(previous[1]) == list(spec.drafts[:-1]))
-            start = previous[2] if extends else history_end
-            if start + count > len(history):
-                raise ValueError(f"the step's penalised rows hold more than {len(history)} tokens")
-            if extends:
-                history[history_end] = spec.drafts[-1]
-            else:
-                history[start : start + len(spec.token_ids)] = spec.token_ids
-                history[start + len(spec.token_ids) : start + count] = spec.drafts
-            history_end = start + count
-            previous = (spec.token_ids, spec.drafts, start)
-            arrays["history_starts"][row] = start
-            arrays["history_lens"][row] = count
-        else:
-            arrays["history_lens"][row] = 0
-        suppress = spec.suppress[:suppress_width]
-        arrays["num_suppress"][row] = len(suppress)
-        arrays["suppress_ids"][row * suppress_width : row * suppress_width + len(suppress)] = suppress
-    return all(spec.params.is_greedy for spec in rows)
 
 
 def take_pending_tokens(ids: np.ndarray, sampled: Optional[np.ndarray]) -> np.ndarray:
@@ -284,15 +282,9 @@ def take_pending_tokens(ids: np.ndarray, sampled: Optional[np.ndarray]) -> np.nd
 
 def fill_pending_tokens(batch: StepInputs, sampled: Optional[np.ndarray]) -> None:
     """Put the ids of the step before (`sampled`) in place of the pending tokens of `batch`'s input ids and of
-    the history its penalised rows use (copies of those arrays when any is pending)."""
+    its history deltas (copies of those arrays when any is pending)."""
     batch.input_ids = take_pending_tokens(batch.input_ids, sampled)
-    rows = batch.sampling
-    if len(rows.history_lens) and rows.history_lens.max() > 0:
-        end = int((rows.history_starts + rows.history_lens).max())
-        view = rows.history[:end]
-        used = take_pending_tokens(view, sampled)
-        if used is not view:
-            rows.history = used
+    batch.history_ids = take_pending_tokens(batch.history_ids, sampled)
 
 
 SEED_STRIDE = 1 << 32  # sample i of a seeded request draws from offsets i * SEED_STRIDE + position
@@ -300,14 +292,8 @@ SEED_STRIDE = 1 << 32  # sample i of a seeded request draws from offsets i * SEE
 
 def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> StepInputs:
     """Views of the input arrays' rows one step uses."""
-    sampling = SamplingRows(**_views(arrays, SAMPLING_COLUMNS, header, suppress_width))
-    return StepInputs(**_views(arrays, STEP_COLUMNS, header, suppress_width), sampling=sampling)
-
-
-def sampling_rows(arrays: dict[str, np.ndarray], num_rows: int, suppress_width: int) -> SamplingRows:
-    """Views of the first `num_rows` sampled rows."""
-    header = StepRequest(step_id=0, num_tokens=0, num_seqs=0, num_sample=num_rows, num_new_blocks=0, is_all_greedy=False)
-    return SamplingRows(**_views(arrays, SAMPLING_COLUMNS, header, suppress_width))
+    params = SequenceParams(**_views(arrays, PARAM_COLUMNS, header, suppress_width))
+    return StepInputs(**_views(arrays, STEP_COLUMNS, header, suppress_width), params=params)
 
 
 def step_outputs(arrays: dict[str, np.ndarray], header: StepRequest, topk_width: int) -> StepOutputs:
@@ -318,16 +304,9 @@ def step_outputs(arrays: dict[str, np.ndarray], header: StepRequest, topk_width:
 # ---------------------------------------------------------------- the inline transport (agents on other hosts)
 
 
-def input_lengths(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> dict[str, int]:
+def input_lengths(header: StepRequest, suppress_width: int) -> dict[str, int]:
     """How many leading elements of each input array one step uses."""
-    n = header.num_sample
-    ends = arrays["history_starts"][:n] + arrays["history_lens"][:n]
-    return {**row_lengths(header, suppress_width), "history": int(ends.max()) if n else 0}
-
-
-def row_lengths(header: StepRequest, suppress_width: int) -> dict[str, int]:
-    """`input_lengths` of every array but `history`: they follow from the header alone."""
-    return {name: col.used(header, suppress_width) for name, col in INPUT_COLUMNS if col.used is not None}
+    return {name: col.used(header, suppress_width) for name, col in INPUT_COLUMNS}
 
 
 def output_lengths(header: StepRequest, topk_width: int) -> dict[str, int]:

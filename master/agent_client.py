@@ -265,7 +265,7 @@ class InProcessTransport(Transport):
             return
         if header.follows_step >= 0:  # the filled arrays written back where step_fn reads them
             inputs["input_ids"][: header.num_tokens] = batch.input_ids
-            inputs["history"][: len(batch.sampling.history)] = batch.sampling.history
+            inputs["history_ids"][: header.num_history_ids] = batch.history_ids
         result = self.step_fn(header, inputs, outputs)
         self.sampled = (header.step_id, None if result.error else outputs["sampled_ids"][: header.num_sample].copy())
         self.results.append(result)

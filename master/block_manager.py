@@ -101,7 +101,7 @@ class BlockManager:
         """`child` shares every block of `parent` (its block table is a copy of the parent's)."""
         child.block_ids = list(parent.block_ids)
         child.block_hashes = list(parent.block_hashes)
-        child.agent_blocks = 0
+        child.agent_blocks = child.agent_tokens = 0
         self.share(child.block_ids)
 
     def share(self, block_ids: list[int]) -> None:
@@ -195,7 +195,7 @@ class BlockManager:
         seq.block_hashes.clear()
         if seq.on_agents:
             self._released.append(seq.seq_id)
-        seq.agent_blocks, seq.on_agents = 0, False
+        seq.agent_blocks, seq.agent_tokens, seq.on_agents = 0, 0, False
 
     def take_released(self) -> list[int]:
         """Sequences freed since the last call whose tables the agents held: they may drop them."""

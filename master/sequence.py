@@ -51,7 +51,8 @@ class Sequence:
     num_computed: int = 0
     num_pending: int = 0  # last tokens of token_ids still being sampled by a step in flight (placeholders)
     agent_blocks: int = 0  # leading block_ids the agents hold right in their copy of the table (sent as deltas)
-    on_agents: bool = False  # the agents hold a table for it (to drop when it is freed)
+    agent_tokens: int = 0  # leading token_ids the agents hold right, when it keeps a history (penalties)
+    on_agents: bool = False  # the agents hold its table and parameters (to drop when it is freed)
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
     cache_salt: Optional[str] = None  # shares prefix-cache blocks only with sequences of the same salt
     status: SequenceStatus = SequenceStatus.WAITING

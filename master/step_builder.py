@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from llmserve.common.protocol import StepRequest, logits_file_name
-from llmserve.common.step_arrays import SampleRow, write_sampling_rows
+from llmserve.common.step_arrays import write_sequence_params
 from llmserve.master.scheduler import ScheduledSeq, StepPlan
 from llmserve.master.sequence import Sequence
 
@@ -25,13 +25,17 @@ def write_step(
     With `request_id_of` (seq id -> request id) the header names each sampled row's logits file.
     `draft_width`: the most tokens the agent's draft model proposes per sequence (0 without one).
     """
-    token_pos = num_scored = prompt_num_top = num_new_blocks = 0
-    sample_rows: list[SampleRow] = []
+    token_pos = num_scored = prompt_num_top = num_new_blocks = num_sample = num_params = num_history = 0
+    is_all_greedy = True
     for row, item in enumerate(plan.scheduled):
         seq, start, count = item.seq, item.seq.num_computed, item.num_new_tokens
         end = start + count
         blocks = seq.block_ids
+        if not seq.on_agents:  # new to the agents: its sampling parameters, once
+            _write_params(arrays, num_params, seq)
+            num_params += 1
         num_new_blocks += _write_table_delta(arrays, row, seq, num_new_blocks)
+        num_history += _write_history_delta(arrays, row, seq, item.draft_ids, end, num_history)
         if count == 1:
             arrays["input_ids"][token_pos] = seq.token_ids[start]
             arrays["positions"][token_pos] = start
@@ -52,19 +56,17 @@ def write_step(
             num_scored += item.num_scored
             prompt_num_top = max(prompt_num_top, seq.params.prompt_logprobs)
         token_pos += count
-        if item.draft_ids:  # a row per verified position, each after the proposed tokens before it
-            first = token_pos - count
-            sample_rows += [_sample_row(seq, first + i, 0, item.draft_ids[:i]) for i in range(count)]
-        else:
-            sample_rows += [_sample_row(seq, token_pos - 1, sample) for sample in range(item.num_rows)]
+        if item.num_rows:
+            _write_sample_rows(arrays, num_sample, row, item, token_pos - 1, suppress_width)
+            num_sample += item.num_rows
+            is_all_greedy &= seq.params.is_greedy
     copies = plan.block_copies
     arrays["block_copies"][: 2 * len(copies)] = np.asarray(copies, dtype=np.int64).ravel() if copies else []
-    is_all_greedy = write_sampling_rows(arrays, sample_rows, suppress_width)
     return StepRequest(
         step_id=step_id,
         num_tokens=token_pos,
         num_seqs=len(plan.scheduled),
-        num_sample=len(sample_rows),
+        num_sample=num_sample,
         num_new_blocks=num_new_blocks,
         is_all_greedy=is_all_greedy,
         num_block_copies=len(copies),
@@ -73,6 +75,8 @@ def write_step(
         prompt_num_top=prompt_num_top,
         released_seq_ids=plan.released,
         draft_width=draft_width,
+        num_new_params=num_params,
+        num_history_ids=num_history,
     )
 
 
@@ -96,20 +100,46 @@ def _write_scored(arrays: dict[str, np.ndarray], at: int, item: ScheduledSeq, of
     arrays["prompt_targets"][at : at + count] = item.seq.token_ids[first + 1 : first + 1 + count]
 
 
-def _sample_row(seq: Sequence, logits_index: int, sample: int, drafts: list[int] = ()) -> SampleRow:
-    """Row `sample` of `seq`: 0 is the sequence itself, later ones the samples it forks into; with `drafts`,
-    the row that follows those proposed tokens."""
+def _write_params(arrays: dict[str, np.ndarray], at: int, seq: Sequence) -> None:
+    """The sampling parameters of a sequence new to the agents (they keep them until it is released)."""
     beam = seq.beam
-    return SampleRow(
-        logits_index=logits_index,
-        params=seq.params,
-        token_ids=seq.token_ids,
-        num_prompt_tokens=seq.num_prompt_tokens,
-        sample_index=seq.sample_index + sample,
-        suppress=seq.suppressed_after(len(drafts)),
-        beam_candidates=0 if beam is None else beam.search.candidates_per_beam,
-        drafts=drafts,
-    )
+    write_sequence_params(arrays, at, seq.seq_id, seq.params, seq.num_prompt_tokens, seq.sample_index,
+                          0 if beam is None else beam.search.candidates_per_beam)
+
+
+def _write_history_delta(arrays: dict[str, np.ndarray], row: int, seq: Sequence, drafts: list[int], end: int,
+                         at: int) -> int:
+    """Row `row`'s history delta when its sequence keeps one (penalties, n-gram bans): its tokens up to `end`
+    (the step's last, proposals included) from the first one the agents do not hold right; how many."""
+    start = seq.agent_tokens if seq.params.needs_history else end
+    arrays["history_starts"][row], arrays["history_counts"][row] = start, end - start
+    if end > start:
+        tokens = seq.token_ids[start:end] + drafts[: end - len(seq.token_ids)] if drafts else seq.token_ids[start:end]
+        if at + len(tokens) > len(arrays["history_ids"]):
+            raise ValueError(f"the step's history deltas hold more than {len(arrays['history_ids'])} tokens")
+        arrays["history_ids"][at : at + len(tokens)] = tokens
+        seq.agent_tokens = min(end, len(seq.token_ids))  # proposals are sent again once accepted
+    return end - start
+
+
+def _write_sample_rows(arrays: dict[str, np.ndarray], at: int, row: int, item: ScheduledSeq, last: int,
+                       width: int) -> None:
+    """The rows `item` samples: with proposals, a row per verified position, each after the proposed tokens
+    before it; else its num_rows samples (forks of one sequence at the end of its prompt) after its last token."""
+    count, seq = item.num_rows, item.seq
+    rows = slice(at, at + count)
+    if item.draft_ids:
+        arrays["logits_indices"][rows] = np.arange(last - count + 1, last + 1)
+        arrays["row_samples"][rows] = 0
+    else:
+        arrays["logits_indices"][rows] = last
+        arrays["row_samples"][rows] = np.arange(count)
+    arrays["row_seqs"][rows] = row
+    for index in range(count):
+        suppress = seq.suppressed_after(index if item.draft_ids else 0)[:width]
+        arrays["num_suppress"][at + index] = len(suppress)
+        if suppress:
+            arrays["suppress_ids"][(at + index) * width : (at + index) * width + len(suppress)] = suppress
 
 
 def _dump_names(plan: StepPlan, request_id_of: Callable[[int], str]) -> list[str]:

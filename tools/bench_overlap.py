@@ -34,13 +34,15 @@ AGENT_STAGES = ("deserialize", "preprocess", "sample", "write_back")
 MASTER_STAGES = ("agent_loop", "ipc_out", "ipc_back", "schedule", "build", "update", "detokenize")
 
 
-async def run_round(llm: OfflineEngine, trace_path: str, batch: int, prompt_len: int, output_len: int) -> dict:
+async def run_round(llm: OfflineEngine, trace_path: str, batch: int, prompt_len: int, output_len: int,
+                    repetition_penalty: float = 1.0) -> dict:
     """One batch of greedy requests; the decode figures and the outputs."""
     engine = llm.engine
     engine.trace_file.truncate(0)
     engine.trace_file.seek(0)
     prompts = [[(7 * i + j) % 200 + 3 for j in range(prompt_len)] for i in range(batch)]
-    outputs = await llm.generate(prompts, SamplingParams(max_new_tokens=output_len, ignore_eos=True))
+    outputs = await llm.generate(prompts, SamplingParams(max_new_tokens=output_len, ignore_eos=True,
+                                                                repetition_penalty=repetition_penalty))
     engine.trace_file.flush()
     with open(trace_path) as f:
         steps = [json.loads(line) for line in f if line.strip()]
@@ -72,7 +74,8 @@ async def measure(args) -> dict:
                     round_ = {}
                     for mode in order:
                         llm.engine.overlap = mode == "on"
-                        round_[mode] = await run_round(llm, trace_path, batch, args.prompt_len, args.output_len)
+                        round_[mode] = await run_round(llm, trace_path, batch, args.prompt_len, args.output_len,
+                                                         args.repetition_penalty)
                     rounds.append(round_)
                 results[batch] = summarize(rounds)
     return results
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="serving_config.device")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="on every request (the agent keeps "
+                        "each sequence's token history)")
     parser.add_argument("--out", default=os.path.join("results", "bench_overlap.json"))
     args = parser.parse_args(argv)
     results = asyncio.run(measure(args))

@@ -16,7 +16,7 @@ from llmserve.common.agent_keys import ChannelKeys, load_keys
 from llmserve.common.protocol import PROTOCOL_VERSION, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
 from llmserve.common.sampling import SamplingParams
 from llmserve.common.step_arrays import (
-    SampleRow, StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays, write_sampling_rows,
+    StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays, write_sequence_params,
 )
 from tests.conftest import ROOT
 from tests.e2e.server import TINY_LLAMA, write_config
@@ -74,10 +74,10 @@ def one_token_step(step_id: int, slot: int = 0, token: int = 5, follows: int = -
     arrays["input_ids"][0], arrays["slot_mapping"][0] = token, slot
     arrays["query_lens"][0] = arrays["context_lens"][0] = 1
     arrays["seq_ids"][0], arrays["block_counts"][0] = step_id, 1  # a new sequence each step, in block 0
-    write_sampling_rows(arrays, [SampleRow(0, SamplingParams(), [5], 1)], CAPACITY.suppress_width)
+    write_sequence_params(arrays, 0, step_id, SamplingParams(), 1)
     header = StepRequest(step_id, num_tokens=1, num_seqs=1, num_sample=1, num_new_blocks=1, is_all_greedy=True,
-                         follows_step=follows)
-    return [encode(header), *pack_arrays(arrays, input_layout(CAPACITY), input_lengths(arrays, header, CAPACITY.suppress_width))]
+                         follows_step=follows, num_new_params=1)
+    return [encode(header), *pack_arrays(arrays, input_layout(CAPACITY), input_lengths(header, CAPACITY.suppress_width))]
 
 
 def step_error(frames: Optional[list[bytes]]) -> Optional[str]:

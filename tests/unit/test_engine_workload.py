@@ -9,7 +9,9 @@ import asyncio
 import random
 from typing import Optional
 
-from llmserve.agent.block_tables import BlockTables
+import numpy as np
+
+from llmserve.agent.sequence_table import SequenceTable
 from llmserve.common.config import config_from_dict
 from llmserve.common.protocol import StepResult
 from llmserve.common.sampling import SamplingParams
@@ -28,7 +30,7 @@ def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = Non
         "scheduler_config": {**SCHEDULER, "reserve_new_tokens": reserve, "overlap_scheduling": overlap},
         "speculative_config": speculative or {},
     })
-    engines, agent_tables = [], BlockTables(max_blocks_per_seq=16)  # max_seq_len 64 in blocks of 4, as an agent has
+    engines, agent_tables = [], SequenceTable(max_blocks_per_seq=16, max_tokens=64)  # max_seq_len 64, blocks of 4
 
     def checked_step(header, inputs, outputs):
         engine = engines[0]
@@ -47,10 +49,26 @@ def engine_with(num_blocks: int, reserve: int, speculative: Optional[dict] = Non
             if seq_id in running:  # not aborted while the step was on its way
                 blocks = running[seq_id].block_ids
                 assert agent_tables.held(seq_id) == blocks, "the agent's table follows the master's"
+        check_sampling_rows(agent_tables.sampling_rows(batch), batch, running)
         return answer(header, inputs, outputs)
 
     engines.append(fake_engine(config, max_seq_len=64, step_fn=checked_step))
     return engines[0]
+
+
+def check_sampling_rows(rows, batch, running: dict) -> None:
+    """What the agent's sampler would read for each row: its sequence's parameters, sent once, and for a
+    penalised sequence its tokens so far, kept as deltas (a pending token's place holds the id it stands for)."""
+    for row, seq_row in enumerate(batch.row_seqs.tolist()):
+        seq = running.get(int(batch.seq_ids[seq_row]))
+        if seq is None:
+            continue
+        assert rows.repetition_penalty[row] == np.float32(seq.params.repetition_penalty)
+        assert rows.seeds[row] == (-1 if seq.params.seed is None else seq.params.seed)
+        if seq.params.needs_history:
+            start, count = int(rows.history_starts[row]), int(rows.history_lens[row])
+            history, known = rows.history[start : start + count].tolist(), seq.token_ids[:count]
+            assert count > len(seq.prompt_ids) - 1 and all(k < 0 or h == k for h, k in zip(history, known))
 
 
 def random_params(rng: random.Random) -> SamplingParams:
@@ -59,6 +77,8 @@ def random_params(rng: random.Random) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, n=2, seed=rng.randrange(100), ignore_eos=True)
     if kind < 0.35:
         return SamplingParams(max_new_tokens=max_new_tokens, num_beams=2, n=2, ignore_eos=True)
+    if kind < 0.5:  # the agent keeps its history
+        return SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=1.2, ignore_eos=True)
     return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
 
 

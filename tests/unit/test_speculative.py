@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmserve.agent.sampler import Sampler
+from llmserve.agent.sequence_table import SequenceTable
 from llmserve.common.config import SpeculativeConfig, config_from_dict
 from llmserve.common.protocol import StepResult
 from llmserve.common.sampling import SamplingParams
@@ -174,11 +175,14 @@ def markov_logits(seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(logits)
 
 
-def markov_step(logits_table: torch.Tensor, sampler: Sampler, suppress_width: int):
+def markov_step(logits_table: torch.Tensor, sampler: Sampler, suppress_width: int, table: SequenceTable):
+    """An agent's step whose 'model' is the Markov table: the sampled rows come from the agent's sequence table."""
     def step(header, inputs, outputs):
         batch = step_inputs(inputs, header, suppress_width)
+        table.check(header, batch)
+        table.apply(header, batch)
         logits = logits_table[torch.from_numpy(batch.input_ids[batch.logits_indices])].clone()
-        out = sampler(logits, batch.sampling, header.is_all_greedy)
+        out = sampler(logits, table.sampling_rows(batch), header.is_all_greedy)
         outputs["sampled_ids"][: header.num_sample] = out.sampled_ids.numpy()
         if out.sampled_logprobs is not None:
             outputs["sampled_logprobs"][: header.num_sample] = out.sampled_logprobs.numpy()
@@ -194,10 +198,10 @@ def markov_engine(speculative: bool, sampler_seed: int = 0):
                              "max_queue_size": 4096},
         "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False} if speculative else {},
     })
-    sampler, engines = Sampler(torch.device("cpu"), seed=sampler_seed), []
+    sampler, engines, table = Sampler(torch.device("cpu"), seed=sampler_seed), [], SequenceTable(16, 64)
 
     def step(header, inputs, outputs):
-        return markov_step(markov_logits(), sampler, engines[0].suppress_width)(header, inputs, outputs)
+        return markov_step(markov_logits(), sampler, engines[0].suppress_width, table)(header, inputs, outputs)
     engines.append(fake_engine(config, max_seq_len=64, step_fn=step))
     return engines[0]
 
@@ -336,20 +340,36 @@ def test_a_large_batch_makes_verified_tokens_too_dear_to_propose():
     assert speculator.propose(2, [3, 1], room=10, num_running=2) == [1, 1]  # a new sequence: 2 of 3 accepted so far
 
 
-def test_the_verified_rows_of_a_penalised_sequence_share_one_history():
-    from llmserve.common.step_arrays import SampleRow, write_sampling_rows
-    arrays = {name: np.zeros(64, dtype) for name, dtype in
-              [("logits_indices", np.int64), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
-               ("min_p", np.float32), ("typical_p", np.float32), ("repetition_penalty", np.float32),
-               ("presence_penalty", np.float32), ("frequency_penalty", np.float32), ("no_repeat_ngram_size", np.int32),
-               ("seeds", np.int64), ("seed_offsets", np.int64), ("num_logprobs", np.int32), ("beam_candidates", np.int32),
-               ("history_starts", np.int64), ("history_lens", np.int32), ("history_prompt_lens", np.int32),
-               ("num_suppress", np.int32), ("history", np.int32), ("suppress_ids", np.int32)]}
-    params, tokens, drafts = SamplingParams(repetition_penalty=1.2), [5, 6, 7], [8, 9]
-    rows = [SampleRow(i, params, tokens, 2, drafts=drafts[:i]) for i in range(3)]
-    rows.append(SampleRow(3, params, [1, 2], 1))  # another sequence: its own history
-    write_sampling_rows(arrays, rows, suppress_width=1)
-    assert arrays["history_starts"][:4].tolist() == [0, 0, 0, 5]
-    assert arrays["history_lens"][:4].tolist() == [3, 4, 5, 2]
-    assert arrays["history"][:7].tolist() == [5, 6, 7, 8, 9, 1, 2]  # written once
-    assert arrays["seed_offsets"][:3].tolist() == [1, 2, 3]  # each position's own noise
+def test_the_verified_rows_of_a_penalised_sequence_read_one_history_the_agent_keeps():
+    from llmserve.common.step_arrays import StepCapacity, input_layout
+    from llmserve.master.scheduler import ScheduledSeq, StepPlan
+    from llmserve.master.sequence import Sequence
+    from llmserve.master.step_builder import write_step
+
+    capacity = StepCapacity(max_num_tokens=16, max_num_seqs=2, max_blocks_per_seq=4, history_capacity=16, max_num_rows=8)
+    arrays = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(capacity)}
+    table = SequenceTable(capacity.max_blocks_per_seq, max_tokens=16)
+    params = SamplingParams(repetition_penalty=1.2)
+    seq = Sequence(1, [5, 6], params, frozenset({2}), 64, block_ids=[0, 3])
+    seq.token_ids.append(7)  # one output token, not yet computed
+    seq.num_computed, seq.agent_tokens = 2, 0
+    other = Sequence(2, [1], params, frozenset({2}), 64, block_ids=[1])
+
+    def run(items):
+        header = write_step(StepPlan(items, sum(i.num_new_tokens for i in items), 0), arrays, 4, step_id=1)
+        batch = step_inputs(arrays, header, capacity.suppress_width)
+        table.check(header, batch)
+        table.apply(header, batch)
+        return header, table.sampling_rows(batch)
+
+    header, rows = run([ScheduledSeq(seq, 3, True, draft_ids=[8, 9]), ScheduledSeq(other, 1, True)])
+    assert header.num_new_params == 2 and header.num_history_ids == 6  # 5, 6, 7 and proposals 8, 9; then 1
+    assert table.history(1) == [5, 6, 7, 8, 9] and table.history(2) == [1]
+    assert rows.history_lens.tolist() == [3, 4, 5, 1]  # each verified row reads up to its own position
+    assert len(set(rows.history_starts[:3].tolist())) == 1  # one copy of the sequence's tokens
+    assert rows.seed_offsets[:3].tolist() == [1, 2, 3]  # each position's own noise
+    seq.token_ids += [8, 10]  # 8 accepted, 10 drawn after it: the agent's 9 is cut back by the next delta
+    seq.num_computed = 4
+    header, rows = run([ScheduledSeq(seq, 1, True)])
+    assert header.num_new_params == 0 and header.num_history_ids == 2  # from the first token not held right
+    assert table.history(1) == [5, 6, 7, 8, 10] and rows.history_lens.tolist() == [5]

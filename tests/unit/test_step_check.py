@@ -9,11 +9,12 @@ import pytest
 from llmserve.agent.step_check import PoolShape, check_header, check_inputs
 from llmserve.common.protocol import ProtocolError, StepRequest
 from llmserve.common.sampling import SamplingParams
-from llmserve.common.step_arrays import SampleRow, StepCapacity, input_layout, step_inputs, write_sampling_rows
+from llmserve.common.step_arrays import StepCapacity, input_layout, step_inputs, write_sequence_params
 
 CAPACITY = StepCapacity(max_num_tokens=16, max_num_seqs=4, max_blocks_per_seq=4, history_capacity=32, topk_width=2, suppress_width=2)
 POOL = PoolShape(num_blocks=8, block_size=4, vocab_size=100)
-HEADER = StepRequest(step_id=3, num_tokens=6, num_seqs=2, num_sample=2, num_new_blocks=3, is_all_greedy=False)
+HEADER = StepRequest(step_id=3, num_tokens=6, num_seqs=2, num_sample=2, num_new_blocks=3, is_all_greedy=False,
+                     num_new_params=2, num_history_ids=3)
 
 
 def two_sequence_step() -> dict[str, np.ndarray]:
@@ -26,11 +27,11 @@ def two_sequence_step() -> dict[str, np.ndarray]:
     arrays["context_lens"][:2] = [5, 3]
     arrays["seq_ids"][:2], arrays["block_starts"][:2], arrays["block_counts"][:2] = [10, 11], [0, 0], [2, 1]
     arrays["new_block_ids"][:3] = [3, 1, 6]
-    rows = [
-        SampleRow(4, SamplingParams(), [11, 12, 13, 14, 15], 5),
-        SampleRow(5, SamplingParams(repetition_penalty=1.2), [7, 8, 42], 2, suppress=(2,)),
-    ]
-    write_sampling_rows(arrays, rows, CAPACITY.suppress_width)
+    write_sequence_params(arrays, 0, 10, SamplingParams(), 5)
+    write_sequence_params(arrays, 1, 11, SamplingParams(repetition_penalty=1.2), 2)
+    arrays["history_starts"][:2], arrays["history_counts"][:2], arrays["history_ids"][:3] = [5, 0], [0, 3], [7, 8, 42]
+    arrays["logits_indices"][:2], arrays["row_seqs"][:2] = [4, 5], [0, 1]
+    arrays["num_suppress"][1], arrays["suppress_ids"][2] = 1, 2
     return arrays
 
 

@@ -94,17 +94,15 @@ def test_bad_tensor_parallel_settings_name_the_key(values, problem):
 def test_inline_frames_carry_exactly_the_rows_a_step_reads():
     capacity = StepCapacity(max_num_tokens=16, max_num_seqs=4, max_blocks_per_seq=3, history_capacity=32, suppress_width=2)
     layout = input_layout(capacity)
-    arrays = {name: np.arange(n, dtype=dtype) for name, dtype, n in layout}
-    arrays["history_starts"][:2] = [0, 5]
-    arrays["history_lens"][:2] = [5, 7]
+    arrays = {name: (np.arange(n) % 2 if dtype is np.bool_ else np.arange(n)).astype(dtype) for name, dtype, n in layout}
     header = StepRequest(step_id=1, num_tokens=5, num_seqs=2, num_sample=2, num_new_blocks=3, is_all_greedy=True,
-                         num_block_copies=1)
-    frames = [bytes(frame) for frame in pack_arrays(arrays, layout, input_lengths(arrays, header, 2))]
+                         num_block_copies=1, num_new_params=1, num_history_ids=12)
+    frames = [bytes(frame) for frame in pack_arrays(arrays, layout, input_lengths(header, 2))]
     received = unpack_arrays(frames, layout)
-    assert len(received["history"]) == 12 and len(received["input_ids"]) == 5
+    assert len(received["history_ids"]) == 12 and len(received["input_ids"]) == 5 and len(received["temperature"]) == 1
     here, there = step_inputs(arrays, header, 2), step_inputs(received, header, 2)
-    for field in ("input_ids", "positions", "slot_mapping", "seq_ids", "new_block_ids", "block_copies", "logits_indices"):
+    for field in ("input_ids", "positions", "slot_mapping", "seq_ids", "new_block_ids", "block_copies", "logits_indices",
+                  "row_seqs", "suppress_ids", "history_starts", "history_counts", "history_ids"):
         assert np.array_equal(getattr(here, field), getattr(there, field)), field
-    for field in ("temperature", "seeds", "history_starts", "history_lens", "suppress_ids"):
-        assert np.array_equal(getattr(here.sampling, field), getattr(there.sampling, field)), field
-    assert np.array_equal(here.sampling.history[:12], there.sampling.history)  # the rows' tokens, nothing after
+    for field in ("param_seq_ids", "temperature", "seeds", "keeps_history"):
+        assert np.array_equal(getattr(here.params, field), getattr(there.params, field)), field
