@@ -20,7 +20,7 @@ import numpy as np
 
 from llmserve.common.protocol import ProtocolError, StepRequest
 from llmserve.common.step_arrays import (
-    PARAM_COLUMNS, ROW_PARAM_FIELDS, SEED_STRIDE, SamplingRows, StepInputs,
+    NO_SEED, PARAM_COLUMNS, ROW_PARAM_FIELDS, SEED_STRIDE, SamplingRows, StepInputs,
 )
 
 PARAM_NAMES = [name for name, _ in PARAM_COLUMNS if name != "param_seq_ids"]
@@ -41,7 +41,8 @@ class SequenceTable:
         self.row_of: dict[int, int] = {}  # seq id -> its row
         self.free_rows = list(range(num_rows - 1, -1, -1))
         self.step_rows = np.zeros(0, dtype=np.int64)  # the rows of the last step applied, in its order
-        self.step_params = None  # its sampled rows' parameters: (row_seqs as bytes, table rows, {name: values})
+        # its sampled rows' parameters: (row_seqs as bytes, table rows, {name: values}, history starts)
+        self.step_params = None
 
     def held(self, seq_id: int) -> list[int]:
         """The block table held for `seq_id` (empty if none)."""
@@ -78,10 +79,10 @@ class SequenceTable:
             if missing:
                 raise ProtocolError(f"step {step}: sequences {sorted(missing)} are new here and came without "
                                     "sampling parameters")
-        counts = batch.history_counts
-        if int(counts.sum()) != header.num_history_ids:
-            raise ProtocolError(f"step {step}: history_counts do not add up to num_history_ids")
-        if header.num_history_ids:
+        if header.num_history_ids:  # else the counts are not read
+            counts = batch.history_counts
+            if int(counts.sum()) != header.num_history_ids:
+                raise ProtocolError(f"step {step}: history_counts do not add up to num_history_ids")
             held = [0 if row is None else int(self.num_tokens[row]) for row in rows]
             _refuse_gaps(step, seq_ids, "tokens", batch.history_starts.tolist(), counts.tolist(), held, self.max_tokens,
                          empty=True)
@@ -114,19 +115,22 @@ class SequenceTable:
         key = batch.row_seqs.tobytes()
         if self.step_params is None or self.step_params[0] != key:  # a decode batch repeats its rows: gathered once
             rows = self.step_rows[batch.row_seqs]
-            self.step_params = (key, rows, {name: array[rows] for name, array in self.params.items()})
-        _, rows, params = self.step_params
-        lengths = batch.positions[batch.logits_indices] + 1  # tokens up to and with the one sampled after
-        keeps = params["keeps_history"]
-        history_lens = np.where(keeps, lengths, 0)
-        if keeps.any() and (history_lens > self.num_tokens[rows]).any():
-            raise ProtocolError("a sampled row's sequence keeps a history that does not reach the row's token")
-        prompt_lens = params["prompt_lens"]
+            params = {name: array[rows] for name, array in self.params.items()}
+            self.step_params = (key, rows, params, rows * self.max_tokens)
+        _, rows, params, history_starts = self.step_params
+        keeps, seeds, prompt_lens = params["keeps_history"], params["seeds"], params["prompt_lens"]
+        history_lens = seed_offsets = np.zeros(len(rows), dtype=np.int64)  # read only where a row keeps / is seeded
+        if keeps.any() or (seeds != NO_SEED).any():
+            lengths = batch.positions[batch.logits_indices] + 1  # tokens up to and with the one sampled after
+            history_lens = np.where(keeps, lengths, 0)
+            if (history_lens > self.num_tokens[rows]).any():
+                raise ProtocolError("a sampled row's sequence keeps a history that does not reach the row's token")
+            seed_offsets = (params["sample_indexes"] + batch.row_samples) * SEED_STRIDE + lengths - prompt_lens
         return SamplingRows(
             **{name: params[name] for name in ROW_PARAM_FIELDS},
-            seed_offsets=(params["sample_indexes"] + batch.row_samples) * SEED_STRIDE + lengths - prompt_lens,
-            history_starts=rows * self.max_tokens,
-            history_lens=history_lens.astype(np.int32),
+            seed_offsets=seed_offsets,
+            history_starts=history_starts,
+            history_lens=history_lens,
             history_prompt_lens=prompt_lens,
             num_suppress=batch.num_suppress,
             history=self.tokens.reshape(-1),

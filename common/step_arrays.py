@@ -292,8 +292,11 @@ SEED_STRIDE = 1 << 32  # sample i of a seeded request draws from offsets i * SEE
 
 def step_inputs(arrays: dict[str, np.ndarray], header: StepRequest, suppress_width: int) -> StepInputs:
     """Views of the input arrays' rows one step uses."""
-    params = SequenceParams(**_views(arrays, PARAM_COLUMNS, header, suppress_width))
+    params = SequenceParams(**_views(arrays, PARAM_COLUMNS, header, suppress_width)) if header.num_new_params else NO_PARAMS
     return StepInputs(**_views(arrays, STEP_COLUMNS, header, suppress_width), params=params)
+
+
+NO_PARAMS = SequenceParams(**{name: np.zeros(0, col.dtype) for name, col in PARAM_COLUMNS})  # most steps bring none
 
 
 def step_outputs(arrays: dict[str, np.ndarray], header: StepRequest, topk_width: int) -> StepOutputs:
