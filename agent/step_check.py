@@ -43,6 +43,11 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
             raise ProtocolError(f"step {header.step_id}: {name} {value} is outside 0..{most}")
     if header.num_seqs == 0 or header.num_tokens < header.num_seqs:
         raise ProtocolError(f"step {header.step_id}: {header.num_tokens} tokens for {header.num_seqs} sequences")
+    masked = header.masked_rows
+    if masked and (header.mask_width != capacity.mask_width or len(masked) > header.num_sample
+                   or any(not 0 <= row < header.num_sample for row in masked) or len(set(masked)) != len(masked)):
+        raise ProtocolError(f"step {header.step_id}: masked_rows must be distinct sampled rows, with mask_width "
+                            f"{capacity.mask_width}")
     names = header.dump_names
     if names is not None and (len(names) != header.num_sample or not all(map(is_safe_file_name, names))):
         raise ProtocolError(f"step {header.step_id}: dump_names must be one plain file name per sampled row")

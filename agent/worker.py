@@ -17,7 +17,7 @@ import zmq
 from llmserve.agent.draft import DraftModel
 from llmserve.agent.kv_cache import available_memory, kv_cache_size
 from llmserve.agent.model_runner import ModelRunner, TokenScores
-from llmserve.agent.sampler import Sampler, SamplerOutput
+from llmserve.agent.sampler import Sampler, SamplerOutput, apply_token_masks
 from llmserve.agent.sequence_table import SequenceTable
 from llmserve.agent.step_check import PoolShape, check_header, check_inputs
 from llmserve.agent.tensor_parallel import (
@@ -200,6 +200,8 @@ class Worker:
             with timer.stage("dump"):
                 self.dump_logits(logits, header.dump_names)
         with timer.stage("sample"):
+            if header.masked_rows:  # structured output: before every other filter
+                apply_token_masks(logits, header.masked_rows, batch.token_masks)
             output = self.sampler(logits, rows, header.is_all_greedy)
         if self.draft is not None:
             with timer.stage("draft"):

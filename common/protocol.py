@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = 9  # 1 had no version field; bump on any change to a message
+PROTOCOL_VERSION = 10  # 1 had no version field; bump on any change to a message
 
 
 class ProtocolError(ValueError):
@@ -41,6 +41,7 @@ class InitAgent:
     suppress_width: int
     max_num_rows: int
     draft_width: int
+    mask_width: int = 0
 
 
 @dataclass
@@ -83,6 +84,10 @@ class StepRequest:
     follows_step: int = -1
     num_new_params: int = 0  # sequences new to the agents, whose sampling parameters the step carries
     num_history_ids: int = 0  # token ids in history_ids: the history deltas of the step's sequences
+    # structured output: the sampled rows whose allowed tokens token_masks holds (in this order), mask_width
+    # 32-bit words each (bit i of word w allows token 32 w + i)
+    masked_rows: list[int] = field(default_factory=list)
+    mask_width: int = 0
 
 
 @dataclass

@@ -38,6 +38,20 @@ class ParamNames:
         return self.prefix + self.aliases.get(name, name)
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output: `kind` json (value: a JSON schema, as JSON text), json_object (any JSON
+    object), regex, choice (value: a JSON list of the strings allowed) or grammar (a Lark grammar, as llguidance
+    takes it). `name` is the request field it came from, for errors."""
+
+    kind: str
+    value: str = ""
+    name: str = "structured_outputs"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token, how many sequences to return, and when to stop."""
@@ -66,6 +80,7 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: Union[bool, str] = False
     speculative: bool = True  # with the server's speculative_config on: verify proposed tokens (same output, faster)
+    structured: Optional[StructuredOutput] = None  # each token is drawn among those the constraint allows
 
     @property
     def is_greedy(self) -> bool:

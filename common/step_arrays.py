@@ -29,6 +29,7 @@ class StepCapacity:
     suppress_width: int = 1  # token ids a row may mask (end tokens before min_new_tokens)
     max_num_rows: int = 0  # sampled rows (a row per verified position with speculation); 0: max_num_seqs
     draft_width: int = 0  # tokens a draft model proposes per sequence at most (speculative_config method draft)
+    mask_width: int = 0  # 32-bit words of one row's token mask (structured output): ceil(vocab size / 32)
 
     @property
     def num_rows(self) -> int:
@@ -201,6 +202,10 @@ class StepInputs:
     history_counts: np.ndarray = column(np.int32, _seqs, lambda h, width: h.num_seqs)
     history_ids: np.ndarray = column(
         np.int32, lambda cap: max(cap.history_capacity, 1), lambda h, width: h.num_history_ids)
+    # structured output: the allowed tokens of each of header.masked_rows, a bit per token id
+    token_masks: np.ndarray = column(
+        np.int32, lambda cap: max(cap.num_rows * cap.mask_width, 1), lambda h, width: len(h.masked_rows) * h.mask_width,
+        lambda h, width: (len(h.masked_rows), h.mask_width))
     params: SequenceParams = None
 
 

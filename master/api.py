@@ -115,6 +115,7 @@ def _add_generate_route(app: FastAPI, engine: Engine) -> None:
         prompt_ids = await engine.text_worker.encode(body.inputs, "inputs")
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         params = body.parameters.sampling_params()
+        await engine.prepare(params)
         handle = engine.submit(request_id, prompt_ids, params, stream=body.stream, names=NATIVE_NAMES,
                                cache_salt=body.cache_salt)
         if body.stream:

@@ -1,17 +1,45 @@
 """Request bodies of the HTTP API, validated by pydantic (strict types, unknown fields rejected)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+import json
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmserve.common.sampling import MAX_FLOAT32, MAX_TOP_K, SamplingParams
+from llmserve.common.errors import RequestError
+from llmserve.common.sampling import MAX_FLOAT32, MAX_TOP_K, SamplingParams, StructuredOutput
 from llmserve.master.api_schema import (
     ABSENT, BEAM_SEARCH, INTEGRAL, NOT_TRUE, AtLeastOne, Answer, Count, NonNegative, PositiveCount, Seed, StopString,
     TokenId, fields, when,
 )
+from llmserve.master.structured import json_constraint
 
 TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K), INTEGRAL]  # 0 means all
+
+
+class Grammar(BaseModel):
+    """A constraint on the generated text, as TGI spells it (json and regex), with choice and grammar added."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json", "json_object", "regex", "choice", "grammar"] = Field(
+        description="json: value is a JSON schema (object or JSON text); json_object: any JSON object (no value); "
+                    "regex: a regular expression; choice: a list of strings; grammar: a Lark grammar (llguidance's).")
+    value: Union[dict[str, Any], list[str], str, None] = Field(
+        None, description="The schema, expression, choices or grammar.")
+
+    def constraint(self) -> StructuredOutput:
+        name, value = "parameters.grammar", self.value
+        if self.type == "json_object":
+            return StructuredOutput("json_object", "", name)
+        if self.type == "json" and isinstance(value, (dict, str)):
+            return json_constraint(value, f"{name}.value")
+        if self.type == "choice" and isinstance(value, list) and value:
+            return StructuredOutput("choice", json.dumps(value), f"{name}.value")
+        if self.type in ("regex", "grammar") and isinstance(value, str):
+            return StructuredOutput(self.type, value, f"{name}.value")
+        takes = {"json": "a JSON schema", "choice": "a non-empty list of strings"}.get(self.type, "a string")
+        raise RequestError(f"{name}.value: type {self.type} takes {takes}", f"{name}.value")
 
 
 class GenerateParameters(BaseModel):
@@ -79,6 +107,7 @@ class GenerateParameters(BaseModel):
         True, description="With the server's speculative_config on: verify proposed tokens in each step (the same "
                           "output in fewer steps); false decodes this request one token per step.",
     )
+    grammar: Optional[Grammar] = Field(None, description="Constrain the text to a JSON schema, regex, choice or grammar.")
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
     decoder_input_details: bool = Field(
         False, description="Return the prompt's tokens with their log-probabilities in details.prefill (TGI's name)."
@@ -88,7 +117,8 @@ class GenerateParameters(BaseModel):
     )
 
     def sampling_params(self) -> SamplingParams:
-        fields = self.model_dump(exclude={"return_full_text", "decoder_input_details"})
+        fields = self.model_dump(exclude={"return_full_text", "decoder_input_details", "grammar"})
+        fields["structured"] = None if self.grammar is None else self.grammar.constraint()
         if self.decoder_input_details and self.prompt_logprobs is None:
             fields["prompt_logprobs"] = 0
         fields["stop"] = tuple(fields["stop"])

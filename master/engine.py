@@ -32,6 +32,7 @@ from llmserve.master.scheduler import PromptScores, Scheduler, StepOutcome, Step
 from llmserve.master.sequence import FinishReason, Sequence, TokenLogprobs
 from llmserve.master.speculative import Speculator
 from llmserve.master.step_builder import write_step
+from llmserve.master.structured import GrammarCompiler
 from llmserve.master.text_worker import TextWorker
 from llmserve.master.tokenizer import output_texts
 
@@ -128,6 +129,7 @@ class Engine:
         self.scheduler: Optional[Scheduler] = None
         self.limits = config.serving_config.sampling_limits
         self.suppress_width = transport.capacity.suppress_width
+        self.grammars = GrammarCompiler(tokenizer.to_str(), model.vocab_size, model.eos_token_ids)
         self.handles: dict[int, RequestHandle] = {}  # seq id -> its request
         self.step_ids = itertools.count()
         self.wakeup = asyncio.Event()
@@ -251,6 +253,8 @@ class Engine:
             arrival_time=now,
             cache_salt=cache_salt,
         )
+        if params.structured is not None:
+            seq.matcher = self.grammars.matcher(params.structured)
         if params.is_beam_search:
             search = BeamSearch(
                 params.num_beams, params.length_penalty, params.early_stopping, params.max_new_tokens,
@@ -265,8 +269,21 @@ class Engine:
         self.wakeup.set()
         return handle
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """What a request needs before `submit`, done off the event loop: its structured-output constraint
+        compiled (RequestError when it is refused)."""
+        if params.structured is not None:
+            await self.grammars.prepare(params.structured)
+
     def _check_params(self, params: SamplingParams, stream: bool, names: ParamNames) -> None:
         params.validate(self.limits, names)
+        if params.structured is not None:
+            name = params.structured.name
+            if params.is_beam_search:
+                raise RequestError(f"{name}: a constraint cannot be combined with beam search", name)
+            if params.min_new_tokens:
+                raise RequestError(f"{name}: a constraint cannot be combined with {names('min_new_tokens')} (the "
+                                   "grammar decides where the output ends)", name)
         vocab_size = self.model.vocab_size
         outside = [i for i in params.stop_token_ids if i >= vocab_size]
         if outside:
@@ -427,8 +444,9 @@ class Engine:
         buffer = step_id % STEP_BUFFERS
         try:
             with self.timer.stage("build"):
-                header = write_step(plan, self.transport.inputs[buffer], self.block_manager.block_size,
-                                    step_id, self.request_id_of, self.suppress_width, self.transport.capacity.draft_width)
+                capacity = self.transport.capacity
+                header = write_step(plan, self.transport.inputs[buffer], self.block_manager.block_size, step_id,
+                                    self.request_id_of, self.suppress_width, capacity.draft_width, capacity.mask_width)
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)

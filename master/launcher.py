@@ -17,6 +17,7 @@ from llmserve.master.agent_group import AgentGroup
 from llmserve.master.api import create_app
 from llmserve.master.chat_template import ChatTemplate, load_chat_template
 from llmserve.master.engine import Engine
+from llmserve.master.structured import mask_width
 from llmserve.master.tokenizer import load_tokenizer
 from llmserve.master.tokenizer_checks import check_tokenizer
 
@@ -35,7 +36,7 @@ def serve(config: Config) -> int:
             logger.warning("%s", warning)
         _check_world_size(hf_config, serving.world_size)
         chat_template = load_chat_template(config.model_config)
-        agents = AgentGroup(config, step_capacity(config, info.max_seq_len, len(info.eos_token_ids)))
+        agents = AgentGroup(config, step_capacity(config, info.max_seq_len, len(info.eos_token_ids), info.vocab_size))
     except (ConfigError, OSError) as exc:
         logger.error("%s", exc)
         return 2
@@ -49,7 +50,7 @@ def serve(config: Config) -> int:
     return asyncio.run(_serve(config, tokenizer, info, chat_template, agents))
 
 
-def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1) -> StepCapacity:
+def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1, vocab_size: int = 0) -> StepCapacity:
     """The largest step the scheduler can plan, which sizes the shared memory."""
     sched = config.scheduler_config
     limits = config.serving_config.sampling_limits
@@ -62,6 +63,7 @@ def step_capacity(config: Config, max_seq_len: int, num_end_tokens: int = 1) -> 
         suppress_width=num_end_tokens + limits.max_stop_token_ids,
         max_num_rows=sched.decode_batch_size * config.speculative_config.rows_per_seq,
         draft_width=config.speculative_config.num_speculative_tokens if config.speculative_config.method == "draft" else 0,
+        mask_width=mask_width(vocab_size),
     )
 
 

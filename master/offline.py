@@ -36,7 +36,7 @@ class OfflineEngine:
     async def __aenter__(self) -> "OfflineEngine":
         config = self.config
         info = model_info(config.model_config, read_hf_config(config.model_config))
-        self.agents = AgentGroup(config, step_capacity(config, info.max_seq_len, len(info.eos_token_ids)))
+        self.agents = AgentGroup(config, step_capacity(config, info.max_seq_len, len(info.eos_token_ids), info.vocab_size))
         self.engine = Engine(config, load_tokenizer(config.model_config), info, self.agents.connect())
         try:
             await self.engine.start()
@@ -53,6 +53,7 @@ class OfflineEngine:
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[OfflineOutput]:
         """Submit every prompt at once and wait for all of them."""
+        await self.engine.prepare(params)
         handles = [self.engine.submit(f"offline-{i}", ids, params, stream=False) for i, ids in enumerate(prompts)]
         return list(await asyncio.gather(*(self._output(h) for h in handles)))
 

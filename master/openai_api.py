@@ -75,6 +75,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         echo_scores = body.logprobs if body.logprobs is not None else (0 if max_tokens == 0 else None)
         params = body.sampling_params(max_tokens, body.logprobs, echo_scores if body.echo else None)
+        await engine.prepare(params)
         job = CompletionJob(engine, request, body, served)
         job.submit([ids for ids, _ in prompts], params, body.param_names())
         if body.echo:  # token-id prompts are decoded only now that the engine has checked their ids
@@ -94,6 +95,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         params = body.sampling_params(1 if max_tokens is None else max_tokens, body.num_logprobs())
         if max_tokens is None:
             params = dataclasses.replace(params, max_new_tokens=_room_for_answer(engine, prompt_ids, params))
+        await engine.prepare(params)
         job = ChatJob(engine, request, body, served)
         job.submit([prompt_ids], params, body.param_names())
         return await job.answer(request)

@@ -6,16 +6,18 @@ so a typo never silently changes the output.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from llmserve.common.errors import RequestError
-from llmserve.common.sampling import MAX_FLOAT32, MAX_TOP_K, ParamNames, SamplingParams
+from llmserve.common.sampling import MAX_FLOAT32, MAX_TOP_K, ParamNames, SamplingParams, StructuredOutput
 from llmserve.master.api_schema import (
     ABSENT, BEAM_SEARCH, INTEGRAL, NOT_TRUE, AtLeastOne, Answer, Count, NonNegative, PositiveCount, Seed, StopString,
     TokenId, equals, fields, is_set, when,
 )
+from llmserve.master.structured import json_constraint
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 TopK = Annotated[int, Field(ge=-1, le=MAX_TOP_K), INTEGRAL]  # 0 and -1 mean all
@@ -30,6 +32,30 @@ class StreamOptions(BaseModel):
     model_config = STRICT
 
     include_usage: bool = Field(False, description="Send one last chunk with `usage` (and empty `choices`) before [DONE].")
+
+
+class StructuredOutputs(BaseModel):
+    """Extra (vLLM's structured outputs): exactly one constraint on the output."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_schema: Optional[Union[dict[str, Any], str]] = Field(
+        None, alias="json", description="A JSON schema (an object, or its JSON text) the output must follow.")
+    regex: Optional[str] = Field(None, description="A regular expression the whole output must match.")
+    choice: Optional[list[str]] = Field(None, min_length=1, description="The output is one of these strings.")
+    grammar: Optional[str] = Field(None, description="A Lark grammar (llguidance's dialect) the output must follow.")
+
+    def constraint(self, name: str = "structured_outputs") -> StructuredOutput:
+        fields = (("json", self.json_schema), ("regex", self.regex), ("choice", self.choice), ("grammar", self.grammar))
+        given = {kind: value for kind, value in fields if value is not None}
+        if len(given) != 1:
+            raise RequestError(f"{name}: give exactly one of json, regex, choice, grammar", name)
+        (kind, value), = given.items()
+        if kind == "json":
+            return json_constraint(value, f"{name}.json")
+        if kind == "choice":
+            return StructuredOutput("choice", json.dumps(value), f"{name}.choice")
+        return StructuredOutput(kind, value, f"{name}.{kind}")
 
 
 class OpenAIRequest(BaseModel):
@@ -114,6 +140,10 @@ class SamplingFields(OpenAIRequest):
         True, description="Extra: with the server's speculative_config on, verify proposed tokens in each step (same "
                           "output, fewer steps); false decodes one token per step.",
     )
+    structured_outputs: Optional[StructuredOutputs] = Field(
+        None, description="Extra: constrain the output to a JSON schema, a regular expression, a choice of strings, "
+                          "or a Lark grammar (one of them).",
+    )
 
     @property
     def include_usage(self) -> bool:
@@ -150,7 +180,12 @@ class SamplingFields(OpenAIRequest):
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
             speculative=self.speculative is not False,
+            structured=self.structured_output(),
         )
+
+    def structured_output(self) -> Optional[StructuredOutput]:
+        """The request's constraint on the output, if any."""
+        return None if self.structured_outputs is None else self.structured_outputs.constraint()
 
 
 def _most(*counts: Optional[int]) -> Optional[int]:
@@ -218,10 +253,32 @@ class ChatMessage(BaseModel):
     name: Optional[str] = Field(None, description="The author's name, for templates that use it.")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(description="The schema's name (not used).")
+    description: Optional[str] = Field(None, description="What the schema is for (not used).")
+    json_schema: Optional[dict[str, Any]] = Field(
+        None, alias="schema", description="The JSON schema; absent: any JSON object.")
+    strict: Optional[bool] = Field(None, description="Accepted; the output always follows the schema.")
+
+
 class ResponseFormat(BaseModel):
     model_config = STRICT
 
-    type: Literal["text"] = Field(description="Only 'text' is supported.")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text (no constraint), json_object (any JSON object) or json_schema (follow json_schema.schema).")
+    json_schema: Optional[JsonSchemaFormat] = Field(None, description="With type json_schema: the schema.")
+
+    def constraint(self) -> Optional[StructuredOutput]:
+        if self.type == "text":
+            return None
+        if self.type == "json_schema" and self.json_schema is None:
+            name = "response_format.json_schema"
+            raise RequestError(f"{name}: required with type json_schema", name)
+        if self.type == "json_object" or self.json_schema.json_schema is None:
+            return StructuredOutput("json_object", "", "response_format")
+        return json_constraint(self.json_schema.json_schema, "response_format.json_schema.schema")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -244,7 +301,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[NonNegative] = Field(
         None, description="With logprobs: this many most likely tokens per position (at most max_logprobs)."
     )
-    response_format: Optional[ResponseFormat] = Field(None, description="Only {\"type\": \"text\"}.")
+    response_format: Optional[ResponseFormat] = Field(
+        None, description="text, json_object or json_schema: the reply's content is JSON that follows the schema.")
     tools: Optional[list[dict[str, Any]]] = Field(None, max_length=0, description="Not supported: must be absent or empty.")
     tool_choice: Optional[Literal["none"]] = Field(None, description="Only 'none' (tools are not supported).")
     parallel_tool_calls: Optional[bool] = Field(None, description="Accepted and ignored.")
@@ -257,6 +315,12 @@ class ChatCompletionRequest(SamplingFields):
         False, description="Extra: continue the last message instead of answering it (needs add_generation_prompt false)."
     )
     chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="Extra: more variables for the template.")
+
+    def structured_output(self) -> Optional[StructuredOutput]:
+        constraint = None if self.response_format is None else self.response_format.constraint()
+        if constraint is not None and self.structured_outputs is not None:
+            raise RequestError("response_format: give it or structured_outputs, not both", "response_format")
+        return constraint or super().structured_output()
 
     def param_names(self) -> ParamNames:
         max_name = "max_tokens" if self.max_completion_tokens is None and self.max_tokens is not None else "max_completion_tokens"

@@ -188,7 +188,8 @@ class Scheduler:
     def may_look_ahead(self, plan: StepPlan) -> bool:
         """Whether the next step may be planned while `plan`'s step is in flight: every sequence it samples
         goes on by itself with one token (no proposals to verify or to use next, no beams, no forks of n
-        samples), none would get proposals in the next step, and `plan` left no sequence short of blocks."""
+        samples, no structured-output constraint), none would get proposals in the next step, and `plan` left no
+        sequence short of blocks."""
         if plan.starved:
             return False
         for item in plan.scheduled:
@@ -196,6 +197,8 @@ class Scheduler:
                 continue
             seq = item.seq
             if item.draft_ids or item.propose_count > 0 or seq.beam is not None or item.num_samples > 1:
+                return False
+            if seq.matcher is not None:  # its next mask follows from the token in flight
                 return False
             if self._would_propose(seq):
                 return False
@@ -209,8 +212,9 @@ class Scheduler:
 
     @staticmethod
     def _speculates(seq: Sequence) -> bool:
-        """`seq` may get proposals at all: not a beam, and its request did not switch speculation off."""
-        return seq.beam is None and seq.params.speculative
+        """`seq` may get proposals at all: not a beam, not constrained, and its request did not switch speculation
+        off."""
+        return seq.beam is None and seq.matcher is None and seq.params.speculative
 
     def launch(self, plan: StepPlan) -> None:
         """`plan`'s step is on its way to the agents: the KV of its tokens counts as computed, and the token

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from llmserve.common.sampling import SamplingParams
 
@@ -65,6 +65,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     token_logprobs: list[float] = field(default_factory=list)  # each output token's, when the agent returned them
     beam: Optional["BeamGroup"] = None
+    matcher: Optional[Any] = None  # structured output: its grammar state (master/structured.py), fed every token
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -151,6 +152,8 @@ class Sequence:
             self.num_pending -= 1
         else:
             self.token_ids.append(token_id)
+        if self.matcher is not None:
+            self.matcher.consume_token(token_id)  # a token it did not allow leaves it in an error state (ends)
         if logprobs is not None:
             self.cumulative_logprob += logprobs.logprob
             self.token_logprobs.append(logprobs.logprob)
@@ -197,4 +200,5 @@ class Sequence:
             prompt_logprobs=self.prompt_logprobs,  # complete once a sequence forks; never changed after
             cumulative_logprob=self.cumulative_logprob,
             beam=self.beam,
+            matcher=None if self.matcher is None else self.matcher.deep_copy(),
         )

@@ -9,6 +9,7 @@ from llmserve.common.protocol import StepRequest, logits_file_name
 from llmserve.common.step_arrays import write_sequence_params
 from llmserve.master.scheduler import ScheduledSeq, StepPlan
 from llmserve.master.sequence import Sequence
+from llmserve.master.structured import fill_mask
 
 
 def write_step(
@@ -19,14 +20,17 @@ def write_step(
     request_id_of: Optional[Callable[[int], str]] = None,
     suppress_width: int = 1,
     draft_width: int = 0,
+    mask_width: int = 0,
 ) -> StepRequest:
     """Fill the input arrays for `plan` and return the header that describes them.
 
     With `request_id_of` (seq id -> request id) the header names each sampled row's logits file.
     `draft_width`: the most tokens the agent's draft model proposes per sequence (0 without one).
+    `mask_width`: words of a row's token mask (the rows of constrained sequences get theirs).
     """
     token_pos = num_scored = prompt_num_top = num_new_blocks = num_sample = num_params = num_history = 0
     is_all_greedy = True
+    masked_rows: list[int] = []
     for row, item in enumerate(plan.scheduled):
         seq, start, count = item.seq, item.seq.num_computed, item.num_new_tokens
         end = start + count
@@ -58,6 +62,8 @@ def write_step(
         token_pos += count
         if item.num_rows:
             _write_sample_rows(arrays, num_sample, row, item, token_pos - 1, suppress_width)
+            if seq.matcher is not None:
+                _write_masks(arrays, masked_rows, num_sample, item, mask_width)
             num_sample += item.num_rows
             is_all_greedy &= seq.params.is_greedy
     copies = plan.block_copies
@@ -77,6 +83,8 @@ def write_step(
         draft_width=draft_width,
         num_new_params=num_params,
         num_history_ids=num_history,
+        masked_rows=masked_rows,
+        mask_width=mask_width if masked_rows else 0,
     )
 
 
@@ -140,6 +148,18 @@ def _write_sample_rows(arrays: dict[str, np.ndarray], at: int, row: int, item: S
         arrays["num_suppress"][at + index] = len(suppress)
         if suppress:
             arrays["suppress_ids"][(at + index) * width : (at + index) * width + len(suppress)] = suppress
+
+
+def _write_masks(arrays: dict[str, np.ndarray], masked_rows: list[int], at: int, item: ScheduledSeq,
+                 width: int) -> None:
+    """The allowed tokens of `item`'s rows (from `at`; its samples all follow its last token), from its
+    sequence's grammar state."""
+    masks = arrays["token_masks"]
+    first = len(masked_rows) * width
+    fill_mask(item.seq.matcher, masks[first : first + width], sorted(item.seq.eos_token_ids))
+    for offset in range(1, item.num_rows):
+        masks[first + offset * width : first + (offset + 1) * width] = masks[first : first + width]
+    masked_rows += range(at, at + item.num_rows)
 
 
 def _dump_names(plan: StepPlan, request_id_of: Callable[[int], str]) -> list[str]:

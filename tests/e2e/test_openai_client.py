@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -133,3 +137,64 @@ def test_the_load_tester_drives_v1_completions(server):
     assert [r.error for r in records] == [None, None, None]
     assert [r.output_tokens for r in records] == [4, 6, 3]
     assert all(r.first_token_time is not None and r.first_token_time <= r.res_time for r in records)
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+    age: int = pydantic.Field(ge=0, le=30)
+    kind: Literal["cat", "dog"]
+
+
+def test_the_clients_parse_gets_the_pydantic_model_it_asked_for(client):
+    for seed in range(3):
+        completion = client.beta.chat.completions.parse(
+            model="llama", messages=[{"role": "user", "content": "A pet, as JSON"}], response_format=Pet,
+            temperature=1.0, seed=seed, max_completion_tokens=200)
+        pet = completion.choices[0].message.parsed
+        assert isinstance(pet, Pet) and completion.choices[0].finish_reason == "stop"
+
+
+def test_structured_outputs_and_the_native_grammar_constrain_the_text(server, client):
+    chat = client.chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "yes or no?"}], max_completion_tokens=20,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert chat.choices[0].message.content in ("yes", "no")
+    completion = client.completions.create(model="llama", prompt=PROMPT, max_tokens=30, temperature=1.0, seed=1,
+                                           extra_body={"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}})
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", completion.choices[0].text)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 30, "grammar": {"type": "json", "value": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": False}}}}
+    answer = httpx.post(f"{server.url}/models/llama/generate", json=body, headers=auth(), timeout=60)
+    assert answer.status_code == 200 and 1 <= json.loads(answer.json()["generated_text"])["n"] <= 9
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "[a-"}}}}}}, "response_format"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["b"]}}, "response_format"),
+])
+def test_a_constraint_that_cannot_be_used_is_a_400_naming_the_field(server, extra, field):
+    body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5, **extra}
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=auth(), timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"].startswith(field)
+
+
+def test_each_sample_and_a_stream_follow_the_schema_with_logprobs_of_allowed_tokens(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "s": {"type": "string", "maxLength": 5}},
+              "required": ["n", "s"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    messages = [{"role": "user", "content": "JSON please"}]
+    answer = client.chat.completions.create(model="llama", messages=messages, n=3, temperature=1.0, seed=4,
+                                            max_completion_tokens=60, logprobs=True, response_format=response_format)
+    for choice in answer.choices:
+        assert set(json.loads(choice.message.content)) == {"n", "s"}
+        assert all(entry.logprob > float("-inf") for entry in choice.logprobs.content)
+    stream = client.chat.completions.create(model="llama", messages=messages, temperature=1.0, seed=4, stream=True,
+                                            max_completion_tokens=60, response_format=response_format)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert set(json.loads(text)) == {"n", "s"}

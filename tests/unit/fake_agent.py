@@ -46,5 +46,5 @@ def fake_engine(config: Config = None, max_seq_len: int = 128, step_fn=counting_
     config = config or fake_config()
     info = ModelInfo(vocab_size=VOCAB, max_seq_len=max_seq_len, eos_token_ids=(2,), bos_token_id=1, pad_token_id=0)
     ready = AgentReady(0, 0, VOCAB, 1, config.pa_config.num_blocks, config.pa_config.block_size, "float32", "cpu")
-    transport = InProcessTransport(step_capacity(config, max_seq_len, 1), step_fn, ready)
+    transport = InProcessTransport(step_capacity(config, max_seq_len, 1, VOCAB), step_fn, ready)
     return Engine(config, TOKENIZER, info, transport)

@@ -142,6 +142,11 @@ def test_concurrent_requests_all_complete():
         ({"inputs": "hi", "parameters": {"early_stopping": None}}, "parameters.early_stopping"),
         ({"inputs": "hi", "parameters": {"max_new_tokens": 500}}, "exceed the model's maximum of 128"),
         ({"parameters": {}}, "inputs: Field required"),
+        ({"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "(a"}}}, "parameters.grammar.value: "),
+        ({"inputs": "hi", "parameters": {"grammar": {"type": "choice", "value": "a"}}}, "takes a non-empty list"),
+        ({"inputs": "hi", "parameters": {"grammar": {"type": "json", "value": "[1"}}}, "parameters.grammar.value: not JSON"),
+        ({"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "a"}, "num_beams": 2}}, "beam search"),
+        ({"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "a"}, "min_new_tokens": 1}}, "min_new_tokens"),
     ],
 )
 def test_bad_requests_get_400_naming_the_problem(body, fragment):
