@@ -37,6 +37,8 @@ class ModelConfig:
     pad_token_id: Optional[int] = None
     seed: int = 0
     chat_template: Optional[str] = None
+    # how chat replies with tool_choice auto are searched for tool calls (master/tool_calls.py); auto: by the template
+    tool_call_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] = "auto"
     attention_backend: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/attention
     linear_kernel: Literal["auto", "cpu", "torch"] = "auto"  # see agent/layers/linear
     quantization: Literal["none", "int8", "int4"] = "none"  # see agent/layers/quantization

@@ -45,10 +45,13 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: Optional[dict] = None,
+        tools: Optional[list[dict]] = None,
     ) -> str:
-        """The prompt for these messages; with continue_final_message it ends inside the final message."""
+        """The prompt for these messages (and `tools`, as transformers passes them); with continue_final_message
+        it ends inside the final message."""
         messages = _prepare_messages(messages)
         variables = self._variables(messages, add_generation_prompt, template_kwargs or {})
+        variables["tools"] = tools or None
         if not continue_final_message:
             return self._render(variables)
         if add_generation_prompt:
@@ -200,7 +203,23 @@ def _prepare_message(index: int, message: dict) -> dict:
     reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
     if reasoning is not None:
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    if isinstance(message.get("tool_calls"), list):
+        message["tool_calls"] = [_call_for_template(call) for call in message["tool_calls"]]
     return message
+
+
+def _call_for_template(call: Any) -> Any:
+    """An OpenAI tool call with its arguments' JSON text as the object templates expect (as vLLM hands them)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _join_text_parts(index: int, parts: list) -> str:

@@ -37,6 +37,7 @@ from llmserve.master.outputs import GenerationOutput
 from llmserve.master.sequence import Sequence, TokenLogprobs
 from llmserve.master.streams import RequestStream, events_of, sse, wait_finished
 from llmserve.master.tokenizer import token_bytes
+from llmserve.master.tool_calls import ToolCallStream, ToolReply, parser_for
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
@@ -48,6 +49,7 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
     router = APIRouter(tags=["openai"])
     served = engine.config.model_config.model_name
     card = ModelCard(id=served, created=int(time.time()), max_model_len=engine.model.max_seq_len)
+    tool_parser = parser_for(engine.config.model_config.tool_call_parser, chat_template.text)
 
     def check_model(model: Optional[str]) -> None:
         if model is not None and model != served:
@@ -90,13 +92,14 @@ def openai_router(engine: Engine, chat_template: ChatTemplate) -> APIRouter:
         """The assistant's reply to `messages`, rendered with the model's chat template."""
         check_model(body.model)
         _check_prompt_logprobs(body)
+        tools = body.tool_reply(tool_parser)
         prompt_ids = await engine.text_worker.encode(await _render(engine, chat_template, body), "messages", False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(1 if max_tokens is None else max_tokens, body.num_logprobs())
         if max_tokens is None:
             params = dataclasses.replace(params, max_new_tokens=_room_for_answer(engine, prompt_ids, params))
         await engine.prepare(params)
-        job = ChatJob(engine, request, body, served)
+        job = ChatJob(engine, request, body, served, tools)
         job.submit([prompt_ids], params, body.param_names())
         return await job.answer(request)
 
@@ -132,7 +135,8 @@ async def _render(engine: Engine, chat_template: ChatTemplate, body: Union[ChatC
     """The prompt text of the body's messages (fields the client did not send are left out, as in its JSON)."""
     messages = [message.model_dump(exclude_unset=True) for message in body.messages]
     return await engine.text_worker.run(
-        chat_template.render, messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
+        chat_template.render, messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs,
+        body.tool_dicts(),
     )
 
 
@@ -332,13 +336,27 @@ class ChatJob(OpenAIJob):
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    def __init__(self, engine: Engine, request: Request, body: ChatCompletionRequest, model: str,
+                 tools: Optional[ToolReply]):
+        super().__init__(engine, request, body, model)
+        self.tools = tools  # None: the reply is all content
+        self.tool_streams: dict[int, ToolCallStream] = {}  # choice -> its streamed reply, with tools
+
     def choice(self, index: int, handle_index: int, output: GenerationOutput) -> dict:
         logprobs = None
         if self.body.logprobs:
-            logprobs = {"content": [_chat_logprob(self.engine, t, lp) for t, lp in zip(output.output_ids, output.logprobs)],
-                        "refusal": None}
-        return {"index": index, "message": {"role": "assistant", "content": output.text, "refusal": None},
-                "logprobs": logprobs, "finish_reason": FINISH_REASONS.get(output.finish_reason)}
+            logprobs = self.chat_logprobs(output.output_ids, output.logprobs)
+        message = {"role": "assistant", "content": output.text, "refusal": None}
+        finish = FINISH_REASONS.get(output.finish_reason)
+        if self.tools is not None:
+            message["content"], calls = self.tools.parse(output.text)
+            if calls:
+                message["tool_calls"] = [call.as_openai() for call in calls]
+            finish = self.tools.finish_reason(calls, finish)
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+    def chat_logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> dict:
+        return {"content": [_chat_logprob(self.engine, t, lp) for t, lp in zip(token_ids, entries)], "refusal": None}
 
     def opening_choices(self) -> list[dict]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -349,12 +367,22 @@ class ChatJob(OpenAIJob):
             return {}
         return {"prompt_logprobs": vllm_prompt_logprobs(self.engine, self.handles[0].seq, self.body.prompt_logprobs)}
 
+    def token_choice(self, index: int, event: TokenEvent) -> Optional[dict]:
+        if self.tools is None:
+            return super().token_choice(index, event)
+        stream = self.tool_streams.setdefault(index, ToolCallStream(self.tools))
+        finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
+        delta, finish = stream.delta(event.text or "", finish)
+        if not delta and finish is None and event.logprobs is None:
+            return None  # held for the calls
+        return self.chunk_choice(index, event, delta, finish)
+
     def token_delta(self, index: int, event: TokenEvent, finish: Optional[str]) -> dict:
-        logprobs = None
-        if event.logprobs is not None:
-            logprobs = {"content": [_chat_logprob(self.engine, token_id, entry)
-                                    for token_id, entry in zip(event.token_ids, event.logprobs)], "refusal": None}
         delta = {"content": event.text} if event.text or finish is None else {}
+        return self.chunk_choice(index, event, delta, finish)
+
+    def chunk_choice(self, index: int, event: TokenEvent, delta: dict, finish: Optional[str]) -> dict:
+        logprobs = None if event.logprobs is None else self.chat_logprobs(event.token_ids, event.logprobs)
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 

@@ -18,6 +18,7 @@ from llmserve.master.api_schema import (
     TokenId, equals, fields, is_set, when,
 )
 from llmserve.master.structured import json_constraint
+from llmserve.master.tool_calls import ToolReply, forced_constraint
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 TopK = Annotated[int, Field(ge=-1, le=MAX_TOP_K), INTEGRAL]  # 0 and -1 mean all
@@ -243,14 +244,85 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = STRICT
+
+    name: str
+    arguments: str = Field(description="The arguments object, as JSON text.")
+
+
+class ToolCallEntry(BaseModel):
+    model_config = STRICT
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     """One message of the conversation, handed to the chat template."""
 
-    model_config = STRICT
+    model_config = ConfigDict(**STRICT, json_schema_extra={"allOf": [
+        {"anyOf": [is_set("content"), {"allOf": [equals("role", "assistant"), is_set("tool_calls")]}]},
+        when(is_set("tool_calls"), equals("role", "assistant")),
+    ]})
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart]] = Field(description="The text, or text parts (joined with newlines).")
+    content: Union[str, list[TextPart], None] = Field(
+        None, description="The text, or text parts (joined with newlines); may be absent or null only in an "
+                          "assistant message with tool_calls.")
     name: Optional[str] = Field(None, description="The author's name, for templates that use it.")
+    tool_calls: Optional[list[ToolCallEntry]] = Field(
+        None, min_length=1, description="An assistant message's calls of the tools; the template gets each call's "
+                                        "arguments as an object when they are a JSON object.")
+    tool_call_id: Optional[str] = Field(None, description="A tool message: the call its content answers.")
+    refusal: Optional[str] = Field(None, description="An assistant message's, as the API answered it; accepted so "
+                                                     "that a returned message can be sent back.")
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required, except in an assistant message with tool_calls")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls: only an assistant message has them, not a {self.role} message")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="A JSON schema of the arguments object.")
+    strict: Optional[bool] = Field(None, description="Accepted; forced calls always follow the schema.")
+
+
+class ToolDefinition(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def tool_dicts(tools: Optional[list[ToolDefinition]]) -> list[dict]:
+    """The tools as the chat template and the forced-call constraint take them."""
+    return [tool.model_dump(exclude_none=True) for tool in tools or ()]
+
+
+TOOLS_DESCRIPTION = "Functions the model may call; the chat template renders them (whatever tool_choice is)."
 
 
 class JsonSchemaFormat(BaseModel):
@@ -303,8 +375,10 @@ class ChatCompletionRequest(SamplingFields):
     )
     response_format: Optional[ResponseFormat] = Field(
         None, description="text, json_object or json_schema: the reply's content is JSON that follows the schema.")
-    tools: Optional[list[dict[str, Any]]] = Field(None, max_length=0, description="Not supported: must be absent or empty.")
-    tool_choice: Optional[Literal["none"]] = Field(None, description="Only 'none' (tools are not supported).")
+    tools: Optional[list[ToolDefinition]] = Field(None, max_length=128, description=TOOLS_DESCRIPTION)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None, description="none, auto (the default with tools: the model decides), required (one call or more), or "
+                          "{\"type\": \"function\", \"function\": {\"name\": ...}} (that function).")
     parallel_tool_calls: Optional[bool] = Field(None, description="Accepted and ignored.")
     store: Optional[bool] = Field(None, description="Accepted and ignored.")
     metadata: Optional[dict[str, str]] = Field(None, description="Accepted and ignored.")
@@ -320,7 +394,46 @@ class ChatCompletionRequest(SamplingFields):
         constraint = None if self.response_format is None else self.response_format.constraint()
         if constraint is not None and self.structured_outputs is not None:
             raise RequestError("response_format: give it or structured_outputs, not both", "response_format")
-        return constraint or super().structured_output()
+        constraint = constraint or super().structured_output()
+        if self.tool_mode() not in ("required", "named"):
+            return constraint
+        if constraint is not None:
+            raise RequestError("tool_choice: a forced call cannot be combined with response_format or "
+                               "structured_outputs", "tool_choice")
+        return forced_constraint(self.tool_dicts(), self.named_tool())
+
+    def tool_mode(self) -> str:
+        """none, auto, required or named: what the reply may be."""
+        choice = self.tool_choice
+        mode = "named" if isinstance(choice, NamedToolChoice) else choice or ("auto" if self.tools else "none")
+        if mode != "none" and not self.tools:
+            raise RequestError(f"tool_choice: {mode} needs tools", "tool_choice")
+        return mode
+
+    def named_tool(self) -> Optional[str]:
+        """The function tool_choice names (one of the tools), or None."""
+        if not isinstance(self.tool_choice, NamedToolChoice):
+            return None
+        name = self.tool_choice.function.name
+        if name not in [tool.function.name for tool in self.tools or ()]:
+            raise RequestError(f"tool_choice: no tool is named {name!r}", "tool_choice")
+        return name
+
+    def tool_reply(self, parser: Optional[str]) -> Optional[ToolReply]:
+        """How the replies read under the tools (None: tool_choice none, all content); `parser` is the server's
+        parser for free text (None: the chat template has no tool format and none was configured)."""
+        mode = self.tool_mode()
+        if mode == "none":
+            return None
+        if mode == "auto" and parser is None:
+            raise RequestError(
+                "tool_choice: auto needs a tool-call format, and this server's chat template has none; serve with a "
+                "template that renders tools, or set model_config.tool_call_parser, or use tool_choice required or "
+                "a named function", "tool_choice")
+        return ToolReply(mode, self.named_tool(), parser if mode == "auto" else None)
+
+    def tool_dicts(self) -> list[dict]:
+        return tool_dicts(self.tools)
 
     def param_names(self) -> ParamNames:
         max_name = "max_tokens" if self.max_completion_tokens is None and self.max_tokens is not None else "max_completion_tokens"
@@ -369,6 +482,7 @@ PROMPT_LOGPROBS_DESCRIPTION = (
 
 
 FinishReasonField = Optional[Literal["stop", "length"]]
+ChatFinishReason = Optional[Literal["stop", "length", "tool_calls"]]
 
 
 class CompletionChoice(Answer):
@@ -405,17 +519,30 @@ class ChatLogprobs(Answer):
     refusal: Optional[list[TokenLogprob]] = None
 
 
+class FunctionCallAnswer(Answer):
+    name: str
+    arguments: str = Field(description="The arguments object as JSON text (cut short if the reply was).")
+
+
+class ToolCallAnswer(Answer):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallAnswer
+
+
 class AssistantMessage(Answer):
     role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
+    content: Optional[str] = Field(None, description="The reply's text; null when it is all tool calls.")
     refusal: Optional[str] = None
+    tool_calls: Optional[list[ToolCallAnswer]] = Field(None, description="With tools: the calls found or forced.")
 
 
 class ChatChoice(Answer):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: FinishReasonField = None
+    finish_reason: ChatFinishReason = Field(
+        None, description="tool_calls when the model called tools (auto, required); a named call ends with stop.")
 
 
 class ChatCompletionResponse(Answer):
@@ -428,16 +555,30 @@ class ChatCompletionResponse(Answer):
     prompt_logprobs: PromptLogprobs = Field(None, description=PROMPT_LOGPROBS_DESCRIPTION)
 
 
+class FunctionCallDelta(Answer):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(Answer):
+    index: int
+    id: Optional[str] = Field(None, description="In a call's first delta, with its type and name.")
+    type: Optional[Literal["function"]] = None
+    function: FunctionCallDelta
+
+
 class Delta(Answer):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = Field(
+        None, description="A named call's arguments stream as they come; other calls come whole when the reply ends.")
 
 
 class ChatChunkChoice(Answer):
     index: int
     delta: Delta
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: FinishReasonField = None
+    finish_reason: ChatFinishReason = None
 
 
 class ChatCompletionChunk(Answer):
@@ -493,6 +634,7 @@ class TokenizeRequest(OpenAIRequest):
     model: Optional[str] = None
     prompt: Optional[str] = Field(None, description="Text to tokenize (give this or messages).")
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1, description="A conversation to render and tokenize.")
+    tools: Optional[list[ToolDefinition]] = Field(None, max_length=128, description=TOOLS_DESCRIPTION)
     add_special_tokens: Optional[bool] = Field(
         None, description="Add the tokenizer's special tokens (BOS); default true for prompt, false for messages."
     )
@@ -500,6 +642,9 @@ class TokenizeRequest(OpenAIRequest):
     continue_final_message: Optional[bool] = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
     return_token_strs: Optional[bool] = Field(False, description="Also return each token's text.")
+
+    def tool_dicts(self) -> list[dict]:
+        return tool_dicts(self.tools)
 
 
 class TokenizeResponse(Answer):

@@ -7,21 +7,40 @@ import re
 from typing import Literal
 
 import httpx
+import jsonschema
 import openai
 import pydantic
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.server import running_server, write_config
+from tests.e2e.server import TINY_LLAMA, running_server, write_config
 from llmserve.tools.bench_serving import OpenAIBackend, Prompt, run_load
 
 KEY = "test-key-123"
 PROMPT = "I love Beijing, because"
 
 
+# A Hermes/Qwen-style template: tools in the system turn, calls in <tool_call> tags (so the hermes parser is
+# picked), tool results in <tool_response> tags.
+TOOLS_TEMPLATE = """\
+{%- if tools %}<|system|>You may call these functions:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}Reply with <tool_call>{"name": ..., "arguments": ...}</tool_call> to call one.
+{% endif %}
+{%- for message in messages %}<|{{ message.role }}|>{{ message.content | default('') }}
+{%- for call in message.tool_calls | default([]) %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}
+{%- if message.role == 'tool' %}<tool_response id="{{ message.tool_call_id }}"/>{% endif %}
+{% endfor %}
+{%- if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("openai"), serving_config={"api_key": KEY, "max_logprobs": 5})
+    directory = tmp_path_factory.mktemp("openai")
+    (directory / "tools.jinja").write_text(TOOLS_TEMPLATE)
+    model_config = {"load_format": "dummy", "dummy_config": {**TINY_LLAMA, "max_position_embeddings": 1024},
+                    "tokenizer_path": "builtin", "chat_template": str(directory / "tools.jinja")}
+    config = write_config(directory, model_config, serving_config={"api_key": KEY, "max_logprobs": 5})
     with running_server(config) as server:
         yield server
 
@@ -198,3 +217,107 @@ def test_each_sample_and_a_stream_follow_the_schema_with_logprobs_of_allowed_tok
                                             max_completion_tokens=60, response_format=response_format)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert set(json.loads(text)) == {"n", "s"}
+
+
+# ---------------------------------------------------------------- tool calling
+
+TOOLS = [
+    {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                         "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "clock", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 12}},
+        "required": ["zone"], "additionalProperties": False}}},
+]
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def streamed(chunks) -> tuple[str, dict[int, dict], list]:
+    """A streamed choice 0 put together as the client's users do: content, calls by index, finish reasons."""
+    content, calls, finishes = "", {}, []
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for part in choice.delta.tool_calls or ():
+            call = calls.setdefault(part.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = part.id or call["id"]
+            call["name"] += part.function.name or ""
+            call["arguments"] += part.function.arguments or ""
+        finishes.append(choice.finish_reason)
+    return content, calls, finishes
+
+
+def test_required_tool_calls_always_parse_and_follow_the_tools_schemas(client):
+    for seed in range(3):
+        answer = client.chat.completions.create(model="llama", messages=ASK, tools=TOOLS, tool_choice="required",
+                                                temperature=1.0, seed=seed, max_completion_tokens=300)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len({call.id for call in choice.message.tool_calls}) == len(choice.message.tool_calls) >= 1
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    content, calls, finishes = streamed(client.chat.completions.create(
+        model="llama", messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=0,
+        max_completion_tokens=300, stream=True))
+    first = client.chat.completions.create(model="llama", messages=ASK, tools=TOOLS, tool_choice="required",
+                                           temperature=1.0, seed=0, max_completion_tokens=300)
+    assert content == "" and finishes[-1] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (call.function.name, call.function.arguments) for call in first.choices[0].message.tool_calls]
+
+
+def test_a_named_function_is_called_and_its_arguments_stream_as_they_come(client):
+    choice = {"type": "function", "function": {"name": "clock"}}
+    answer = client.chat.completions.create(model="llama", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                            temperature=1.0, seed=5, max_completion_tokens=100)
+    [call] = answer.choices[0].message.tool_calls
+    assert call.function.name == "clock" and answer.choices[0].finish_reason == "stop"  # OpenAI's, for a named call
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["clock"])
+    chunks = list(client.chat.completions.create(model="llama", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                                 temperature=1.0, seed=5, max_completion_tokens=100, stream=True))
+    content, calls, finishes = streamed(chunks)
+    assert calls == {0: {"id": calls[0]["id"], "name": "clock", "arguments": call.function.arguments}}
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.tool_calls) > 1  # not sent whole at the end
+
+
+def test_auto_parses_the_models_tagged_call_and_a_tool_result_is_the_next_turn(server, client):
+    # The random model will not call a tool of its own accord: a regex makes it write the call as Hermes does.
+    regex = r'<tool_call>\{"name": "weather", "arguments": \{"city": "(Oslo|Rome)", "unit": "c"\}\}</tool_call>'
+    kwargs = dict(model="llama", messages=ASK, tools=TOOLS, max_completion_tokens=60, temperature=1.0, seed=2,
+                  extra_body={"structured_outputs": {"regex": regex}})
+    answer = client.chat.completions.create(**kwargs)
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls" and message.content is None
+    [call] = message.tool_calls
+    assert call.function.name == "weather" and json.loads(call.function.arguments)["city"] in ("Oslo", "Rome")
+    content, calls, finishes = streamed(client.chat.completions.create(**kwargs, stream=True))
+    assert content == "" and finishes[-1] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("weather", call.function.arguments)]
+
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}
+    follow = client.chat.completions.create(model="llama", messages=[*ASK, message, result], tools=TOOLS,
+                                            max_completion_tokens=4, temperature=0)  # the message as it came back
+    assert follow.choices[0].finish_reason in ("length", "stop")
+    turn = [*ASK, message.model_dump(exclude_none=True), result]
+    prompt = httpx.post(f"{server.url}/tokenize", json={"messages": turn, "tools": TOOLS}, headers=auth(), timeout=10)
+    assert prompt.status_code == 200, prompt.text
+    assert follow.usage.prompt_tokens == prompt.json()["count"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": prompt.json()["tokens"]}, headers=auth(), timeout=10)
+    assert f'<tool_response id="{call.id}"/>' in text.json()["prompt"]
+    assert f'<tool_call>{{"name": "weather", "arguments": {call.function.arguments}}}</tool_call>' in text.json()["prompt"]
+
+
+def test_auto_streams_a_plain_reply_as_content(client):
+    kwargs = dict(model="llama", messages=ASK, tools=TOOLS, max_completion_tokens=30, temperature=0,
+                  extra_body={"structured_outputs": {"regex": "It is sunny in Oslo today"}})
+    answer = client.chat.completions.create(**kwargs)
+    assert answer.choices[0].message.content == "It is sunny in Oslo today"
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    content, calls, finishes = streamed(chunks)
+    assert content == "It is sunny in Oslo today" and calls == {} and finishes[-1] == "stop"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 2

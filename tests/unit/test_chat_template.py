@@ -158,6 +158,21 @@ def test_tool_calls_and_none_content_render_like_transformers(backend, tmp_path)
     assert '"Zürich"' in rendered and "None" not in rendered
 
 
+def test_tools_render_like_transformers_and_openai_arguments_text_becomes_an_object(backend, tmp_path):
+    reference = save_with_transformers(backend, tmp_path, TOOLS)
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Today's weather",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    as_sent = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    as_object = {**as_sent, "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [as_sent]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    rendered = load_chat_template(checkpoint(tmp_path)).render(messages, tools=tools)
+    reference_messages = [messages[0], {"role": "assistant", "tool_calls": [as_object]}, messages[2]]
+    assert rendered == expected(reference, reference_messages, add_generation_prompt=True, tools=tools)
+    assert '"description":"Today\'s weather"' in rendered and '"city": "Oslo"' in rendered
+    assert '"tools":null' in load_chat_template(checkpoint(tmp_path)).render(messages[:1])
+
+
 def test_template_kwargs_reach_the_template_like_transformers(backend, tmp_path):
     reference = save_with_transformers(backend, tmp_path, TOOLS)
     template = load_chat_template(checkpoint(tmp_path))

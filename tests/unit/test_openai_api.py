@@ -16,6 +16,10 @@ from tests.unit.fake_agent import TOKENIZER, fake_config, fake_engine, fake_prom
 from tests.unit.test_api import call, send_raw, serving_on_loopback, wait_until
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
 def following_text(prompt_ids: list[int], n: int) -> str:
     """What the counting model writes after `prompt_ids`."""
     return decode(TOKENIZER, [prompt_ids[-1] + i for i in range(1, n + 1)])
@@ -291,7 +295,22 @@ def test_a_chat_stream_sends_the_tokens_a_step_accepted_together_in_one_chunk():
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
          "max_completion_tokens", "must be >= 1"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-         400, "tools", "not supported"),
+         400, "tools.0.function", "Field required"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]}, 400,
+         "tool_choice", "chat template has none"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
+                                  "tool_choice": {"type": "function", "function": {"name": "time"}}}, 400,
+         "tool_choice", "no tool is named 'time'"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
+                                  "tool_choice": "required", "response_format": {"type": "json_object"}}, 400,
+         "tool_choice", "cannot be combined"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools.0.function.name", "pattern"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400,
+         "messages.0", "only an assistant message"),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "tool_call_id": "call_1"}]}, 400,
+         "messages.0", "content: required"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
          400, "response_format.type", "json_schema"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -301,10 +320,10 @@ def test_a_chat_stream_sends_the_tokens_a_step_accepted_together_in_one_chunk():
         ("/v1/completions", {"prompt": "x", "structured_outputs": {"choice": []}}, 400, "structured_outputs.choice",
          "must not be empty"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
-         "tool_choice", "'none'"),
+         "tool_choice", "auto needs tools"),
         ("/v1/chat/completions", {"messages": "hello"}, 400, "messages", "valid list"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages", "must not be empty"),
-        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0.content", "Field required"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0", "content: required"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "to": "y"}]}, 400, "messages.0.to",
          "unknown parameter"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "'assistant'"),
@@ -551,7 +570,8 @@ def test_openapi_schema_describes_every_route_with_its_bodies_and_errors():
     assert chat_request["messages"]["minItems"] == 1 and "early_stopping" in chat_request
     assert {"type": "null"} in chat_request["early_stopping"]["anyOf"]  # null means the default
     message = components["ChatMessage"]
-    assert message["additionalProperties"] is False and set(message["required"]) == {"role", "content"}
+    assert message["additionalProperties"] is False and message["required"] == ["role"]
+    assert message["allOf"][0]["anyOf"][0] == {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}
     assert message["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
     for path in ("/v1/models", "/health", "/version", "/metrics"):
         assert path in paths

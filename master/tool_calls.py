@@ -1,0 +1,234 @@
+"""Tool calling in chat: the constraint that forces a call, and the parsers that find calls in free text.
+
+- tool_choice `required` or a named function: the output is constrained (master/structured.py) to a JSON
+  array of {"name", "parameters"} objects, one of the tools each (required), or to the named function's
+  parameters (named), so it always parses.
+- tool_choice `auto`: the tools are rendered through the chat template and the model decides; the reply is
+  parsed by the parser of the template's family: `hermes` (Hermes, Qwen: <tool_call>{...}</tool_call>),
+  `llama3_json` (Llama 3.x: {"name": ..., "parameters": ...}, after <|python_tag|> or alone) or `mistral`
+  ([TOOL_CALLS][{...}, ...]). `model_config.tool_call_parser` names one; `auto` picks by the template's text.
+  Text that does not parse is the reply's content, as it is. Replies are decoded without special tokens, so a
+  marker that is a special token of the tokenizer (Llama's <|python_tag|>, Mistral's [TOOL_CALLS]) is gone from
+  the text: the llama3_json and mistral parsers also take the bare JSON that follows it.
+- ToolReply shapes a finished reply (message content and calls, finish reason); ToolCallStream shapes the streamed
+  deltas: text before a call streams as content, a named function's arguments stream as they come, and the rest
+  is held until the reply ends and then sent as whole calls.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from llmserve.common.errors import ConfigError
+from llmserve.common.sampling import StructuredOutput
+
+PARSERS = ("hermes", "llama3_json", "mistral")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+    def as_openai(self, index: Optional[int] = None) -> dict:
+        """OpenAI's tool_calls entry (with `index` as a streamed delta's)."""
+        entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": self.name, "arguments": self.arguments}}
+        return entry if index is None else {"index": index, **entry}
+
+
+def forced_constraint(tools: list[dict], name: Optional[str]) -> StructuredOutput:
+    """The constraint of tool_choice `required` (`name` None: one or more calls of any tool) or of the named
+    function (its parameters object)."""
+    if name is not None:
+        function = next(t["function"] for t in tools if t["function"]["name"] == name)
+        return StructuredOutput("json", json.dumps(_parameters(function), sort_keys=True), "tool_choice")
+    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+              "properties": {"name": {"const": t["function"]["name"]}, "parameters": _parameters(t["function"])}}
+             for t in tools]
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    return StructuredOutput("json", json.dumps(schema, sort_keys=True), "tool_choice")
+
+
+def forced_calls(text: str, name: Optional[str]) -> Optional[list[ToolCall]]:
+    """The calls in an output made under `forced_constraint` (None if it was cut short and does not parse)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if name is not None:
+        return [ToolCall(name, json.dumps(value))]
+    return [ToolCall(call["name"], json.dumps(call["parameters"])) for call in value]
+
+
+def _parameters(function: dict) -> dict:
+    return function.get("parameters") or {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True)
+class ToolReply:
+    """How a chat request's replies read under its tools: `mode` auto, required or named (the function `name`);
+    `parser` (auto only) finds the calls in free text."""
+
+    mode: str
+    name: Optional[str] = None
+    parser: Optional[str] = None
+
+    def parse(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        """The reply's content (None when it is all calls) and its calls."""
+        if self.mode == "named":
+            return None, [ToolCall(self.name, text)]  # cut short, the arguments are cut short too, as OpenAI's
+        if self.mode == "required":
+            calls = forced_calls(text, None)
+            return (text, []) if calls is None else (None, calls)
+        content, calls = PARSE[self.parser](text)
+        return (content or None) if calls else text, calls
+
+    def finish_reason(self, calls: list[ToolCall], finish: Optional[str]) -> Optional[str]:
+        """OpenAI's: tool_calls when the model chose to call (auto, required), the engine's own for a named call."""
+        return "tool_calls" if calls and self.mode != "named" and finish is not None else finish
+
+
+# Where a call starts in free text: a marker anywhere, or (for parsers that take the bare JSON) a first character.
+CALL_STARTS = {"hermes": ("<tool_call>", None), "llama3_json": ("<|python_tag|>", "{"), "mistral": ("[TOOL_CALLS]", "[")}
+
+
+class ToolCallStream:
+    """One streamed choice's deltas: content until a call may start, then the calls when the reply ends; a named
+    function's arguments stream as they come."""
+
+    def __init__(self, reply: ToolReply) -> None:
+        self.reply = reply
+        self.text = ""
+        self.sent = 0  # characters of text sent as content
+        self.holding = reply.mode == "required"  # from `sent` on, the text is held for the calls
+        self.named_chunks = 0
+
+    def delta(self, text: str, finish: Optional[str]) -> tuple[dict, Optional[str]]:
+        """The delta for this much more text (`finish` set on the reply's last), and the finish reason to send."""
+        self.text += text
+        if self.reply.mode == "named":
+            return self._named(text), finish
+        delta: dict = {}
+        if not self.holding:
+            self._send_content(delta, self._safe_end())
+        if finish is None:
+            return delta, None
+        content, calls = self.reply.parse(self.text[self.sent :]) if self.sent < len(self.text) else (None, [])
+        if content:
+            delta["content"] = delta.get("content", "") + content
+        if calls:
+            delta["tool_calls"] = [call.as_openai(index) for index, call in enumerate(calls)]
+        return delta, self.reply.finish_reason(calls, finish)
+
+    def _named(self, text: str) -> dict:
+        self.named_chunks += 1
+        if self.named_chunks > 1:
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+        return {"tool_calls": [ToolCall(self.reply.name, text).as_openai(0)]}
+
+    def _send_content(self, delta: dict, end: int) -> None:
+        if end > self.sent:
+            delta["content"] = self.text[self.sent : end]
+            self.sent = end
+
+    def _safe_end(self) -> int:
+        """How far the text may go out as content: up to a call's start (from which it is held), or short of a
+        tail that could be the beginning of a marker."""
+        marker, first = CALL_STARTS[self.reply.parser]
+        found = self.text.find(marker, self.sent)
+        if first is not None and not self.text[: self.sent].strip():
+            stripped = self.text.lstrip()
+            if not stripped:
+                return self.sent  # only whitespace so far: the first character decides
+            if stripped.startswith(first):
+                found = self.sent  # the whole reply may be the call
+        if found >= 0:
+            self.holding = True
+            return found
+        tail = self.text[self.sent :]
+        partial = next((n for n in range(min(len(marker) - 1, len(tail)), 0, -1) if marker.startswith(tail[-n:])), 0)
+        return len(self.text) - partial
+
+
+# ---------------------------------------------------------------- parsers of free text (tool_choice auto)
+
+
+def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
+    calls, kept = [], []
+    position = 0
+    for match in re.finditer(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
+        call = _call_of(match.group(1))
+        if call is None:
+            continue
+        kept.append(text[position : match.start()])
+        position = match.end()
+        calls.append(call)
+    kept.append(text[position:])
+    return "".join(kept).strip(), calls
+
+
+def parse_llama3_json(text: str) -> tuple[str, list[ToolCall]]:
+    """One call as a JSON object, or several separated by semicolons, after <|python_tag|> or as the whole text."""
+    content, tag, body = text.partition("<|python_tag|>")
+    if not tag:
+        content, body = "", text
+    calls = [_call_of(part) for part in body.split(";") if part.strip()]
+    if not calls or None in calls:
+        return text, []
+    return content.strip(), calls
+
+
+def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
+    """[TOOL_CALLS] then a JSON array of calls (or one call), or that array as the whole text."""
+    content, tag, body = text.partition("[TOOL_CALLS]")
+    if not tag:
+        content, body = "", text
+    try:
+        value = json.loads(body.strip())
+    except ValueError:
+        return text, []
+    entries = value if isinstance(value, list) else [value]
+    calls = [_call_of(entry) for entry in entries]
+    if not calls or None in calls:
+        return text, []
+    return content.strip(), calls
+
+
+def _call_of(text: Union[str, Any]) -> Optional[ToolCall]:
+    """{"name": ..., "arguments" | "parameters": {...}} (as JSON text or parsed) as a call, else None."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments: Any = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):  # some templates put the arguments' JSON text
+        return ToolCall(value["name"], arguments)
+    return ToolCall(value["name"], json.dumps(arguments))
+
+
+PARSE: dict[str, Callable[[str], tuple[str, list[ToolCall]]]] = {
+    "hermes": parse_hermes, "llama3_json": parse_llama3_json, "mistral": parse_mistral,
+}
+
+
+def parser_for(setting: str, template_text: str) -> Optional[str]:
+    """The parser `setting` names; for `auto`, the one the chat template's text points at (None: no tools)."""
+    if setting in PARSERS:
+        return setting
+    if setting == "none":
+        return None
+    if setting != "auto":
+        raise ConfigError(f"model_config.tool_call_parser: {setting!r} is not auto, none, {', '.join(PARSERS)}")
+    if "<tool_call>" in template_text:
+        return "hermes"
+    if "[TOOL_CALLS]" in template_text:
+        return "mistral"
+    if "<|python_tag|>" in template_text or "ipython" in template_text:
+        return "llama3_json"
+    return None
