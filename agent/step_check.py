@@ -48,6 +48,8 @@ def check_header(header: StepRequest, capacity: StepCapacity) -> None:
                    or any(not 0 <= row < header.num_sample for row in masked) or len(set(masked)) != len(masked)):
         raise ProtocolError(f"step {header.step_id}: masked_rows must be distinct sampled rows, with mask_width "
                             f"{capacity.mask_width}")
+    if header.masks_follow and not masked:
+        raise ProtocolError(f"step {header.step_id}: masks follow, but no row is masked")
     names = header.dump_names
     if names is not None and (len(names) != header.num_sample or not all(map(is_safe_file_name, names))):
         raise ProtocolError(f"step {header.step_id}: dump_names must be one plain file name per sampled row")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
 import time
 import traceback
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -28,7 +29,7 @@ from llmserve.common.config import Config, ModelConfig
 from llmserve.common.model_info import model_info, read_hf_config
 from llmserve.common.protocol import (
     EXIT_BAD_PORT, EXIT_LOAD_FAILED, EXIT_MASTER_GONE, AgentFailed, AgentReady, InitAgent, ProtocolError,
-    Shutdown, StepRequest, StepResult, decode, encode,
+    Shutdown, StepMasks, StepRequest, StepResult, decode, encode,
 )
 from llmserve.common.channel import InlineChannel, SharedMemoryChannel, StepChannel
 from llmserve.common.step_arrays import StepCapacity, StepInputs, fill_pending_tokens, step_inputs
@@ -37,6 +38,13 @@ from llmserve.common.timers import StageTimer
 logger = logging.getLogger("llmserve.agent")
 
 PARENT_CHECK_MS = 1000
+
+
+class MasterShutdown(Exception):
+    """The master said Shutdown while a step waited for its token masks."""
+
+
+MaskSource = Callable[[StepRequest, float], np.ndarray]  # (step, timeout in s) -> its StepMasks' words
 
 
 class Worker:
@@ -95,6 +103,7 @@ class Worker:
         self.sampled_at: tuple[int, int] = (0, 0)
         self.timer = StageTimer()
         self.last_step_id = -1
+        self.mask_source: Optional[MaskSource] = None  # where a step sent with masks_follow gets them (the socket)
         self.pool = PoolShape(self.runner.num_blocks, config.pa_config.block_size, self.runner.vocab_size)
         self.logits_dump_dir = serving.logits_dump_dir if rank == 0 else None  # every rank has the same logits
         if self.logits_dump_dir is not None:
@@ -199,9 +208,13 @@ class Worker:
         if header.dump_names is not None and self.logits_dump_dir is not None:
             with timer.stage("dump"):
                 self.dump_logits(logits, header.dump_names)
+        masks = batch.token_masks
+        if header.masks_follow:
+            with timer.stage("wait_masks"):  # ~0 when the master made them while the forward ran
+                masks = self.late_masks(header)
         with timer.stage("sample"):
             if header.masked_rows:  # structured output: before every other filter
-                apply_token_masks(logits, header.masked_rows, batch.token_masks)
+                apply_token_masks(logits, header.masked_rows, masks)
             output = self.sampler(logits, rows, header.is_all_greedy)
         if self.draft is not None:
             with timer.stage("draft"):
@@ -220,6 +233,18 @@ class Worker:
             if scores is not None:
                 self.write_prompt_scores(scores)
         return StepResult(step_id=header.step_id, rank=self.rank, timings_ms=timer.reset())
+
+    def late_masks(self, header: StepRequest) -> np.ndarray:
+        """The masks of a step sent with masks_follow, from its StepMasks message; ProtocolError when they do
+        not come within step_timeout or do not fit the step."""
+        if self.mask_source is None:
+            raise ProtocolError(f"step {header.step_id}: its token masks follow, but nothing here can receive them")
+        words = self.mask_source(header, self.config.serving_config.step_timeout)
+        rows = len(header.masked_rows)
+        if len(words) != rows * header.mask_width:
+            raise ProtocolError(f"step {header.step_id}: {len(words)} mask words for {rows} rows of "
+                                f"{header.mask_width}")
+        return words.reshape(rows, header.mask_width)
 
     def accept(self, header: StepRequest, frames: Sequence[zmq.Frame]) -> StepInputs:
         """The step's rows, once its id, counts, arrays and indices are checked."""
@@ -344,6 +369,7 @@ def serve_agent(
             return EXIT_LOAD_FAILED
         logger.info("agent %d ready on %s (%s)", rank, address, worker.device)
         socket.setsockopt(zmq.RCVTIMEO, PARENT_CHECK_MS)
+        worker.mask_source = functools.partial(_receive_masks, socket)
         return _serve_loop(socket, worker, parent_pid)
     finally:
         authenticator.stop()
@@ -371,7 +397,10 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
                 continue
             if isinstance(message, Shutdown):
                 return 0
-            reply = _handle(worker, message, frames)
+            try:
+                reply = _handle(worker, message, frames)
+            except MasterShutdown:
+                return 0
             if reply is None:
                 continue
             extra = []
@@ -385,11 +414,37 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
             torch.distributed.destroy_process_group()
 
 
+def _receive_masks(socket: zmq.Socket, header: StepRequest, timeout: float) -> np.ndarray:
+    """The words of `header`'s StepMasks, the next message the master sends (those of a step refused before
+    are dropped); MasterShutdown on a Shutdown, ProtocolError on anything else or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # they are usually here already: made while the forward ran
+            _, payload, *_ = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            left_ms = (deadline - time.monotonic()) * 1e3
+            if left_ms <= 0 or not socket.poll(left_ms):
+                raise ProtocolError(f"step {header.step_id}'s token masks did not come within {timeout:g} s") from None
+            continue
+        except ValueError:  # a message of one frame
+            continue
+        message = decode(payload.bytes)
+        if isinstance(message, Shutdown):
+            raise MasterShutdown()
+        if isinstance(message, StepMasks) and message.step_id < header.step_id:
+            continue
+        if not isinstance(message, StepMasks) or message.step_id != header.step_id:
+            raise ProtocolError(f"step {header.step_id} waited for its token masks and got {message!r:.200}")
+        return np.frombuffer(message.masks, dtype=np.int32)
+
+
 def _handle(worker: Worker, message, frames: list) -> Optional[AgentReady | StepResult | AgentFailed]:
     """The reply to one message, or None when it is dropped."""
     if isinstance(message, StepRequest):
         try:
             return worker.step(message, frames)
+        except MasterShutdown:
+            raise
         except ProtocolError as exc:
             worker.timer.reset()
             logger.warning("agent %d: refused step %d: %s", worker.rank, message.step_id, exc)
@@ -404,6 +459,9 @@ def _handle(worker: Worker, message, frames: list) -> Optional[AgentReady | Step
             return worker.attach(message)
         except (OSError, ValueError, MemoryError) as exc:  # no such segment, or sizes that cannot be
             return AgentFailed(worker.rank, f"cannot attach the step arrays: {type(exc).__name__}: {exc}")
+    if isinstance(message, StepMasks):  # of a step refused before it waited for them
+        logger.debug("agent %d: dropped the token masks of step %d", worker.rank, message.step_id)
+        return None
     logger.warning("agent %d: dropped a %s message, which agents do not take", worker.rank, type(message).__name__)
     return None
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = 10  # 1 had no version field; bump on any change to a message
+PROTOCOL_VERSION = 11  # 1 had no version field; bump on any change to a message
 
 
 class ProtocolError(ValueError):
@@ -88,6 +88,9 @@ class StepRequest:
     # 32-bit words each (bit i of word w allows token 32 w + i)
     masked_rows: list[int] = field(default_factory=list)
     mask_width: int = 0
+    # the masks come after the step, in a StepMasks message to rank 0, once the tokens they follow are known (a
+    # step planned while the one before ran); token_masks is then unused
+    masks_follow: bool = False
 
 
 @dataclass
@@ -110,6 +113,17 @@ class Shutdown:
     """Master -> agent: exit now."""
 
     TAG: ClassVar[int] = 5
+
+
+@dataclass
+class StepMasks:
+    """Master -> agent rank 0: the token masks of a step sent with masks_follow, once the tokens of the step
+    before are in (the agent runs the step's forward meanwhile, and waits for them only to sample). `masks`:
+    the rows' int32 words, in masked_rows order."""
+
+    TAG: ClassVar[int] = 7
+    step_id: int
+    masks: bytes
 
 
 @dataclass
@@ -145,9 +159,11 @@ AGENT_EXIT_REASONS = {
     EXIT_MASTER_GONE: "its master went away",
 }
 
-MESSAGE_TYPES = {cls.TAG: cls for cls in (InitAgent, AgentReady, StepRequest, StepResult, Shutdown, AgentFailed)}
+MESSAGE_TYPES = {
+    cls.TAG: cls for cls in (InitAgent, AgentReady, StepRequest, StepResult, Shutdown, AgentFailed, StepMasks)
+}
 
-Message = InitAgent | AgentReady | StepRequest | StepResult | Shutdown | AgentFailed
+Message = InitAgent | AgentReady | StepRequest | StepResult | Shutdown | AgentFailed | StepMasks
 
 
 def encode(message: Message) -> bytes:
@@ -206,7 +222,9 @@ def _check_of(hint: Any) -> Callable[[Any], bool]:
     raise TypeError(f"no check for {hint}")
 
 
-SIMPLE_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), type(None): (type(None),)}
+SIMPLE_TYPES = {
+    int: (int,), float: (int, float), str: (str,), bool: (bool,), bytes: (bytes,), type(None): (type(None),),
+}
 
 
 def _simple_types(hint: Any) -> Optional[tuple[type, ...]]:

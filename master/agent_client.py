@@ -24,7 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 from llmserve.common.agent_keys import ChannelKeys, secure_client
 from llmserve.common.errors import AgentFailure
 from llmserve.common.protocol import (
-    AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, ProtocolError, Shutdown, StepRequest, StepResult, decode, encode,
+    AGENT_EXIT_REASONS, AgentFailed, AgentReady, InitAgent, ProtocolError, Shutdown, StepMasks, StepRequest, StepResult,
+    decode, encode,
 )
 from llmserve.common.channel import InlineChannel, SharedMemoryChannel, StepChannel
 from llmserve.common.step_arrays import StepCapacity, fill_pending_tokens, step_inputs
@@ -52,6 +53,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def send(self, header: StepRequest) -> None:
         """Send one step whose inputs are already in `inputs[header.buffer]`."""
+
+    @abc.abstractmethod
+    async def send_masks(self, header: StepRequest, masks: np.ndarray) -> None:
+        """The token masks of a step sent with masks_follow (rank 0 samples, so only it gets them)."""
 
     @abc.abstractmethod
     async def receive(self, header: StepRequest) -> StepResult:
@@ -145,6 +150,9 @@ class ZmqShmTransport(Transport):
         message = [encode(header), *self.channel.request_frames(header)]
         for socket in self.sockets:
             await socket.send_multipart(message, copy=False)
+
+    async def send_masks(self, header: StepRequest, masks: np.ndarray) -> None:
+        await self.sockets[0].send(encode(StepMasks(header.step_id, masks.tobytes())), copy=False)
 
     async def receive(self, header: StepRequest) -> StepResult:
         deadline = time.monotonic() + self.step_timeout
@@ -246,6 +254,7 @@ class InProcessTransport(Transport):
         self.dead_reason: Optional[str] = None
         self.results: deque[StepResult] = deque()
         self.sampled: tuple[int, Optional[np.ndarray]] = (-1, None)  # the last step's id and sampled ids
+        self.waiting: Optional[StepRequest] = None  # a step sent with masks_follow: it runs when they come
 
     async def start(self, timeout: float) -> list[AgentReady]:
         return [self.ready]
@@ -254,7 +263,7 @@ class InProcessTransport(Transport):
         if self.dead_reason:
             raise AgentFailure(self.dead_reason)
         await asyncio.sleep(0)
-        inputs, outputs = self.inputs[header.buffer], self.outputs[header.buffer]
+        inputs = self.inputs[header.buffer]
         step_id, sampled = self.sampled
         batch = step_inputs(inputs, header, self.capacity.suppress_width)
         try:  # as an agent would: pending tokens from the step followed, which must be the last, and have run well
@@ -266,6 +275,20 @@ class InProcessTransport(Transport):
         if header.follows_step >= 0:  # the filled arrays written back where step_fn reads them
             inputs["input_ids"][: header.num_tokens] = batch.input_ids
             inputs["history_ids"][: header.num_history_ids] = batch.history_ids
+        if header.masks_follow:
+            self.waiting = header
+            return
+        self._run(header)
+
+    async def send_masks(self, header: StepRequest, masks: np.ndarray) -> None:
+        if self.waiting is None or self.waiting.step_id != header.step_id:
+            return  # the step was refused: as an agent does, drop its masks
+        self.waiting = None
+        self.inputs[header.buffer]["token_masks"][: len(masks)] = masks
+        self._run(header)
+
+    def _run(self, header: StepRequest) -> None:
+        inputs, outputs = self.inputs[header.buffer], self.outputs[header.buffer]
         result = self.step_fn(header, inputs, outputs)
         self.sampled = (header.step_id, None if result.error else outputs["sampled_ids"][: header.num_sample].copy())
         self.results.append(result)

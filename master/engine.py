@@ -31,7 +31,7 @@ from llmserve.master.groups import BeamGroup
 from llmserve.master.scheduler import PromptScores, Scheduler, StepOutcome, StepPlan, StepSamples
 from llmserve.master.sequence import FinishReason, Sequence, TokenLogprobs
 from llmserve.master.speculative import Speculator
-from llmserve.master.step_builder import write_step
+from llmserve.master.step_builder import late_masks, write_step
 from llmserve.master.structured import GrammarCompiler
 from llmserve.master.text_worker import TextWorker
 from llmserve.master.tokenizer import output_texts
@@ -405,6 +405,8 @@ class Engine:
                         following = await self._launch(plan, start, after=flight)
                 outcome, agent_ms = await self._land(flight)
                 failed = flight.failure is not None
+                if following is not None and following.header.masks_follow and following.failure is None:
+                    await self._send_masks(following)
                 self._emit(outcome)
                 self._record_step(flight, outcome, agent_ms)
                 self._log_stats()
@@ -446,7 +448,8 @@ class Engine:
             with self.timer.stage("build"):
                 capacity = self.transport.capacity
                 header = write_step(plan, self.transport.inputs[buffer], self.block_manager.block_size, step_id,
-                                    self.request_id_of, self.suppress_width, capacity.draft_width, capacity.mask_width)
+                                    self.request_id_of, self.suppress_width, capacity.draft_width, capacity.mask_width,
+                                    late_masks=after is not None)
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)
@@ -474,6 +477,13 @@ class Engine:
         with self.timer.stage("update"):
             outcome = self.scheduler.update(flight.plan, self._samples(flight.header), time.monotonic())
         return outcome, result.timings_ms
+
+    async def _send_masks(self, flight: Flight) -> None:
+        """The token masks of a step planned ahead, now that the step before has landed: its constrained
+        sequences' grammar states have taken the tokens it sampled. The agent runs the forward meanwhile."""
+        with self.timer.stage("masks"):
+            masks = late_masks(flight.plan, self.transport.capacity.mask_width)
+        await self.transport.send_masks(flight.header, masks)
 
     def _add_ipc_times(self, flight: Flight, waited_at: float, landed_at: float, result: StepResult) -> None:
         """The round trip less the agent's stages: split into out, agent loop and back when the clocks agree.

@@ -188,8 +188,8 @@ class Scheduler:
     def may_look_ahead(self, plan: StepPlan) -> bool:
         """Whether the next step may be planned while `plan`'s step is in flight: every sequence it samples
         goes on by itself with one token (no proposals to verify or to use next, no beams, no forks of n
-        samples, no structured-output constraint), none would get proposals in the next step, and `plan` left no
-        sequence short of blocks."""
+        samples), none would get proposals in the next step, and `plan` left no sequence short of blocks. A
+        constrained sequence may go on: its next mask follows the step (StepRequest.masks_follow)."""
         if plan.starved:
             return False
         for item in plan.scheduled:
@@ -197,8 +197,6 @@ class Scheduler:
                 continue
             seq = item.seq
             if item.draft_ids or item.propose_count > 0 or seq.beam is not None or item.num_samples > 1:
-                return False
-            if seq.matcher is not None:  # its next mask follows from the token in flight
                 return False
             if self._would_propose(seq):
                 return False

@@ -21,12 +21,15 @@ def write_step(
     suppress_width: int = 1,
     draft_width: int = 0,
     mask_width: int = 0,
+    late_masks: bool = False,
 ) -> StepRequest:
     """Fill the input arrays for `plan` and return the header that describes them.
 
     With `request_id_of` (seq id -> request id) the header names each sampled row's logits file.
     `draft_width`: the most tokens the agent's draft model proposes per sequence (0 without one).
     `mask_width`: words of a row's token mask (the rows of constrained sequences get theirs).
+    `late_masks`: the step is planned while the one before runs, so the masks wait for its tokens: the header
+    says they follow (`late_masks(plan, ...)` makes them once the tokens are in).
     """
     token_pos = num_scored = prompt_num_top = num_new_blocks = num_sample = num_params = num_history = 0
     is_all_greedy = True
@@ -63,7 +66,10 @@ def write_step(
         if item.num_rows:
             _write_sample_rows(arrays, num_sample, row, item, token_pos - 1, suppress_width)
             if seq.matcher is not None:
-                _write_masks(arrays, masked_rows, num_sample, item, mask_width)
+                if not late_masks:
+                    first = len(masked_rows) * mask_width
+                    fill_row_masks(item, arrays["token_masks"][first : first + item.num_rows * mask_width], mask_width)
+                masked_rows += range(num_sample, num_sample + item.num_rows)
             num_sample += item.num_rows
             is_all_greedy &= seq.params.is_greedy
     copies = plan.block_copies
@@ -85,7 +91,20 @@ def write_step(
         num_history_ids=num_history,
         masked_rows=masked_rows,
         mask_width=mask_width if masked_rows else 0,
+        masks_follow=late_masks and bool(masked_rows),
     )
+
+
+def late_masks(plan: StepPlan, mask_width: int) -> np.ndarray:
+    """The token masks of `plan`'s step, sent with masks_follow, now that the tokens of the step before are in
+    (a sequence that ended meanwhile gets any mask: its row's token is dropped)."""
+    items = [item for item in plan.scheduled if item.num_rows and item.seq.matcher is not None]
+    masks = np.empty(sum(item.num_rows for item in items) * mask_width, dtype=np.int32)
+    at = 0
+    for item in items:
+        fill_row_masks(item, masks[at : at + item.num_rows * mask_width], mask_width)
+        at += item.num_rows * mask_width
+    return masks
 
 
 def _write_table_delta(arrays: dict[str, np.ndarray], row: int, seq: Sequence, at: int) -> int:
@@ -150,16 +169,16 @@ def _write_sample_rows(arrays: dict[str, np.ndarray], at: int, row: int, item: S
             arrays["suppress_ids"][(at + index) * width : (at + index) * width + len(suppress)] = suppress
 
 
-def _write_masks(arrays: dict[str, np.ndarray], masked_rows: list[int], at: int, item: ScheduledSeq,
-                 width: int) -> None:
-    """The allowed tokens of `item`'s rows (from `at`; its samples all follow its last token), from its
+def fill_row_masks(item: ScheduledSeq, out: np.ndarray, width: int) -> None:
+    """The allowed tokens of `item`'s rows (its samples all follow its last token) into `out`, from its
     sequence's grammar state."""
-    masks = arrays["token_masks"]
-    first = len(masked_rows) * width
-    fill_mask(item.seq.matcher, masks[first : first + width], sorted(item.seq.eos_token_ids))
+    seq = item.seq
+    if seq.is_finished:
+        out[:width] = -1
+    else:
+        fill_mask(seq.matcher, out[:width], sorted(seq.eos_token_ids))
     for offset in range(1, item.num_rows):
-        masks[first + offset * width : first + (offset + 1) * width] = masks[first : first + width]
-    masked_rows += range(at, at + item.num_rows)
+        out[offset * width : (offset + 1) * width] = out[:width]
 
 
 def _dump_names(plan: StepPlan, request_id_of: Callable[[int], str]) -> list[str]:

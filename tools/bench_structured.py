@@ -2,9 +2,11 @@
 
 Launches the agents once (master/offline.py, no HTTP) and runs the same batch of sampled requests with and
 without the constraint, alternating per round. Per mode: decode ms per step (medians of the step trace's decode
-steps), the master's `build` stage (where the token masks are computed: llguidance advances each sequence's
-grammar and fills its mask) and the agent's `sample` stage (where the masks are applied). Also the compile time
-of the schemas the tests use (50 seeded random schemas; tests/e2e/test_structured.py).
+steps), where the token masks are computed (llguidance advances each sequence's grammar and fills its mask): the
+master's `build` stage for a step planned after the one before landed, its `masks` stage for a step planned
+ahead (overlapped scheduling; the masks follow the step), the agent's `wait_masks` (how long the sampler waited
+for them) and `sample` (where they are applied) stages, and the share of decode steps planned ahead. Also the
+compile time of the schemas the tests use (50 seeded random schemas; tests/e2e/test_structured.py).
 
     python tools/bench_structured.py --config configs/bench.yaml --batch 1 32 --rounds 3
 """
@@ -79,6 +81,10 @@ async def run_round(llm: OfflineEngine, trace_path: str, batch: int, output_len:
         "step_ms": statistics.median(s["step_ms"] for s in decode),
         "build_ms": statistics.median(s["master_ms"].get("build", 0.0) for s in decode),
         "sample_ms": statistics.median(s["agent_ms"].get("sample", 0.0) for s in decode),
+        # a step planned ahead gets its masks late: made after the step before landed, waited for before sampling
+        "masks_ms": statistics.median(s["master_ms"].get("masks", 0.0) for s in decode),
+        "wait_masks_ms": statistics.median(s["agent_ms"].get("wait_masks", 0.0) for s in decode),
+        "ahead": sum(s["overlapped"] for s in decode) / len(decode),
         "forward_ms": statistics.median(s["agent_ms"].get("predict", 0.0) for s in decode),
         "steps": len(decode),
         "tokens": statistics.median(len(o.output_ids) for o in outputs),
@@ -132,8 +138,10 @@ def main(argv=None) -> int:
         print(f"batch {batch:3d}: step {off['step_ms']:.2f} -> {on['step_ms']:.2f} ms "
               f"({100 * (on['step_ms'] / off['step_ms'] - 1):+.1f}%), master build {off['build_ms']:.3f} -> "
               f"{on['build_ms']:.3f} ms ({100 * (on['build_ms'] - off['build_ms']) / off['step_ms']:.1f}% of the "
-              f"step), agent sample {off['sample_ms']:.3f} -> {on['sample_ms']:.3f} ms, forward "
-              f"{off['forward_ms']:.2f} -> {on['forward_ms']:.2f} ms, {on['steps']:.0f} steps, {on['tokens']:.0f} tokens")
+              f"step), master masks {on.get('masks_ms', 0):.3f} ms, agent wait_masks {on.get('wait_masks_ms', 0):.3f} ms, "
+              f"agent sample {off['sample_ms']:.3f} -> {on['sample_ms']:.3f} ms, forward "
+              f"{off['forward_ms']:.2f} -> {on['forward_ms']:.2f} ms, planned ahead {off.get('ahead', 0):.0%} -> "
+              f"{on.get('ahead', 0):.0%}, {on['steps']:.0f} steps, {on['tokens']:.0f} tokens")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -13,7 +13,9 @@ import yaml
 import zmq
 
 from llmserve.common.agent_keys import ChannelKeys, load_keys
-from llmserve.common.protocol import PROTOCOL_VERSION, AgentReady, InitAgent, Shutdown, StepRequest, StepResult, decode, encode
+from llmserve.common.protocol import (
+    PROTOCOL_VERSION, AgentReady, InitAgent, Shutdown, StepMasks, StepRequest, StepResult, decode, encode,
+)
 from llmserve.common.sampling import SamplingParams
 from llmserve.common.step_arrays import (
     StepCapacity, input_layout, input_lengths, output_layout, pack_arrays, unpack_arrays, write_sequence_params,
@@ -21,7 +23,8 @@ from llmserve.common.step_arrays import (
 from tests.conftest import ROOT
 from tests.e2e.server import TINY_LLAMA, write_config
 
-CAPACITY = StepCapacity(max_num_tokens=8, max_num_seqs=2, max_blocks_per_seq=4, history_capacity=16, topk_width=2, suppress_width=2)
+CAPACITY = StepCapacity(max_num_tokens=8, max_num_seqs=2, max_blocks_per_seq=4, history_capacity=16, topk_width=2,
+                        suppress_width=2, mask_width=TINY_LLAMA["vocab_size"] // 32)
 NUM_BLOCKS = 256  # write_config's pool
 REPLY_TIMEOUT_MS = 20_000  # the first answer waits for the model to load
 
@@ -67,16 +70,18 @@ def reply(socket: zmq.Socket, frames: list, timeout_ms: int = 1500) -> Optional[
     return socket.recv_multipart()
 
 
-def one_token_step(step_id: int, slot: int = 0, token: int = 5, follows: int = -1) -> list:
+def one_token_step(step_id: int, slot: int = 0, token: int = 5, follows: int = -1, masks_follow: bool = False) -> list:
     """A real one-token prefill as the inline transport sends it: header, then the used rows of every input array.
-    `token` -1 - r with `follows`: row r of that step's sampled ids (overlapped scheduling)."""
+    `token` -1 - r with `follows`: row r of that step's sampled ids (overlapped scheduling). `masks_follow`: its
+    row is constrained, and its mask comes in a StepMasks message."""
     arrays = {name: np.zeros(n, dtype) for name, dtype, n in input_layout(CAPACITY)}
     arrays["input_ids"][0], arrays["slot_mapping"][0] = token, slot
     arrays["query_lens"][0] = arrays["context_lens"][0] = 1
     arrays["seq_ids"][0], arrays["block_counts"][0] = step_id, 1  # a new sequence each step, in block 0
     write_sequence_params(arrays, 0, step_id, SamplingParams(), 1)
     header = StepRequest(step_id, num_tokens=1, num_seqs=1, num_sample=1, num_new_blocks=1, is_all_greedy=True,
-                         follows_step=follows, num_new_params=1)
+                         follows_step=follows, num_new_params=1, masked_rows=[0] if masks_follow else [],
+                         mask_width=CAPACITY.mask_width if masks_follow else 0, masks_follow=masks_follow)
     return [encode(header), *pack_arrays(arrays, input_layout(CAPACITY), input_lengths(header, CAPACITY.suppress_width))]
 
 
@@ -157,6 +162,20 @@ def test_no_frame_ends_the_agent_and_bad_steps_are_refused_one_by_one(agent):
         assert step_error(reply(master, one_token_step(12), REPLY_TIMEOUT_MS)) is None
         assert "sampled row 2" in step_error(reply(master, one_token_step(13, token=-3, follows=12)))
 
+        # a step whose mask follows runs its forward, then waits for the mask to sample
+        assert reply(master, one_token_step(14, masks_follow=True), timeout_ms=1000) is None
+        only_77 = np.zeros(CAPACITY.mask_width, np.int32)
+        only_77[77 // 32] = 1 << (77 % 32)
+        answer = reply(master, [encode(StepMasks(14, only_77.tobytes()))], REPLY_TIMEOUT_MS)
+        assert step_error(answer) is None
+        assert unpack_arrays(answer[1:], output_layout(CAPACITY))["sampled_ids"][0] == 77
+        assert reply(master, [encode(StepMasks(14, only_77.tobytes()))], timeout_ms=300) is None  # stale: dropped
+        assert reply(master, one_token_step(15, masks_follow=True), timeout_ms=300) is None
+        assert "mask words" in step_error(reply(master, [encode(StepMasks(15, b"\x00" * 8))], REPLY_TIMEOUT_MS))
+        assert reply(master, one_token_step(16, masks_follow=True), timeout_ms=300) is None
+        assert "waited for its token masks" in step_error(reply(master, one_token_step(17), REPLY_TIMEOUT_MS))
+        # the master may stop while a step waits for its masks
+        assert reply(master, one_token_step(18, masks_follow=True), timeout_ms=300) is None
         assert process.poll() is None
         master.send(encode(Shutdown()))
         assert process.wait(30) == 0

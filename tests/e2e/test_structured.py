@@ -3,6 +3,7 @@ follow their constraints, and a constraint the unconstrained greedy output alrea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import re
@@ -23,9 +24,12 @@ PROMPT = [5, 6, 7, 8]
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    path = write_local_config(packaged_config(), str(tmp_path_factory.mktemp("structured")))
+    directory = tmp_path_factory.mktemp("structured")
+    config = load_config(write_local_config(packaged_config(), str(directory)))
+    config = dataclasses.replace(config, serving_config=dataclasses.replace(
+        config.serving_config, step_trace_path=str(directory / "steps.jsonl")))
     loop = asyncio.new_event_loop()
-    engine = OfflineEngine(load_config(path))
+    engine = OfflineEngine(config)
     loop.run_until_complete(engine.__aenter__())
     try:
         yield engine, loop
@@ -86,6 +90,32 @@ def test_a_constraint_the_greedy_output_already_meets_changes_nothing(llm):
     choice = StructuredOutput("choice", json.dumps([text_of(llm, plain), "something else"]))
     constrained, = generate(llm, [choice], max_new_tokens=40)
     assert constrained[:-1] == plain and constrained[-1] in eos
+
+
+def test_constrained_steps_overlap_and_sample_what_steps_one_at_a_time_do(llm):
+    engine, _ = llm
+    rng = random.Random(3)
+    constraints = [StructuredOutput("json", json.dumps({"type": "object", "properties": {"v": random_schema(rng)},
+                                                        "required": ["v"]})) for _ in range(3)]
+    constraints += [StructuredOutput("regex", r"[a-z]{3,8}@[a-z]{2,6}\.(com|org)"), None]  # and one unconstrained
+    params = dict(max_new_tokens=60, do_sample=True, temperature=1.0, seed=11)
+    trace = engine.engine.config.serving_config.step_trace_path
+    engine.engine.overlap = False
+    try:
+        one_at_a_time = generate(llm, constraints, **params)
+    finally:
+        engine.engine.overlap = True
+    with open(trace) as file:
+        seen = len(file.readlines())
+    overlapped = generate(llm, constraints, **params)
+    assert overlapped == one_at_a_time
+    with open(trace) as file:
+        steps = [json.loads(line) for line in file.readlines()[seen:]]
+    ahead = [step for step in steps if step["overlapped"]]
+    assert len(ahead) > len(steps) // 2, "constrained decode steps should be planned while the one before runs"
+    waited = [step for step in steps if "wait_masks" in step["agent_ms"]]
+    assert waited and all(step["overlapped"] for step in waited)  # only steps planned ahead get their masks late
+    assert len(waited) == sum("masks" in step["master_ms"] for step in steps)  # made after the step before landed
 
 
 @pytest.mark.parametrize("constraint, problem", [

@@ -10,6 +10,7 @@ from llmserve.common.protocol import (
     AgentReady,
     InitAgent,
     Shutdown,
+    StepMasks,
     StepRequest,
     StepResult,
     PROTOCOL_VERSION,
@@ -30,6 +31,8 @@ EXAMPLES = [
     StepResult(step_id=8, rank=0, timings_ms={}, error="Traceback: boom", received_at=12.5, replied_at=12.75),
     Shutdown(),
     AgentFailed(rank=1, reason="no safetensors in /x"),
+    StepMasks(step_id=9, masks=bytes(range(16))),
+    StepRequest(9, 4, 2, 2, 0, False, follows_step=8, masked_rows=[0, 1], mask_width=32, masks_follow=True),
 ]
 
 
@@ -64,6 +67,7 @@ NOT_MESSAGES = {
     "a bool for an int": msgpack.packb([PROTOCOL_VERSION, StepRequest.TAG, True, 1, 1, 1, 1, True]),
     "ints for names": msgpack.packb([PROTOCOL_VERSION, StepRequest.TAG, 1, 1, 1, 1, 1, True, 0, [1, 2]]),
     "a list for timings": msgpack.packb([PROTOCOL_VERSION, StepResult.TAG, 1, 0, [1.0]]),
+    "text for mask bytes": msgpack.packb([PROTOCOL_VERSION, StepMasks.TAG, 1, "\x00\x01"]),
     "deeply nested": b"\x91" * 100_000 + b"\x00",
 }
 

@@ -471,3 +471,6 @@ def test_only_sequences_that_go_on_alone_let_the_next_plan_be_made_ahead():
     assert scheduler.may_look_ahead(plan)
     plan.scheduled[0].draft_ids = [3]
     assert not scheduler.may_look_ahead(plan)
+    plan.scheduled[0].draft_ids = []
+    seq.matcher = object()  # a structured-output constraint: its next mask follows the step (masks_follow)
+    assert scheduler.may_look_ahead(plan)

@@ -77,3 +77,16 @@ def test_block_copies_stay_in_the_pool():
     arrays["block_copies"][:2] = [1, -1]
     with pytest.raises(ProtocolError, match="block_copies"):
         check(arrays, dataclasses.replace(HEADER, num_block_copies=1))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(masked_rows=[0, 0], mask_width=4), "masked_rows"),
+    (dict(masked_rows=[2], mask_width=4), "masked_rows"),
+    (dict(masked_rows=[1], mask_width=3), "masked_rows"),
+    (dict(masks_follow=True), "no row is masked"),
+])
+def test_masked_rows_must_be_sampled_rows_of_the_agreed_width(change, problem):
+    capacity = dataclasses.replace(CAPACITY, mask_width=4)
+    check_header(dataclasses.replace(HEADER, masked_rows=[1, 0], mask_width=4, masks_follow=True), capacity)
+    with pytest.raises(ProtocolError, match=problem):
+        check_header(dataclasses.replace(HEADER, **change), capacity)
