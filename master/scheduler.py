@@ -17,6 +17,7 @@ from llmserve.master.block_manager import BlockManager
 from llmserve.master.groups import BeamGroup, GroupChange, fork_samples
 from llmserve.master.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprobs
 from llmserve.master.speculative import Speculator
+from llmserve.master.structured import constrained_drafts
 
 
 @dataclass
@@ -210,9 +211,9 @@ class Scheduler:
 
     @staticmethod
     def _speculates(seq: Sequence) -> bool:
-        """`seq` may get proposals at all: not a beam, not constrained, and its request did not switch speculation
-        off."""
-        return seq.beam is None and seq.matcher is None and seq.params.speculative
+        """`seq` may get proposals at all: not a beam, and its request did not switch speculation off. A
+        constrained sequence gets those its grammar allows, and a mask per verified position."""
+        return seq.beam is None and seq.params.speculative
 
     def launch(self, plan: StepPlan) -> None:
         """`plan`'s step is on its way to the agents: the KV of its tokens counts as computed, and the token
@@ -269,6 +270,9 @@ class Scheduler:
             room = min(budget, max_rows - rows, seq.num_tokens_left - 1)
             if not item.is_prefill and room > 0:
                 drafts = self.speculator.propose(seq.seq_id, seq.token_ids, room, len(self.running))
+                if seq.matcher is not None:  # structured output: what the grammar forces, or allows
+                    most = min(room, self.speculator.config.num_speculative_tokens)
+                    drafts = constrained_drafts(seq.matcher, drafts, most, seq.eos_token_ids)
                 while drafts and not self.blocks.can_grow(seq, seq.num_tokens + len(drafts)):
                     drafts.pop()
                 if drafts:

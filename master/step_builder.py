@@ -9,7 +9,7 @@ from llmserve.common.protocol import StepRequest, logits_file_name
 from llmserve.common.step_arrays import write_sequence_params
 from llmserve.master.scheduler import ScheduledSeq, StepPlan
 from llmserve.master.sequence import Sequence
-from llmserve.master.structured import fill_mask
+from llmserve.master.structured import fill_draft_masks, fill_mask
 
 
 def write_step(
@@ -170,13 +170,16 @@ def _write_sample_rows(arrays: dict[str, np.ndarray], at: int, row: int, item: S
 
 
 def fill_row_masks(item: ScheduledSeq, out: np.ndarray, width: int) -> None:
-    """The allowed tokens of `item`'s rows (its samples all follow its last token) into `out`, from its
-    sequence's grammar state."""
+    """The allowed tokens of `item`'s rows into `out`, from its sequence's grammar state: its samples all
+    follow its last token; with proposals, a verified position's row follows the proposals before it."""
     seq = item.seq
     if seq.is_finished:
-        out[:width] = -1
-    else:
-        fill_mask(seq.matcher, out[:width], sorted(seq.eos_token_ids))
+        out[:] = -1
+        return
+    if item.draft_ids:
+        fill_draft_masks(seq.matcher, item.draft_ids, out, width, sorted(seq.eos_token_ids))
+        return
+    fill_mask(seq.matcher, out[:width], sorted(seq.eos_token_ids))
     for offset in range(1, item.num_rows):
         out[offset * width : (offset + 1) * width] = out[:width]
 

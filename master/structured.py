@@ -125,6 +125,34 @@ def fill_mask(matcher: LLMatcher, out: np.ndarray, end_token_ids: Seq[int]) -> N
     matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
 
 
+def constrained_drafts(matcher: LLMatcher, proposed: list[int], most: int, end_token_ids: Seq[int]) -> list[int]:
+    """What a constrained sequence verifies next (speculative decoding): the tokens its grammar forces (a JSON
+    key, the punctuation around it: accepted whenever the masked sample agrees, which it does unless the
+    model would spell them with other tokens), else the speculator's proposals the grammar allows; at most
+    `most`."""
+    forced = [] if matcher.is_error() else matcher.compute_ff_tokens()[:most]
+    candidates = forced or proposed[:most]
+    return candidates[: allowed_drafts(matcher, candidates, end_token_ids)]
+
+
+def allowed_drafts(matcher: LLMatcher, drafts: list[int], end_token_ids: Seq[int]) -> int:
+    """How many of the proposed tokens (speculative decoding) the grammar takes one after another, stopping
+    before an end token: the rows after one the grammar refuses could never be accepted."""
+    count = matcher.validate_tokens(drafts) if drafts and not matcher.is_error() else 0
+    return next((i for i, token in enumerate(drafts[:count]) if token in end_token_ids), count)
+
+
+def fill_draft_masks(matcher: LLMatcher, drafts: list[int], out: np.ndarray, width: int,
+                     end_token_ids: Seq[int]) -> None:
+    """The masks of a sequence's verification rows into `out` (len(drafts) + 1 rows of `width` words): row i
+    allows what the grammar allows after the first i proposals. The matcher is left as it was."""
+    fill_mask(matcher, out[:width], end_token_ids)
+    for row, token in enumerate(drafts, start=1):
+        matcher.consume_token(token)  # allowed: the scheduler kept only allowed_drafts
+        fill_mask(matcher, out[row * width : (row + 1) * width], end_token_ids)
+    matcher.rollback(len(drafts))
+
+
 def _one_line(message: str, most: int = 500) -> str:
     """llguidance's message on one line (it points at the error over several)."""
     text = " ".join(line.strip() for line in message.splitlines() if line.strip()) or "the constraint was refused"

@@ -9,6 +9,9 @@ for them) and `sample` (where they are applied) stages, and the share of decode 
 compile time of the schemas the tests use (50 seeded random schemas; tests/e2e/test_structured.py).
 
     python tools/bench_structured.py --config configs/bench.yaml --batch 1 32 --rounds 3
+
+With --speculation, n-gram speculation is on and both modes are constrained: requests without it, then with it
+(same samples), per token.
 """
 from __future__ import annotations
 
@@ -65,14 +68,20 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
             "required": rng.sample(names, rng.randint(0, len(names))), "additionalProperties": False}
 
 
-async def run_round(llm: OfflineEngine, trace_path: str, batch: int, output_len: int, constrained: bool) -> dict:
+async def run_round(llm: OfflineEngine, trace_path: str, batch: int, output_len: int, constrained: bool,
+                    speculative: bool = True) -> dict:
     engine = llm.engine
     engine.trace_file.truncate(0)
     engine.trace_file.seek(0)
     params = SamplingParams(max_new_tokens=output_len, do_sample=True, temperature=1.0, seed=1, ignore_eos=not constrained,
-                            structured=StructuredOutput("json", json.dumps(SCHEMA)) if constrained else None)
+                            structured=StructuredOutput("json", json.dumps(SCHEMA)) if constrained else None,
+                            speculative=speculative)
     prompts = [[(7 * i + j) % 200 + 3 for j in range(16)] for i in range(batch)]
+    speculator = engine.scheduler.speculator
+    accepted = speculator.num_accepted_tokens if speculator else 0
+    start = time.perf_counter()
     outputs = await llm.generate(prompts, params)
+    wall_s = time.perf_counter() - start
     engine.trace_file.flush()
     with open(trace_path) as f:
         steps = [json.loads(line) for line in f if line.strip()]
@@ -88,6 +97,10 @@ async def run_round(llm: OfflineEngine, trace_path: str, batch: int, output_len:
         "forward_ms": statistics.median(s["agent_ms"].get("predict", 0.0) for s in decode),
         "steps": len(decode),
         "tokens": statistics.median(len(o.output_ids) for o in outputs),
+        # with speculation a step makes several tokens: the request's time per token (prefill included)
+        "ms_per_token": wall_s * 1e3 / max(len(o.output_ids) for o in outputs),
+        "accepted": ((speculator.num_accepted_tokens - accepted) / sum(len(o.output_ids) for o in outputs)
+                     if speculator else 0.0),
     }
 
 
@@ -108,7 +121,8 @@ def compile_times(llm: OfflineEngine) -> list[float]:
 async def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         trace_path = os.path.join(workdir, "trace.jsonl")
-        path = write_local_config(args.config, workdir, serving_config={"step_trace_path": trace_path})
+        speculation = {"speculative_config": {"method": "ngram"}} if args.speculation else {}
+        path = write_local_config(args.config, workdir, serving_config={"step_trace_path": trace_path}, **speculation)
         async with OfflineEngine(load_config(path)) as llm:
             await llm.generate([[5, 6, 7]] * 2, SamplingParams(max_new_tokens=8))  # warm-up
             results = {"compile_ms": compile_times(llm)}
@@ -116,7 +130,9 @@ async def measure(args) -> dict:
                 rounds = []
                 for index in range(args.rounds):
                     order = (False, True) if index % 2 == 0 else (True, False)
-                    rounds.append({on: await run_round(llm, trace_path, batch, args.output_len, on) for on in order})
+                    rounds.append({on: await run_round(llm, trace_path, batch, args.output_len,
+                                                       constrained=on or args.speculation, speculative=on)
+                                   for on in order})
                 results[batch] = {mode: {key: statistics.median(r[on][key] for r in rounds) for key in rounds[0][on]}
                                   for mode, on in (("off", False), ("on", True))}
     return results
@@ -128,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output-len", type=int, default=96)
+    parser.add_argument("--speculation", action="store_true",
+                        help="n-gram speculation on, both modes constrained: compare without and with it")
     parser.add_argument("--out", default=os.path.join("results", "bench_structured.json"))
     args = parser.parse_args(argv)
     results = asyncio.run(measure(args))
@@ -135,6 +153,11 @@ def main(argv=None) -> int:
     print(f"compile, 50 random schemas: median {statistics.median(times):.2f} ms, max {max(times):.2f} ms")
     for batch in args.batch:
         off, on = results[batch]["off"], results[batch]["on"]
+        if args.speculation:
+            print(f"batch {batch:3d}, constrained: {off['ms_per_token']:.2f} -> {on['ms_per_token']:.2f} ms per token "
+                  f"with speculation ({off['ms_per_token'] / on['ms_per_token']:.2f}x), {on['accepted']:.0%} of the "
+                  f"tokens from accepted proposals, {off['steps']:.0f} -> {on['steps']:.0f} decode steps")
+            continue
         print(f"batch {batch:3d}: step {off['step_ms']:.2f} -> {on['step_ms']:.2f} ms "
               f"({100 * (on['step_ms'] / off['step_ms'] - 1):+.1f}%), master build {off['build_ms']:.3f} -> "
               f"{on['build_ms']:.3f} ms ({100 * (on['build_ms'] - off['build_ms']) / off['step_ms']:.1f}% of the "

@@ -26,8 +26,9 @@ PROMPT = [5, 6, 7, 8]
 def llm(tmp_path_factory):
     directory = tmp_path_factory.mktemp("structured")
     config = load_config(write_local_config(packaged_config(), str(directory)))
-    config = dataclasses.replace(config, serving_config=dataclasses.replace(
-        config.serving_config, step_trace_path=str(directory / "steps.jsonl")))
+    config = dataclasses.replace(  # n-gram speculation on: constrained sequences verify proposals too
+        config, serving_config=dataclasses.replace(config.serving_config, step_trace_path=str(directory / "steps.jsonl")),
+        speculative_config=dataclasses.replace(config.speculative_config, method="ngram"))
     loop = asyncio.new_event_loop()
     engine = OfflineEngine(config)
     loop.run_until_complete(engine.__aenter__())
@@ -98,7 +99,7 @@ def test_constrained_steps_overlap_and_sample_what_steps_one_at_a_time_do(llm):
     constraints = [StructuredOutput("json", json.dumps({"type": "object", "properties": {"v": random_schema(rng)},
                                                         "required": ["v"]})) for _ in range(3)]
     constraints += [StructuredOutput("regex", r"[a-z]{3,8}@[a-z]{2,6}\.(com|org)"), None]  # and one unconstrained
-    params = dict(max_new_tokens=60, do_sample=True, temperature=1.0, seed=11)
+    params = dict(max_new_tokens=60, do_sample=True, temperature=1.0, seed=11, speculative=False)
     trace = engine.engine.config.serving_config.step_trace_path
     engine.engine.overlap = False
     try:
@@ -116,6 +117,23 @@ def test_constrained_steps_overlap_and_sample_what_steps_one_at_a_time_do(llm):
     waited = [step for step in steps if "wait_masks" in step["agent_ms"]]
     assert waited and all(step["overlapped"] for step in waited)  # only steps planned ahead get their masks late
     assert len(waited) == sum("masks" in step["master_ms"] for step in steps)  # made after the step before landed
+
+
+def test_constrained_sequences_verify_the_proposals_their_grammar_allows_and_sample_the_same(llm):
+    engine, _ = llm
+    speculator = engine.engine.scheduler.speculator
+    repetitive = {"type": "array", "minItems": 12, "maxItems": 12, "items": {"enum": ["hot", "cold"]}}
+    constraints = [StructuredOutput("json", json.dumps(repetitive)), StructuredOutput("regex", "(ab|cd){15}"),
+                   StructuredOutput("json", json.dumps({"type": "object", "properties": {"v": random_schema(
+                       random.Random(8))}, "required": ["v"]}))]
+    for seed in range(2):
+        params = dict(max_new_tokens=100, do_sample=True, temperature=1.0, seed=seed)
+        plain = generate(llm, constraints, speculative=False, **params)
+        accepted = speculator.num_accepted_tokens
+        speculated = generate(llm, constraints, **params)
+        assert speculated == plain  # a proposal is accepted only where the masked sample equals it
+        assert speculator.num_accepted_tokens > accepted
+    assert len(json.loads(text_of(llm, speculated[0]))) == 12 and re.fullmatch("(ab|cd){15}", text_of(llm, speculated[1]))
 
 
 @pytest.mark.parametrize("constraint, problem", [
