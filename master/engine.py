@@ -449,7 +449,7 @@ class Engine:
                 capacity = self.transport.capacity
                 header = write_step(plan, self.transport.inputs[buffer], self.block_manager.block_size, step_id,
                                     self.request_id_of, self.suppress_width, capacity.draft_width, capacity.mask_width,
-                                    late_masks=after is not None)
+                                    masks_follow=after is not None)
         except (ValueError, OverflowError, IndexError) as exc:  # a request the checks let through; never the whole engine
             logger.exception("could not build step %d", step_id)
             empty = StepRequest(step_id=step_id, num_tokens=0, num_seqs=0, num_sample=0, num_new_blocks=0, is_all_greedy=True)

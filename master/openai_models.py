@@ -317,12 +317,16 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-def tool_dicts(tools: Optional[list[ToolDefinition]]) -> list[dict]:
-    """The tools as the chat template and the forced-call constraint take them."""
-    return [tool.model_dump(exclude_none=True) for tool in tools or ()]
+class ToolsField(BaseModel):
+    """The `tools` of a chat request (and of /tokenize, which renders them the same way)."""
 
+    tools: Optional[list[ToolDefinition]] = Field(
+        None, max_length=128,
+        description="Functions the model may call; the chat template renders them (whatever tool_choice is).")
 
-TOOLS_DESCRIPTION = "Functions the model may call; the chat template renders them (whatever tool_choice is)."
+    def tool_dicts(self) -> list[dict]:
+        """The tools as the chat template and the forced-call constraint take them."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
 
 
 class JsonSchemaFormat(BaseModel):
@@ -353,7 +357,7 @@ class ResponseFormat(BaseModel):
         return json_constraint(self.json_schema.json_schema, "response_format.json_schema.schema")
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ToolsField):
     """Body of POST /v1/chat/completions."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
@@ -375,11 +379,11 @@ class ChatCompletionRequest(SamplingFields):
     )
     response_format: Optional[ResponseFormat] = Field(
         None, description="text, json_object or json_schema: the reply's content is JSON that follows the schema.")
-    tools: Optional[list[ToolDefinition]] = Field(None, max_length=128, description=TOOLS_DESCRIPTION)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
         None, description="none, auto (the default with tools: the model decides), required (one call or more), or "
                           "{\"type\": \"function\", \"function\": {\"name\": ...}} (that function).")
-    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted and ignored.")
+    parallel_tool_calls: Optional[bool] = Field(
+        None, description="false: one call at most (required: the constraint allows one; auto: the first found).")
     store: Optional[bool] = Field(None, description="Accepted and ignored.")
     metadata: Optional[dict[str, str]] = Field(None, description="Accepted and ignored.")
     add_generation_prompt: Optional[bool] = Field(
@@ -400,7 +404,7 @@ class ChatCompletionRequest(SamplingFields):
         if constraint is not None:
             raise RequestError("tool_choice: a forced call cannot be combined with response_format or "
                                "structured_outputs", "tool_choice")
-        return forced_constraint(self.tool_dicts(), self.named_tool())
+        return forced_constraint(self.tool_dicts(), self.named_tool(), self.parallel_tool_calls is not False)
 
     def tool_mode(self) -> str:
         """none, auto, required or named: what the reply may be."""
@@ -430,10 +434,8 @@ class ChatCompletionRequest(SamplingFields):
                 "tool_choice: auto needs a tool-call format, and this server's chat template has none; serve with a "
                 "template that renders tools, or set model_config.tool_call_parser, or use tool_choice required or "
                 "a named function", "tool_choice")
-        return ToolReply(mode, self.named_tool(), parser if mode == "auto" else None)
-
-    def tool_dicts(self) -> list[dict]:
-        return tool_dicts(self.tools)
+        return ToolReply(mode, self.named_tool(), parser if mode == "auto" else None,
+                         frozenset(tool.function.name for tool in self.tools), self.parallel_tool_calls is not False)
 
     def param_names(self) -> ParamNames:
         max_name = "max_tokens" if self.max_completion_tokens is None and self.max_tokens is not None else "max_completion_tokens"
@@ -621,7 +623,7 @@ class ErrorResponse(Answer):
 # ---------------------------------------------------------------- tokenize
 
 
-class TokenizeRequest(OpenAIRequest):
+class TokenizeRequest(OpenAIRequest, ToolsField):
     """Body of POST /tokenize: a `prompt`, or chat `messages` rendered with the chat template first."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
@@ -634,7 +636,6 @@ class TokenizeRequest(OpenAIRequest):
     model: Optional[str] = None
     prompt: Optional[str] = Field(None, description="Text to tokenize (give this or messages).")
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1, description="A conversation to render and tokenize.")
-    tools: Optional[list[ToolDefinition]] = Field(None, max_length=128, description=TOOLS_DESCRIPTION)
     add_special_tokens: Optional[bool] = Field(
         None, description="Add the tokenizer's special tokens (BOS); default true for prompt, false for messages."
     )
@@ -642,9 +643,6 @@ class TokenizeRequest(OpenAIRequest):
     continue_final_message: Optional[bool] = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
     return_token_strs: Optional[bool] = Field(False, description="Also return each token's text.")
-
-    def tool_dicts(self) -> list[dict]:
-        return tool_dicts(self.tools)
 
 
 class TokenizeResponse(Answer):

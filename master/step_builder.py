@@ -21,14 +21,14 @@ def write_step(
     suppress_width: int = 1,
     draft_width: int = 0,
     mask_width: int = 0,
-    late_masks: bool = False,
+    masks_follow: bool = False,
 ) -> StepRequest:
     """Fill the input arrays for `plan` and return the header that describes them.
 
     With `request_id_of` (seq id -> request id) the header names each sampled row's logits file.
     `draft_width`: the most tokens the agent's draft model proposes per sequence (0 without one).
     `mask_width`: words of a row's token mask (the rows of constrained sequences get theirs).
-    `late_masks`: the step is planned while the one before runs, so the masks wait for its tokens: the header
+    `masks_follow`: the step is planned while the one before runs, so the masks wait for its tokens: the header
     says they follow (`late_masks(plan, ...)` makes them once the tokens are in).
     """
     token_pos = num_scored = prompt_num_top = num_new_blocks = num_sample = num_params = num_history = 0
@@ -66,7 +66,7 @@ def write_step(
         if item.num_rows:
             _write_sample_rows(arrays, num_sample, row, item, token_pos - 1, suppress_width)
             if seq.matcher is not None:
-                if not late_masks:
+                if not masks_follow:
                     first = len(masked_rows) * mask_width
                     fill_row_masks(item, arrays["token_masks"][first : first + item.num_rows * mask_width], mask_width)
                 masked_rows += range(num_sample, num_sample + item.num_rows)
@@ -91,7 +91,7 @@ def write_step(
         num_history_ids=num_history,
         masked_rows=masked_rows,
         mask_width=mask_width if masked_rows else 0,
-        masks_follow=late_masks and bool(masked_rows),
+        masks_follow=masks_follow and bool(masked_rows),
     )
 
 

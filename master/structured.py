@@ -40,7 +40,7 @@ def json_constraint(schema: Union[dict, str], name: str) -> StructuredOutput:
             raise RequestError(f"{name}: not JSON: {exc}", name) from None
     if not isinstance(schema, dict):
         raise RequestError(f"{name}: a JSON schema is an object", name)
-    return StructuredOutput("json", json.dumps(schema, sort_keys=True), name)
+    return StructuredOutput("json", json.dumps(schema), name)  # key order kept: it is the order of the output
 
 
 def mask_width(vocab_size: int) -> int:
@@ -147,10 +147,16 @@ def fill_draft_masks(matcher: LLMatcher, drafts: list[int], out: np.ndarray, wid
     """The masks of a sequence's verification rows into `out` (len(drafts) + 1 rows of `width` words): row i
     allows what the grammar allows after the first i proposals. The matcher is left as it was."""
     fill_mask(matcher, out[:width], end_token_ids)
-    for row, token in enumerate(drafts, start=1):
-        matcher.consume_token(token)  # allowed: the scheduler kept only allowed_drafts
-        fill_mask(matcher, out[row * width : (row + 1) * width], end_token_ids)
-    matcher.rollback(len(drafts))
+    if drafts and matcher.validate_tokens(drafts) != len(drafts):  # before consuming: a refused token is sticky
+        raise ValueError("the grammar refuses a proposal: only allowed_drafts may be verified")
+    consumed = 0
+    try:
+        for row, token in enumerate(drafts, start=1):
+            matcher.consume_token(token)
+            consumed += 1
+            fill_mask(matcher, out[row * width : (row + 1) * width], end_token_ids)
+    finally:
+        matcher.rollback(consumed)
 
 
 def _one_line(message: str, most: int = 500) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 
 from llmserve.common.errors import ConfigError
 from llmserve.common.sampling import StructuredOutput
+from llmserve.master.structured import json_constraint
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -40,17 +41,47 @@ class ToolCall:
         return entry if index is None else {"index": index, **entry}
 
 
-def forced_constraint(tools: list[dict], name: Optional[str]) -> StructuredOutput:
-    """The constraint of tool_choice `required` (`name` None: one or more calls of any tool) or of the named
-    function (its parameters object)."""
+def forced_constraint(tools: list[dict], name: Optional[str], parallel: bool = True) -> StructuredOutput:
+    """The constraint of tool_choice `required` (`name` None: one call or more of any tool, one without
+    `parallel`) or of the named function (its parameters object)."""
     if name is not None:
         function = next(t["function"] for t in tools if t["function"]["name"] == name)
-        return StructuredOutput("json", json.dumps(_parameters(function), sort_keys=True), "tool_choice")
+        return json_constraint(_parameters(function), "tool_choice")
+    definitions: dict = {}
     calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-              "properties": {"name": {"const": t["function"]["name"]}, "parameters": _parameters(t["function"])}}
-             for t in tools]
-    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    return StructuredOutput("json", json.dumps(schema, sort_keys=True), "tool_choice")
+              "properties": {"name": {"const": tool["function"]["name"]},
+                             "parameters": _hoist_definitions(_parameters(tool["function"]), f"tool{index}_", definitions)}}
+             for index, tool in enumerate(tools)]
+    schema: dict = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    if definitions:
+        schema["$defs"] = definitions
+    return json_constraint(schema, "tool_choice")
+
+
+LOCAL_REF = re.compile(r"^#/(\$defs|definitions)/([^/]+)(.*)$")
+
+
+def _hoist_definitions(schema: dict, prefix: str, into: dict) -> dict:
+    """`schema` with its `$defs` / `definitions` moved into `into` under `prefix`ed names and its references to
+    them rewritten: nested in the array of calls, `#/$defs/X` would name the root's."""
+    schema = dict(schema)
+    local = {**schema.pop("definitions", {}), **schema.pop("$defs", {})}
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, list):
+            return [rewrite(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        rewritten = {key: rewrite(item) for key, item in value.items()}
+        match = LOCAL_REF.match(value.get("$ref", "")) if isinstance(value.get("$ref"), str) else None
+        if match and match.group(2) in local:
+            rewritten["$ref"] = f"#/$defs/{prefix}{match.group(2)}{match.group(3)}"
+        return rewritten
+
+    into.update((prefix + key, rewrite(definition)) for key, definition in local.items())
+    return rewrite(schema)
 
 
 def forced_calls(text: str, name: Optional[str]) -> Optional[list[ToolCall]]:
@@ -76,16 +107,20 @@ class ToolReply:
     mode: str
     name: Optional[str] = None
     parser: Optional[str] = None
+    tool_names: frozenset[str] = frozenset()  # auto: a call of another name is no call
+    parallel: bool = True  # auto: without, the first call only
 
     def parse(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
-        """The reply's content (None when it is all calls) and its calls."""
+        """The reply's content (None when it is all calls, or only whitespace around them) and its calls."""
         if self.mode == "named":
             return None, [ToolCall(self.name, text)]  # cut short, the arguments are cut short too, as OpenAI's
         if self.mode == "required":
             calls = forced_calls(text, None)
             return (text, []) if calls is None else (None, calls)
         content, calls = PARSE[self.parser](text)
-        return (content or None) if calls else text, calls
+        if not calls or any(call.name not in self.tool_names for call in calls):
+            return text, []
+        return (content if content.strip() else None), calls if self.parallel else calls[:1]
 
     def finish_reason(self, calls: list[ToolCall], finish: Optional[str]) -> Optional[str]:
         """OpenAI's: tool_calls when the model chose to call (auto, required), the engine's own for a named call."""
@@ -158,6 +193,7 @@ class ToolCallStream:
 
 
 def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
+    """<tool_call>{...}</tool_call> tags anywhere; the text around them is the content."""
     calls, kept = [], []
     position = 0
     for match in re.finditer(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
@@ -168,7 +204,7 @@ def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
         position = match.end()
         calls.append(call)
     kept.append(text[position:])
-    return "".join(kept).strip(), calls
+    return "".join(kept), calls
 
 
 def parse_llama3_json(text: str) -> tuple[str, list[ToolCall]]:
@@ -176,10 +212,10 @@ def parse_llama3_json(text: str) -> tuple[str, list[ToolCall]]:
     content, tag, body = text.partition("<|python_tag|>")
     if not tag:
         content, body = "", text
-    calls = [_call_of(part) for part in body.split(";") if part.strip()]
+    calls = [_call_of(value) for value in _json_values(body, ";") or ()]
     if not calls or None in calls:
         return text, []
-    return content.strip(), calls
+    return content, calls
 
 
 def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
@@ -187,19 +223,41 @@ def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
     content, tag, body = text.partition("[TOOL_CALLS]")
     if not tag:
         content, body = "", text
-    try:
-        value = json.loads(body.strip())
-    except ValueError:
+    values = _json_values(body, ",")
+    if not values:
         return text, []
-    entries = value if isinstance(value, list) else [value]
+    entries = values[0] if len(values) == 1 and isinstance(values[0], list) else values
     calls = [_call_of(entry) for entry in entries]
     if not calls or None in calls:
         return text, []
-    return content.strip(), calls
+    return content, calls
+
+
+def _json_values(text: str, separator: str) -> Optional[list]:
+    """The JSON values `text` holds one after another (`separator` and whitespace between them), or None when
+    anything else is there. Read value by value: a separator inside a string is no separator."""
+    decoder, values, position = json.JSONDecoder(), [], 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            return values
+        if values:
+            if text[position] != separator:
+                return None
+            position += 1
+            while position < len(text) and text[position].isspace():
+                position += 1
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except ValueError:
+            return None
+        values.append(value)
 
 
 def _call_of(text: Union[str, Any]) -> Optional[ToolCall]:
-    """{"name": ..., "arguments" | "parameters": {...}} (as JSON text or parsed) as a call, else None."""
+    """{"name": ..., "arguments" | "parameters": {...}} (as JSON text or parsed) as a call, else None: the
+    arguments must be an object (or its JSON text)."""
     try:
         value = json.loads(text) if isinstance(text, str) else text
     except ValueError:
@@ -208,7 +266,12 @@ def _call_of(text: Union[str, Any]) -> Optional[ToolCall]:
         return None
     arguments: Any = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):  # some templates put the arguments' JSON text
-        return ToolCall(value["name"], arguments)
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
     return ToolCall(value["name"], json.dumps(arguments))
 
 

@@ -32,6 +32,20 @@ def test_the_required_constraint_is_an_array_of_calls_of_the_given_tools():
     assert forced_calls('[{"name": "weather", "parameters": {"ci', None) is None  # cut short
 
 
+def test_required_keeps_each_tools_definitions_and_key_order_and_allows_one_call_without_parallel_calls():
+    point = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"$ref": "#/$defs/Unit"}},
+             "required": ["zeta", "alpha"], "$defs": {"Unit": {"enum": ["c", "f"]}}}
+    tools = [WEATHER, {"type": "function", "function": {"name": "point", "parameters": point}}]
+    schema = json.loads(forced_constraint(tools, None, parallel=False).value)
+    assert schema["maxItems"] == 1 and schema["$defs"] == {"tool1_Unit": {"enum": ["c", "f"]}}
+    parameters = schema["items"]["anyOf"][1]["properties"]["parameters"]
+    assert list(parameters["properties"]) == ["zeta", "alpha"]  # the order the output keys come in
+    assert parameters["properties"]["alpha"] == {"$ref": "#/$defs/tool1_Unit"} and "$defs" not in parameters
+    jsonschema.validate([{"name": "point", "parameters": {"zeta": 1, "alpha": "c"}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "point", "parameters": {"zeta": 1, "alpha": "k"}}], schema)
+
+
 def test_a_named_function_is_constrained_to_its_parameters():
     constraint = forced_constraint([WEATHER, CLOCK], "weather")
     assert json.loads(constraint.value) == WEATHER["function"]["parameters"]
@@ -44,15 +58,18 @@ def test_the_forced_constraints_compile_with_the_grammar_library():
     from tests.unit.fake_agent import TOKENIZER
 
     compiler = GrammarCompiler(TOKENIZER.to_str(), TOKENIZER.get_vocab_size(), eos_token_ids=[2])
-    for name in (None, "weather", "clock"):
-        compiler.compile(forced_constraint([WEATHER, CLOCK], name))
+    point = {"type": "object", "properties": {"at": {"$ref": "#/$defs/Place"}}, "required": ["at"],
+             "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    tools = [WEATHER, CLOCK, {"type": "function", "function": {"name": "point", "parameters": point}}]
+    for name in (None, "weather", "clock", "point"):
+        compiler.compile(forced_constraint(tools, name))
 
 
 @pytest.mark.parametrize("text, content, calls", [
     ('<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>', "",
      [ToolCall("weather", '{"city": "Oslo"}')]),
     ('Let me look.\n<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
-     '<tool_call>{"name": "clock", "arguments": {}}</tool_call>', "Let me look.",
+     '<tool_call>{"name": "clock", "arguments": {}}</tool_call>', "Let me look.\n\n",
      [ToolCall("weather", '{"city": "Oslo"}'), ToolCall("clock", "{}")]),
     ('<tool_call>{"name": "weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>', "",
      [ToolCall("weather", '{"city": "Oslo"}')]),  # arguments given as JSON text
@@ -67,6 +84,9 @@ def test_hermes_finds_tagged_calls_and_keeps_the_rest_as_content(text, content, 
     ('{"name": "weather", "parameters": {"city": "Oslo"}}', "", [ToolCall("weather", '{"city": "Oslo"}')]),
     ('<|python_tag|>{"name": "weather", "parameters": {"city": "Oslo"}}; {"name": "clock", "parameters": {}}', "",
      [ToolCall("weather", '{"city": "Oslo"}'), ToolCall("clock", "{}")]),
+    ('{"name": "run", "parameters": {"cmd": "a; b"}}; {"name": "clock", "parameters": {}}', "",
+     [ToolCall("run", '{"cmd": "a; b"}'), ToolCall("clock", "{}")]),  # a semicolon inside a string
+    ('{"name": "run", "parameters": 3}', '{"name": "run", "parameters": 3}', []),  # arguments not an object
     ('{"city": "Oslo"}', '{"city": "Oslo"}', []),  # JSON, but not a call
     ("Hello {there}", "Hello {there}", []),
 ])
@@ -76,7 +96,9 @@ def test_llama3_json_takes_calls_after_the_python_tag_or_as_the_whole_text(text,
 
 @pytest.mark.parametrize("text, content, calls", [
     ('[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Oslo"}}]', "", [ToolCall("weather", '{"city": "Oslo"}')]),
-    ('Sure. [TOOL_CALLS] {"name": "clock", "arguments": {}}', "Sure.", [ToolCall("clock", "{}")]),
+    ('Sure. [TOOL_CALLS] {"name": "clock", "arguments": {}}', "Sure. ", [ToolCall("clock", "{}")]),
+    ('[TOOL_CALLS] {"name": "clock", "arguments": {}}, {"name": "clock", "arguments": {"x": 1}}', "",
+     [ToolCall("clock", "{}"), ToolCall("clock", '{"x": 1}')]),
     ('[{"name": "weather", "arguments": {"city": "Oslo"}}]', "", [ToolCall("weather", '{"city": "Oslo"}')]),
     ("[1, 2]", "[1, 2]", []),
     ("[TOOL_CALLS] nonsense", "[TOOL_CALLS] nonsense", []),
@@ -97,10 +119,15 @@ def test_the_parser_follows_the_setting_or_the_templates_text():
 
 
 def test_replies_read_by_mode_with_openais_finish_reasons():
-    auto = ToolReply("auto", parser="hermes")
+    auto = ToolReply("auto", parser="hermes", tool_names=frozenset({"clock", "weather"}))
     call = '<tool_call>{"name": "clock", "arguments": {}}</tool_call>'
     assert auto.parse(call) == (None, [ToolCall("clock", "{}")])
     assert auto.parse("plain") == ("plain", [])
+    assert auto.parse("Here.\n" + call) == ("Here.\n", [ToolCall("clock", "{}")])
+    unknown = '<tool_call>{"name": "radio", "arguments": {}}</tool_call>'
+    assert auto.parse(unknown) == (unknown, [])  # not one of the tools: no call
+    single = ToolReply("auto", parser="hermes", tool_names=frozenset({"clock"}), parallel=False)
+    assert single.parse(call + call) == (None, [ToolCall("clock", "{}")])
     assert auto.finish_reason([ToolCall("clock", "{}")], "stop") == "tool_calls"
     assert auto.finish_reason([], "stop") == "stop"
     named = ToolReply("named", name="weather")
@@ -124,7 +151,7 @@ def without_ids(delta: dict) -> dict:
 
 def test_auto_streams_content_until_a_call_may_start_then_sends_whole_calls_at_the_end():
     pieces = ["Let me ", "look.\n<tool", '_call>{"name": "clock", ', '"arguments": {}}</tool_call>', ""]
-    deltas = stream_of(ToolReply("auto", parser="hermes"), pieces)
+    deltas = stream_of(ToolReply("auto", parser="hermes", tool_names=frozenset({"clock"})), pieces)
     assert [d for d, _ in deltas[:4]] == [{"content": "Let me "}, {"content": "look.\n"}, {}, {}]
     last, finish = deltas[-1]
     assert finish == "tool_calls"
@@ -134,13 +161,13 @@ def test_auto_streams_content_until_a_call_may_start_then_sends_whole_calls_at_t
 
 
 def test_auto_text_that_only_looked_like_a_call_comes_out_as_content():
-    deltas = stream_of(ToolReply("auto", parser="hermes"), ["a <tool", "box> b", " <tool_call>oops"], finish="length")
+    deltas = stream_of(ToolReply("auto", parser="hermes", tool_names=frozenset({"clock"})), ["a <tool", "box> b", " <tool_call>oops"], finish="length")
     assert "".join(d.get("content", "") for d, _ in deltas) == "a <toolbox> b <tool_call>oops"
     assert deltas[1][0] == {"content": "<toolbox> b"} and deltas[-1][1] == "length"
 
 
 def test_auto_with_a_bare_json_parser_holds_a_reply_that_opens_with_its_first_character():
-    reply = ToolReply("auto", parser="llama3_json")
+    reply = ToolReply("auto", parser="llama3_json", tool_names=frozenset({"clock"}))
     deltas = stream_of(reply, ["  ", '{"name": "clock",', ' "parameters": {}}'])
     assert [d for d, _ in deltas[:2]] == [{}, {}] and deltas[-1][1] == "tool_calls"
     assert [c["function"]["name"] for c in deltas[-1][0]["tool_calls"]] == ["clock"]
