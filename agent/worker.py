@@ -1,6 +1,7 @@
 """The agent process: a ZeroMQ loop that runs the master's steps on one device."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -189,7 +190,8 @@ class Worker:
     def step(self, header: StepRequest, frames: Sequence[zmq.Frame] = ()) -> StepResult:
         """Run one step (its arrays came as `frames` with the inline transport); the sampled ids land in the output arrays.
 
-        Raises ProtocolError, before touching the model, for a step that does not fit.
+        Raises ProtocolError, before touching the model, for a step that does not fit; or after the forward, when
+        the token masks of a step sent with masks_follow do not come.
         """
         timer = self.timer
         with timer.stage("deserialize"):
@@ -369,20 +371,24 @@ def serve_agent(
             return EXIT_LOAD_FAILED
         logger.info("agent %d ready on %s (%s)", rank, address, worker.device)
         socket.setsockopt(zmq.RCVTIMEO, PARENT_CHECK_MS)
-        worker.mask_source = functools.partial(_receive_masks, socket)
-        return _serve_loop(socket, worker, parent_pid)
+        backlog: collections.deque = collections.deque()  # messages that came while a step waited for masks
+        worker.mask_source = functools.partial(_receive_masks, socket, backlog)
+        return _serve_loop(socket, worker, parent_pid, backlog)
     finally:
         authenticator.stop()
         context.destroy(linger=1000)
 
 
-def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -> int:
+def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int], backlog: collections.deque) -> int:
     """Answer messages until Shutdown; anything that is not a well-formed message is logged and dropped."""
     try:
         while True:
             try:
-                identity, payload, *frames = socket.recv_multipart(copy=False)
-                received_at = time.perf_counter()
+                if backlog:
+                    received_at, (identity, payload, *frames) = backlog.popleft()
+                else:
+                    identity, payload, *frames = socket.recv_multipart(copy=False)
+                    received_at = time.perf_counter()
             except zmq.Again:  # nothing for PARENT_CHECK_MS: is the master still there?
                 if parent_pid is not None and os.getppid() != parent_pid:
                     logger.error("agent %d: the master (pid %d) is gone; exiting", worker.rank, parent_pid)
@@ -414,13 +420,16 @@ def _serve_loop(socket: zmq.Socket, worker: Worker, parent_pid: Optional[int]) -
             torch.distributed.destroy_process_group()
 
 
-def _receive_masks(socket: zmq.Socket, header: StepRequest, timeout: float) -> np.ndarray:
+def _receive_masks(socket: zmq.Socket, backlog: collections.deque, header: StepRequest, timeout: float) -> np.ndarray:
     """The words of `header`'s StepMasks, the next message the master sends (those of a step refused before
-    are dropped); MasterShutdown on a Shutdown, ProtocolError on anything else or after `timeout` s."""
+    are dropped); MasterShutdown on a Shutdown; ProtocolError after `timeout` s, or on any other message, which
+    is kept in `backlog` for the serve loop to answer next."""
     deadline = time.monotonic() + timeout
     while True:
         try:  # they are usually here already: made while the forward ran
-            _, payload, *_ = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            message_frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            received_at = time.perf_counter()
+            _, payload, *_ = message_frames
         except zmq.Again:
             left_ms = (deadline - time.monotonic()) * 1e3
             if left_ms <= 0 or not socket.poll(left_ms):
@@ -434,7 +443,9 @@ def _receive_masks(socket: zmq.Socket, header: StepRequest, timeout: float) -> n
         if isinstance(message, StepMasks) and message.step_id < header.step_id:
             continue
         if not isinstance(message, StepMasks) or message.step_id != header.step_id:
-            raise ProtocolError(f"step {header.step_id} waited for its token masks and got {message!r:.200}")
+            backlog.append((received_at, message_frames))
+            raise ProtocolError(f"step {header.step_id} waited for its token masks and got a {type(message).__name__} "
+                                "(answered next)")
         return np.frombuffer(message.masks, dtype=np.int32)
 
 
@@ -447,6 +458,7 @@ def _handle(worker: Worker, message, frames: list) -> Optional[AgentReady | Step
             raise
         except ProtocolError as exc:
             worker.timer.reset()
+            worker.all_reduce_timer.take()  # a step refused after its forward (its masks did not come)
             logger.warning("agent %d: refused step %d: %s", worker.rank, message.step_id, exc)
             return StepResult(message.step_id, worker.rank, error=f"the agent refused the step: {exc}")
         except Exception:  # the step fails, the agent lives on; the master fails that step's requests
@@ -477,4 +489,10 @@ def main(
     config: Config, rank: int, keys: ChannelKeys, parent_pid: Optional[int], bind: Optional[str] = None,
     device_id: Optional[int] = None, cpus: Optional[list[int]] = None,
 ) -> None:
-    sys.exit(serve_agent(config, rank, keys, parent_pid, bind, device_id, cpus))
+    code = serve_agent(config, rank, keys, parent_pid, bind, device_id, cpus)
+    # All the agent shares is released by now (arrays unmapped, sockets closed, process group left). Python's own
+    # teardown of torch and its thread pools takes another second here, which every stop and restart would wait.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

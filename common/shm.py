@@ -5,6 +5,7 @@ The master creates (and finally unlinks) every segment; agents only attach.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from multiprocessing import resource_tracker, shared_memory
 
@@ -41,11 +42,7 @@ class SharedArrays:
     @classmethod
     def attach(cls, name: str, layout: list[tuple[str, np.dtype, int]]) -> "SharedArrays":
         """Attach to a segment the master created; this process will never unlink it."""
-        segment = shared_memory.SharedMemory(name=name, create=False)
-        # Python < 3.13 registers attached segments too, and its tracker would
-        # unlink the master's segment when this process exits.
-        if not name.startswith(f"{SEGMENT_PREFIX}{os.getpid()}_"):
-            resource_tracker.unregister(segment._name, "shared_memory")
+        segment = _attach_untracked(name)
         if segment.size < layout_bytes(layout):
             segment.close()
             raise ValueError(f"shared memory {name} is smaller than its layout needs")
@@ -85,3 +82,17 @@ def layout_bytes(layout: list[tuple[str, np.dtype, int]]) -> int:
 
 def _align(offset: int) -> int:
     return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    """Attach without telling this process's resource tracker. Python < 3.13 registers attached segments too:
+    that starts the tracker (a process of its own, which outlives an agent by a second or more) and would have
+    it unlink the master's segment when this process exits (CPython issue 82300)."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, create=False, track=False)
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args: None  # for this one call; creating segments registers them as ever
+    try:
+        return shared_memory.SharedMemory(name=name, create=False)
+    finally:
+        resource_tracker.register = register

@@ -174,6 +174,7 @@ def test_no_frame_ends_the_agent_and_bad_steps_are_refused_one_by_one(agent):
         assert "mask words" in step_error(reply(master, [encode(StepMasks(15, b"\x00" * 8))], REPLY_TIMEOUT_MS))
         assert reply(master, one_token_step(16, masks_follow=True), timeout_ms=300) is None
         assert "waited for its token masks" in step_error(reply(master, one_token_step(17), REPLY_TIMEOUT_MS))
+        assert master.poll(REPLY_TIMEOUT_MS) and step_error(master.recv_multipart()) is None  # 17: answered next
         # the master may stop while a step waits for its masks
         assert reply(master, one_token_step(18, masks_follow=True), timeout_ms=300) is None
         assert process.poll() is None
