@@ -66,12 +66,11 @@ def write_step(
         if item.num_rows:
             _write_sample_rows(arrays, num_sample, row, item, token_pos - 1, suppress_width)
             if seq.matcher is not None:
-                if not masks_follow:
-                    first = len(masked_rows) * mask_width
-                    fill_row_masks(item, arrays["token_masks"][first : first + item.num_rows * mask_width], mask_width)
                 masked_rows += range(num_sample, num_sample + item.num_rows)
             num_sample += item.num_rows
             is_all_greedy &= seq.params.is_greedy
+    if masked_rows and not masks_follow:
+        fill_masks(plan, arrays["token_masks"], mask_width)
     copies = plan.block_copies
     arrays["block_copies"][: 2 * len(copies)] = np.asarray(copies, dtype=np.int64).ravel() if copies else []
     return StepRequest(
@@ -98,13 +97,19 @@ def write_step(
 def late_masks(plan: StepPlan, mask_width: int) -> np.ndarray:
     """The token masks of `plan`'s step, sent with masks_follow, now that the tokens of the step before are in
     (a sequence that ended meanwhile gets any mask: its row's token is dropped)."""
-    items = [item for item in plan.scheduled if item.num_rows and item.seq.matcher is not None]
-    masks = np.empty(sum(item.num_rows for item in items) * mask_width, dtype=np.int32)
-    at = 0
-    for item in items:
-        fill_row_masks(item, masks[at : at + item.num_rows * mask_width], mask_width)
-        at += item.num_rows * mask_width
+    num_rows = sum(item.num_rows for item in plan.scheduled if item.seq.matcher is not None)
+    masks = np.empty(num_rows * mask_width, dtype=np.int32)
+    fill_masks(plan, masks, mask_width)
     return masks
+
+
+def fill_masks(plan: StepPlan, out: np.ndarray, width: int) -> None:
+    """The masks of the constrained sequences' sampled rows, in row order (StepRequest.masked_rows), into `out`."""
+    at = 0
+    for item in plan.scheduled:
+        if item.num_rows and item.seq.matcher is not None:
+            fill_row_masks(item, out[at : at + item.num_rows * width], width)
+            at += item.num_rows * width
 
 
 def _write_table_delta(arrays: dict[str, np.ndarray], row: int, seq: Sequence, at: int) -> int:

@@ -26,9 +26,6 @@ from llmserve.common.errors import ConfigError
 from llmserve.common.sampling import StructuredOutput
 from llmserve.master.structured import json_constraint
 
-PARSERS = ("hermes", "llama3_json", "mistral")
-
-
 @dataclass(frozen=True)
 class ToolCall:
     name: str
@@ -128,7 +125,7 @@ class ToolReply:
 
 
 # Where a call starts in free text: a marker anywhere, or (for parsers that take the bare JSON) a first character.
-CALL_STARTS = {"hermes": ("<tool_call>", None), "llama3_json": ("<|python_tag|>", "{"), "mistral": ("[TOOL_CALLS]", "[")}
+CALL_STARTS = {"hermes": ("<tool_call>", None), "mistral": ("[TOOL_CALLS]", "["), "llama3_json": ("<|python_tag|>", "{")}
 
 
 class ToolCallStream:
@@ -281,17 +278,13 @@ PARSE: dict[str, Callable[[str], tuple[str, list[ToolCall]]]] = {
 
 
 def parser_for(setting: str, template_text: str) -> Optional[str]:
-    """The parser `setting` names; for `auto`, the one the chat template's text points at (None: no tools)."""
-    if setting in PARSERS:
+    """The parser `setting` names; for `auto`, the one whose call marker the chat template's text holds (Llama 3
+    templates that name the `ipython` role without the tag too; None: no tools)."""
+    if setting in PARSE:
         return setting
     if setting == "none":
         return None
     if setting != "auto":
-        raise ConfigError(f"model_config.tool_call_parser: {setting!r} is not auto, none, {', '.join(PARSERS)}")
-    if "<tool_call>" in template_text:
-        return "hermes"
-    if "[TOOL_CALLS]" in template_text:
-        return "mistral"
-    if "<|python_tag|>" in template_text or "ipython" in template_text:
-        return "llama3_json"
-    return None
+        raise ConfigError(f"model_config.tool_call_parser: {setting!r} is not auto, none, {', '.join(PARSE)}")
+    found = next((parser for parser, (marker, _) in CALL_STARTS.items() if marker in template_text), None)
+    return found or ("llama3_json" if "ipython" in template_text else None)
